@@ -1,0 +1,46 @@
+"""Model-family adapters and their registry.
+
+To add a family: write ``adapters/<family>.py`` with a :class:`VLMAdapter` subclass and add it to
+``ADAPTERS`` below.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from hooked_vllm.adapters.base import VLMAdapter, causal_lm_view
+from hooked_vllm.adapters.instructblip import InstructBlipAdapter
+from hooked_vllm.adapters.llava import LlavaAdapter
+from hooked_vllm.errors import UnsupportedModelError
+
+ADAPTERS: tuple[type[VLMAdapter], ...] = (LlavaAdapter, InstructBlipAdapter)
+
+
+def supported_architectures() -> list[str]:
+    return [arch for adapter in ADAPTERS for arch in adapter.architectures]
+
+
+def adapter_class_for(config: PretrainedConfig) -> type[VLMAdapter]:
+    """The adapter serving ``config``'s architecture, or :class:`UnsupportedModelError`."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    for adapter in ADAPTERS:
+        if any(arch in adapter.architectures for arch in architectures):
+            adapter.check_config(config)
+            return adapter
+    raise UnsupportedModelError(
+        f"Unsupported architecture {architectures or type(config).__name__!r}. hooked-vllm supports "
+        f"{supported_architectures()} with a decoder-only (LLaMA/Vicuna) language model. For a model "
+        "built in code, set config.architectures = [type(model).__name__]; to support a new family, "
+        "add an adapter module under hooked_vllm/adapters/ (see adapters/base.py for the contract)."
+    )
+
+
+__all__ = [
+    "ADAPTERS",
+    "InstructBlipAdapter",
+    "LlavaAdapter",
+    "VLMAdapter",
+    "adapter_class_for",
+    "causal_lm_view",
+    "supported_architectures",
+]

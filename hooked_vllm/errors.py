@@ -1,0 +1,29 @@
+"""Errors raised by hooked-vllm. Each says what was expected, what came, and what to do."""
+
+
+class HookedVLMError(ValueError):
+    """Base class of every error hooked-vllm raises on bad input."""
+
+
+class UnsupportedModelError(HookedVLMError):
+    """The model's architecture has no adapter."""
+
+
+class ImageCountError(HookedVLMError):
+    """Images and image placeholders in the prompts do not match."""
+
+
+class MissingImageError(HookedVLMError):
+    """A batch has image placeholders but no pixel values, or the reverse."""
+
+
+class SequenceTooLongError(HookedVLMError):
+    """A sequence exceeds the language model's context length."""
+
+
+class ImageLoadError(HookedVLMError):
+    """An image file could not be read or decoded."""
+
+
+class BatchFormatError(HookedVLMError):
+    """A batch lacks a field or has one of the wrong shape."""

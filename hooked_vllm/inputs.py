@@ -1,0 +1,241 @@
+"""Batches that know each position's modality.
+
+A :class:`VLMBatch` carries the processor's tensors plus three disjoint boolean masks over
+``[batch, pos]``:
+
+- ``image``: the visual prefix positions (image placeholders in ``input_ids``);
+- ``text``: the user's instruction tokens;
+- ``special``: everything else: BOS, template words (``USER:``, ``ASSISTANT:``), padding.
+
+Positions come from the attention mask (``cumsum - 1``, as HF's ``generate`` derives them), so an
+item's activations do not depend on its batch-mates' lengths or on the padding side.
+
+Example:
+    >>> batch = vlm.prepare(images=[img], prompts=["Describe the image."])  # doctest: +SKIP
+    >>> batch.ranges("image")[0]  # doctest: +SKIP
+    [(5, 581)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from jaxtyping import Bool, Int
+
+from hooked_vllm.errors import BatchFormatError
+
+if TYPE_CHECKING:
+    from hooked_vllm.adapters import VLMAdapter
+
+Modality = Literal["image", "text", "special"]
+
+
+def positions_from_mask(
+    attention_mask: Int[torch.Tensor, "batch pos"],
+) -> Int[torch.Tensor, "batch pos"]:
+    """Position ids counted over real tokens only (padding gets 1, as in HF's ``generate``)."""
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+@dataclass
+class VLMBatch:
+    """Model inputs with per-position modality masks.
+
+    ``inputs`` holds the processor's tensors (``input_ids``, ``attention_mask``, ``pixel_values``
+    and, for InstructBLIP, ``qformer_input_ids``/``qformer_attention_mask``).
+    """
+
+    inputs: dict[str, torch.Tensor]
+    image_mask: Bool[torch.Tensor, "batch pos"]
+    text_mask: Bool[torch.Tensor, "batch pos"]
+    special_mask: Bool[torch.Tensor, "batch pos"]
+    position_ids: Int[torch.Tensor, "batch pos"]
+    prompts: list[str] | None = None
+    instructions: list[str] | None = None
+    #: True when ``text`` is exactly the instruction; False when it was inferred (raw processor
+    #: output: ``text`` is then every non-image, non-special token, template words included).
+    exact_text_spans: bool = field(default=True)
+
+    @property
+    def input_ids(self) -> Int[torch.Tensor, "batch pos"]:
+        return self.inputs["input_ids"]
+
+    @property
+    def attention_mask(self) -> Int[torch.Tensor, "batch pos"]:
+        return self.inputs["attention_mask"]
+
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        return self.inputs.get("pixel_values")
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def mask(self, modality: Modality) -> Bool[torch.Tensor, "batch pos"]:
+        """The boolean mask of ``"image"``, ``"text"`` or ``"special"`` positions."""
+        masks = {"image": self.image_mask, "text": self.text_mask, "special": self.special_mask}
+        if modality not in masks:
+            raise KeyError(f"Unknown modality {modality!r}; expected one of {sorted(masks)}.")
+        return masks[modality]
+
+    def ranges(self, modality: Modality) -> list[list[tuple[int, int]]]:
+        """Per item, the ``[start, end)`` runs of positions of ``modality``."""
+        runs: list[list[tuple[int, int]]] = []
+        for row in self.mask(modality).cpu().tolist():
+            item, start = [], None
+            for pos, flag in enumerate([*row, False]):
+                if flag and start is None:
+                    start = pos
+                elif not flag and start is not None:
+                    item.append((start, pos))
+                    start = None
+            runs.append(item)
+        return runs
+
+    @property
+    def last_positions(self) -> Int[torch.Tensor, " batch"]:
+        """Index of each item's last real (non-padding) token."""
+        pos = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
+        return torch.where(self.attention_mask.bool(), pos, -1).amax(-1)
+
+    def to(self, device: torch.device | str) -> VLMBatch:
+        moved = {
+            k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()
+        }
+        return replace(
+            self,
+            inputs=moved,
+            image_mask=self.image_mask.to(device),
+            text_mask=self.text_mask.to(device),
+            special_mask=self.special_mask.to(device),
+            position_ids=self.position_ids.to(device),
+        )
+
+    def select(self, index: slice | Sequence[int]) -> VLMBatch:
+        """The sub-batch of items ``index`` (one image per item)."""
+        idx = list(range(len(self)))[index] if isinstance(index, slice) else list(index)
+        rows = torch.tensor(idx, dtype=torch.long)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t[rows.to(t.device)]
+
+        return replace(
+            self,
+            inputs={k: pick(v) for k, v in self.inputs.items()},
+            image_mask=pick(self.image_mask),
+            text_mask=pick(self.text_mask),
+            special_mask=pick(self.special_mask),
+            position_ids=pick(self.position_ids),
+            prompts=[self.prompts[i] for i in idx] if self.prompts else None,
+            instructions=[self.instructions[i] for i in idx] if self.instructions else None,
+        )
+
+    def left_padded(self) -> VLMBatch:
+        """The same batch with every row's padding moved to the left (what generation needs).
+
+        Results are unchanged: positions come from the mask, not from the column index.
+        """
+        lm_keys = ("input_ids", "attention_mask")
+        shifts = (self.input_ids.shape[1] - 1 - self.last_positions).tolist()
+        if not any(shifts):
+            return self
+
+        def roll(t: torch.Tensor) -> torch.Tensor:
+            return torch.stack([row.roll(s, 0) for row, s in zip(t, shifts)])
+
+        inputs = {k: roll(v) if k in lm_keys else v for k, v in self.inputs.items()}
+        return replace(
+            self,
+            inputs=inputs,
+            image_mask=roll(self.image_mask),
+            text_mask=roll(self.text_mask),
+            special_mask=roll(self.special_mask),
+            position_ids=positions_from_mask(inputs["attention_mask"]),
+        )
+
+
+def build_batch(
+    adapter: VLMAdapter,
+    inputs: Mapping[str, torch.Tensor],
+    prompts: Sequence[str] | None = None,
+    instruction_spans: Sequence[tuple[int, int]] | None = None,
+    instructions: Sequence[str] | None = None,
+) -> VLMBatch:
+    """Wrap processor outputs in a :class:`VLMBatch`, computing the modality masks.
+
+    With ``prompts`` and ``instruction_spans`` (what :meth:`HookedVLM.prepare` passes), ``text`` is
+    exactly the instruction's tokens. Without them (raw processor output), ``text`` is every real
+    token that is neither an image placeholder nor a special token of the tokenizer.
+    """
+    if "input_ids" not in inputs:
+        raise BatchFormatError(
+            f"The batch has no 'input_ids' (keys: {sorted(inputs)}). Pass the output of the model's "
+            "processor or of vlm.prepare(images=..., prompts=...)."
+        )
+    tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    input_ids = tensors["input_ids"]
+    if input_ids.dim() == 1:
+        tensors = {k: v.unsqueeze(0) if k != "pixel_values" else v for k, v in tensors.items()}
+        input_ids = tensors["input_ids"]
+    attention_mask = tensors.setdefault("attention_mask", torch.ones_like(input_ids))
+    real = attention_mask.bool()
+    image_mask = (input_ids == adapter.image_token_id) & real
+
+    if prompts is not None and instruction_spans is not None:
+        text_mask = _instruction_mask(
+            adapter, input_ids, real, image_mask, prompts, instruction_spans
+        )
+        exact = True
+    else:
+        special_ids = torch.tensor(
+            sorted(adapter.tokenizer.all_special_ids), device=input_ids.device
+        )
+        text_mask = real & ~image_mask & ~torch.isin(input_ids, special_ids)
+        exact = False
+    return VLMBatch(
+        inputs=tensors,
+        image_mask=image_mask,
+        text_mask=text_mask,
+        special_mask=~(image_mask | text_mask),
+        position_ids=positions_from_mask(attention_mask),
+        prompts=list(prompts) if prompts is not None else None,
+        instructions=list(instructions) if instructions is not None else None,
+        exact_text_spans=exact,
+    )
+
+
+def _instruction_mask(
+    adapter: VLMAdapter,
+    input_ids: torch.Tensor,
+    real: torch.Tensor,
+    image_mask: torch.Tensor,
+    prompts: Sequence[str],
+    spans: Sequence[tuple[int, int]],
+) -> torch.Tensor:
+    """Mark the tokens whose character span overlaps the instruction's, row by row.
+
+    The processor's non-image tokens must equal the tokenizer's tokens of the prompt (the
+    processor only expands/prepends image placeholders); anything else is a processor/tokenizer
+    mismatch and is refused rather than guessed.
+    """
+    text_mask = torch.zeros_like(real)
+    for row, (prompt, (start, end)) in enumerate(zip(prompts, spans)):
+        ids, offsets = adapter.prompt_token_ids(prompt)
+        keep = [i for i, tok in enumerate(ids) if tok != adapter.image_token_id]
+        positions = torch.nonzero(real[row] & ~image_mask[row]).flatten()
+        row_ids = input_ids[row, positions].tolist()
+        if row_ids != [ids[i] for i in keep]:
+            raise BatchFormatError(
+                f"Item {row}: the processor's text tokens differ from the tokenizer's tokens of the "
+                f"prompt {prompt!r}. The processor and tokenizer disagree (a custom processor, or "
+                "truncation); pass the processor output directly to get masks without instruction spans."
+            )
+        for pos, i in zip(positions.tolist(), keep):
+            tok_start, tok_end = offsets[i]
+            if tok_end > tok_start and tok_start < end and tok_end > start:
+                text_mask[row, pos] = True
+    return text_mask

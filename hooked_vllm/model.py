@@ -1,0 +1,456 @@
+"""HookedVLM: a vision LLM whose language backbone runs inside transformer-lens's TransformerBridge.
+
+The adapter builds exactly the input embeddings HF builds (text token embeddings with the visual
+prefix scattered into the image positions); the bridge runs the HF decoder itself on them, so every
+activation is HF's. Hook names are TransformerLens's (``blocks.{l}.hook_resid_post``,
+``blocks.{l}.attn.hook_pattern``, ``hook_embed``, ...) plus ours in the same grammar:
+
+- ``hook_visual_prefix``: ``[n_images, n_image_tokens, d_model]``, the embeddings placed at the
+  image positions (one image per item: ``n_images == batch``);
+- ``vision.blocks.{l}.hook_resid_post``: the vision tower's layer outputs;
+- ``qformer.blocks.{l}.hook_resid_post``: InstructBLIP's Q-Former layer outputs.
+
+Example:
+    >>> from hooked_vllm import HookedVLM
+    >>> vlm = HookedVLM.from_pretrained("llava-hf/llava-1.5-7b-hf", dtype=torch.float16,
+    ...                                 device="cuda")  # doctest: +SKIP
+    >>> batch = vlm.prepare(images=[image], prompts=["Describe the image."])  # doctest: +SKIP
+    >>> logits, cache = vlm.run_with_cache(batch, names_filter=lambda n: "resid_post" in n)  # doctest: +SKIP
+    >>> cache["resid_post", 10][batch.image_mask].shape  # doctest: +SKIP
+    torch.Size([576, 4096])
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+import transformers
+from jaxtyping import Float, Int
+from transformer_lens import ActivationCache
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.sources.transformers.source import boot
+
+from hooked_vllm.adapters import VLMAdapter, adapter_class_for
+from hooked_vllm.errors import (
+    BatchFormatError,
+    ImageCountError,
+    MissingImageError,
+    SequenceTooLongError,
+)
+from hooked_vllm.images import ImageLike, to_rgb
+from hooked_vllm.inputs import VLMBatch, build_batch
+
+NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
+BatchLike = VLMBatch | Mapping[str, torch.Tensor]
+
+
+class HookedVLM:
+    """A hooked vision LLM: LLaVA-1.5 or InstructBLIP (decoder-only backbones).
+
+    Build one with :meth:`from_pretrained` (hub id or local directory) or :meth:`from_hf`
+    (an in-memory HF model and its processor). The HF model's language modules are wrapped in
+    place by transformer-lens; keep a copy first if you need the untouched model.
+    """
+
+    def __init__(self, hf_model: transformers.PreTrainedModel, processor: Any) -> None:
+        adapter_cls = adapter_class_for(hf_model.config)
+        self.hf_model = hf_model.eval()
+        self.processor = processor
+        self.adapter: VLMAdapter = adapter_cls(hf_model, processor)
+        language_model = self.adapter.language_model()
+        first_param = next(language_model.parameters())
+        # transformer-lens may reconfigure the tokenizer it is given: hand it a copy, so the
+        # processor's own tokenizer (padding side, special tokens) stays as loaded.
+        self.bridge: TransformerBridge = boot(
+            getattr(hf_model.config, "_name_or_path", "") or self.adapter.family,
+            hf_model=language_model,
+            tokenizer=copy.deepcopy(self.adapter.tokenizer),
+            dtype=first_param.dtype,
+            device=first_param.device,
+        )
+        self.hook_visual_prefix = HookPoint()
+        self._extra_hook_points: dict[str, HookPoint] = {
+            "hook_visual_prefix": self.hook_visual_prefix
+        }
+        for name, module in self.adapter.vision_hook_sites().items():
+            point = HookPoint()
+            self._extra_hook_points[name] = point
+            module.register_forward_hook(_route_output_through(point), prepend=True)
+        self._register_hook_points()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        device_map: str | dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
+        use_safetensors: bool = True,
+        **model_kwargs: Any,
+    ) -> HookedVLM:
+        """Load model and processor from a hub id or a local directory, as HF does.
+
+        The architecture is checked from the config before any weight is read. Weights load with
+        eager attention (patterns are observable) and from safetensors unless ``use_safetensors=False``.
+
+        Example:
+            >>> vlm = HookedVLM.from_pretrained("Salesforce/instructblip-vicuna-7b",
+            ...                                 dtype=torch.bfloat16, device="cuda")  # doctest: +SKIP
+        """
+        config = transformers.AutoConfig.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code
+        )
+        adapter_class_for(config)  # refuse unsupported models before loading weights
+        model_class = getattr(transformers, config.architectures[0])
+        hf_model = model_class.from_pretrained(
+            name_or_path,
+            dtype=dtype,
+            attn_implementation="eager",
+            device_map=device_map,
+            use_safetensors=use_safetensors,
+            trust_remote_code=trust_remote_code,
+            **model_kwargs,
+        )
+        if device is not None and device_map is None:
+            hf_model = hf_model.to(device)
+        processor = transformers.AutoProcessor.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code
+        )
+        return cls(hf_model, processor)
+
+    @classmethod
+    def from_hf(cls, hf_model: transformers.PreTrainedModel, processor: Any) -> HookedVLM:
+        """Wrap an in-memory HF model and its processor."""
+        return cls(hf_model, processor)
+
+    # ------------------------------------------------------------------ config and weights
+    @property
+    def cfg(self) -> Any:
+        """The bridge's TransformerLens config of the language model (``n_layers``, ``d_model``...)."""
+        return self.bridge.cfg
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.adapter.tokenizer
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.adapter.text_config.max_position_embeddings)
+
+    def __getattr__(self, name: str) -> Any:
+        # W_Q, W_K, W_V, W_O, W_U, blocks, ln_final, ... come from the bridge, as on HookedTransformer.
+        if name.startswith("_") or name in ("bridge", "adapter", "hf_model", "processor"):
+            raise AttributeError(name)
+        return getattr(self.bridge, name)
+
+    # ------------------------------------------------------------------ inputs
+    def prepare(
+        self,
+        images: Sequence[ImageLike | Sequence[ImageLike]] | ImageLike,
+        prompts: Sequence[str] | str,
+        *,
+        apply_template: bool = True,
+        padding_side: str = "left",
+    ) -> VLMBatch:
+        """Template the prompts, run the processor, and return a :class:`VLMBatch` with modality masks.
+
+        ``images`` has one entry per prompt: an image (PIL, array or file path) or a list of images
+        for prompts with several. Images are converted to 8-bit RGB (see :mod:`hooked_vllm.images`).
+        With ``apply_template=False`` prompts are used as given and must contain the placeholders.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if len(images) != len(prompts):
+            raise ImageCountError(
+                f"Got {len(images)} image entries for {len(prompts)} prompts. Pass one entry per "
+                "prompt (a list of images for a prompt that takes several)."
+            )
+        per_item = [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
+        texts, spans = [], []
+        for instruction, item_images in zip(prompts, per_item):
+            if apply_template:
+                text, span = self.adapter.format_prompt(instruction, len(item_images))
+            else:
+                text, span = instruction, (0, len(instruction))
+            slots = self.adapter.count_image_slots(text)
+            if slots != len(item_images):
+                raise ImageCountError(
+                    f"Prompt {text!r} has {slots} image placeholder(s) but {len(item_images)} "
+                    "image(s) were given for it. Give one image per placeholder."
+                )
+            texts.append(text)
+            spans.append(span)
+        flat_images = [to_rgb(image) for item in per_item for image in item]
+        inputs = self.adapter.process(flat_images, texts, padding_side)
+        batch = build_batch(self.adapter, inputs, texts, spans, instructions=list(prompts))
+        self._check_length(batch)
+        return batch
+
+    def to_batch(self, batch: BatchLike) -> VLMBatch:
+        """A :class:`VLMBatch` from a VLMBatch or raw processor output (``BatchFeature``/dict)."""
+        if isinstance(batch, VLMBatch):
+            return batch
+        if isinstance(batch, Mapping):
+            return build_batch(self.adapter, dict(batch))
+        raise BatchFormatError(
+            f"Expected a VLMBatch or a processor output (dict/BatchFeature); got {type(batch).__name__}. "
+            "Build one with vlm.prepare(images=..., prompts=...)."
+        )
+
+    def _check_length(self, batch: VLMBatch, extra_tokens: int = 0) -> None:
+        longest = int(batch.attention_mask.sum(-1).max()) + extra_tokens
+        if longest > self.n_ctx:
+            raise SequenceTooLongError(
+                f"A sequence needs {longest} positions (image tokens included"
+                f"{', plus generated tokens' if extra_tokens else ''}) but the language model's context "
+                f"is {self.n_ctx}. Shorten the prompt, use fewer images per prompt, or lower max_new_tokens."
+            )
+
+    # ------------------------------------------------------------------ forward
+    def embed(self, batch: BatchLike) -> Float[torch.Tensor, "batch pos d_model"]:
+        """The language model's input embeddings, built as HF builds them.
+
+        Text tokens go through the bridge's embedding (``hook_embed``); the vision side runs through
+        HF's own functions (``vision.*`` hooks), its output through ``hook_visual_prefix``, and is
+        scattered into the image-placeholder positions.
+        """
+        batch = self.to_batch(batch)
+        device = self.bridge.cfg.device
+        input_ids = batch.input_ids.to(device)
+        embeds = self.bridge.embed(input_ids)
+        placeholders = (input_ids == self.adapter.image_token_id).unsqueeze(-1)
+        n_slots = int(placeholders.sum())
+        if batch.pixel_values is None:
+            if n_slots:
+                raise MissingImageError(
+                    f"The batch has {n_slots} image placeholder positions but no 'pixel_values'. "
+                    "Pass the images through vlm.prepare(images=..., prompts=...) or the processor."
+                )
+            return embeds
+        if n_slots == 0:
+            raise MissingImageError(
+                "The batch has 'pixel_values' but no image placeholder tokens in 'input_ids', so the "
+                "image would be silently ignored. Build the batch with vlm.prepare or the model's "
+                "processor, which insert the placeholders."
+            )
+        vision_param = next(self.adapter.hf_model.parameters())
+        vision_inputs = {
+            k: v.to(vision_param.device)
+            for k, v in batch.inputs.items()
+            if k in self.adapter.vision_input_names
+        }
+        vision_inputs["pixel_values"] = batch.pixel_values.to(
+            vision_param.device, vision_param.dtype
+        )
+        prefix = self.hook_visual_prefix(self.adapter.visual_prefix(vision_inputs))
+        if prefix.shape[0] * prefix.shape[1] != n_slots:
+            raise ImageCountError(
+                f"{prefix.shape[0]} image(s) give {prefix.shape[0] * prefix.shape[1]} visual tokens "
+                f"but 'input_ids' has {n_slots} image placeholder positions. Give one image per "
+                "placeholder (vlm.prepare checks this for you)."
+            )
+        return embeds.masked_scatter(placeholders, prefix.to(embeds.device, embeds.dtype))
+
+    def forward(
+        self, batch: BatchLike, return_type: str | None = "logits"
+    ) -> Float[torch.Tensor, "batch pos d_vocab"] | None:
+        """Run the model on a batch; returns logits like ``HookedTransformer.forward``."""
+        batch = self.to_batch(batch)
+        self._check_length(batch)
+        embeds = self.embed(batch)
+        device = embeds.device
+        return self.bridge(
+            embeds,
+            attention_mask=batch.attention_mask.to(device),
+            position_ids=batch.position_ids.to(device),
+            return_type=return_type,
+        )
+
+    __call__ = forward
+
+    # ------------------------------------------------------------------ hooks
+    def _register_hook_points(self) -> None:
+        registry = self.bridge._hook_registry
+        for name, point in self._extra_hook_points.items():
+            if registry.get(name) is not point:
+                point.name = name
+                registry[name] = point
+
+    @property
+    def hook_dict(self) -> dict[str, HookPoint]:
+        """Every hook point by name, the vision side's included."""
+        self._register_hook_points()
+        return self.bridge.hook_dict
+
+    def hooks(
+        self,
+        fwd_hooks: Sequence[tuple[str | Callable[[str], bool], Callable]] = (),
+        bwd_hooks: Sequence[tuple[str | Callable[[str], bool], Callable]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+    ) -> AbstractContextManager:
+        """Context manager adding hooks for its duration; they are removed on exit, errors included.
+
+        Example:
+            >>> with vlm.hooks(fwd_hooks=[("hook_visual_prefix", lambda x, hook: 0 * x)]):  # doctest: +SKIP
+            ...     logits = vlm(batch)
+        """
+        self._register_hook_points()
+        return self.bridge.hooks(
+            fwd_hooks=list(fwd_hooks),
+            bwd_hooks=list(bwd_hooks),
+            reset_hooks_end=reset_hooks_end,
+            clear_contexts=clear_contexts,
+        )
+
+    def run_with_hooks(
+        self,
+        batch: BatchLike,
+        fwd_hooks: Sequence[tuple[str | Callable[[str], bool], Callable]] = (),
+        bwd_hooks: Sequence[tuple[str | Callable[[str], bool], Callable]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        return_type: str | None = "logits",
+    ) -> Any:
+        """Forward with temporary hooks, as ``HookedTransformer.run_with_hooks``."""
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
+            return self.forward(batch, return_type=return_type)
+
+    def run_with_cache(
+        self,
+        batch: BatchLike,
+        names_filter: NamesFilter = None,
+        device: str | torch.device | None = None,
+        remove_batch_dim: bool = False,
+        pos_slice: Any = None,
+        return_type: str | None = "logits",
+    ) -> tuple[Any, ActivationCache]:
+        """Forward and cache activations: ``(logits, ActivationCache)``, as on HookedTransformer.
+
+        ``names_filter`` is a name, a list of names or a predicate; ``device`` moves cached tensors.
+        """
+        self._register_hook_points()
+        if isinstance(names_filter, str) or isinstance(names_filter, (list, tuple)):
+            wanted = [names_filter] if isinstance(names_filter, str) else list(names_filter)
+            unknown = [name for name in wanted if name not in self.bridge.hook_dict]
+            if unknown:
+                raise KeyError(
+                    f"names_filter names no hook point: {unknown}. See vlm.hook_dict for the names "
+                    "(e.g. 'blocks.0.hook_resid_post', 'hook_visual_prefix')."
+                )
+            names_filter = list(wanted)
+        cache, fwd_hooks, _ = self.bridge.get_caching_hooks(
+            names_filter, device=device, remove_batch_dim=remove_batch_dim, pos_slice=pos_slice
+        )
+        with self.hooks(fwd_hooks):
+            output = self.forward(batch, return_type=return_type)
+        return output, ActivationCache(cache, self.bridge, has_batch_dim=not remove_batch_dim)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: BatchLike,
+        max_new_tokens: int = 20,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        eos_token_id: int | None = None,
+        return_str: bool = False,
+    ) -> Int[torch.Tensor, "batch new"] | list[str]:
+        """Greedy (or sampled) continuation with the KV cache; hooks in effect fire at every step.
+
+        Finished items are padded with the pad token, as HF's ``generate`` does. Returns the new
+        tokens, or their decoded strings with ``return_str=True``.
+        """
+        batch = self.to_batch(batch).left_padded()
+        self._check_length(batch, extra_tokens=max_new_tokens)
+        tokenizer = self.tokenizer
+        eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        embeds = self.embed(batch)
+        device = embeds.device
+        mask = batch.attention_mask.to(device)
+        positions = batch.position_ids.to(device)
+        logits, past = self.bridge(
+            embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            return_type="logits_and_cache",
+            use_cache=True,
+        )
+        finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
+        new_tokens = []
+        for _ in range(max_new_tokens):
+            next_logits = logits[:, -1, :].float()
+            if do_sample:
+                probs = torch.softmax(next_logits / temperature, dim=-1)
+                token = torch.multinomial(probs, 1).squeeze(-1)
+            else:
+                token = next_logits.argmax(-1)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            new_tokens.append(token)
+            if eos is not None:
+                finished |= token == eos
+            if bool(finished.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            logits, past = self.bridge(
+                token.unsqueeze(-1),
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=past,
+                return_type="logits_and_cache",
+            )
+        tokens = torch.stack(new_tokens, dim=1)
+        if return_str:
+            return tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return tokens
+
+    # ------------------------------------------------------------------ display
+    def to_str_tokens(self, batch: BatchLike, index: int = 0) -> list[str]:
+        """Item ``index``'s tokens as strings; image positions read ``<img0:k>`` (image 0, patch k)
+        and padding ``<pad>``."""
+        batch = self.to_batch(batch)
+        out: list[str] = []
+        ids = batch.input_ids[index].tolist()
+        image_row = batch.image_mask[index].tolist()
+        real = batch.attention_mask[index].tolist()
+        image_no, patch = -1, 0
+        previous_image = False
+        for token, is_image, is_real in zip(ids, image_row, real):
+            if not is_real:
+                out.append("<pad>")
+            elif is_image:
+                if not previous_image:
+                    image_no, patch = image_no + 1, 0
+                out.append(f"<img{image_no}:{patch}>")
+                patch += 1
+            else:
+                out.append(self.tokenizer.decode([token]))
+            previous_image = bool(is_image and is_real)
+        return out
+
+
+def _route_output_through(point: HookPoint) -> Callable:
+    """A forward hook passing a module's output (its first element, if a tuple) through ``point``."""
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            return point(output)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (point(output[0]), *output[1:])
+        return output
+
+    return hook
