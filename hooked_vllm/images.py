@@ -17,14 +17,13 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from hooked_vllm.errors import ImageLoadError
 
-ImageLike = Union[Image.Image, np.ndarray, str, Path]
+ImageLike = Image.Image | np.ndarray | str | Path
 
 
 def load_image(path: str | Path) -> Image.Image:

@@ -176,7 +176,7 @@ def build_batch(
             f"The batch has no 'input_ids' (keys: {sorted(inputs)}). Pass the output of the model's "
             "processor or of vlm.prepare(images=..., prompts=...)."
         )
-    tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    tensors = adapter.normalize_inputs({k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)})
     input_ids = tensors["input_ids"]
     if input_ids.dim() == 1:
         tensors = {k: v.unsqueeze(0) if k != "pixel_values" else v for k, v in tensors.items()}

@@ -286,6 +286,31 @@ class HookedVLM:
                 point.name = name
                 registry[name] = point
 
+    def _names_predicate(self, names_filter: NamesFilter) -> Callable[[str], bool]:
+        """``names_filter`` as a predicate over hook names (TransformerLens aliases included),
+        excluding hook points the bridge has switched off (e.g. ``hook_result`` until enabled)."""
+        hook_dict = self.hook_dict
+        if names_filter is None:
+            wanted: Callable[[str], bool] = lambda name: True  # noqa: E731
+        elif callable(names_filter):
+            wanted = names_filter
+        else:
+            names = {names_filter} if isinstance(names_filter, str) else set(names_filter)
+            unknown = sorted(names - hook_dict.keys())
+            if unknown:
+                raise KeyError(
+                    f"names_filter names no hook point: {unknown}. See vlm.hook_dict for the names "
+                    "(e.g. 'blocks.0.hook_resid_post', 'hook_visual_prefix')."
+                )
+            wanted = names.__contains__
+
+        def predicate(name: str) -> bool:
+            point = hook_dict.get(name)
+            gated = point is not None and self.bridge._gated_hook_reason(point.name or name) is not None
+            return wanted(name) and not gated
+
+        return predicate
+
     @property
     def hook_dict(self) -> dict[str, HookPoint]:
         """Every hook point by name, the vision side's included."""
@@ -339,18 +364,11 @@ class HookedVLM:
 
         ``names_filter`` is a name, a list of names or a predicate; ``device`` moves cached tensors.
         """
-        self._register_hook_points()
-        if isinstance(names_filter, str) or isinstance(names_filter, (list, tuple)):
-            wanted = [names_filter] if isinstance(names_filter, str) else list(names_filter)
-            unknown = [name for name in wanted if name not in self.bridge.hook_dict]
-            if unknown:
-                raise KeyError(
-                    f"names_filter names no hook point: {unknown}. See vlm.hook_dict for the names "
-                    "(e.g. 'blocks.0.hook_resid_post', 'hook_visual_prefix')."
-                )
-            names_filter = list(wanted)
         cache, fwd_hooks, _ = self.bridge.get_caching_hooks(
-            names_filter, device=device, remove_batch_dim=remove_batch_dim, pos_slice=pos_slice
+            self._names_predicate(names_filter),
+            device=device,
+            remove_batch_dim=remove_batch_dim,
+            pos_slice=pos_slice,
         )
         with self.hooks(fwd_hooks):
             output = self.forward(batch, return_type=return_type)

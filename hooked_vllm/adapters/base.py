@@ -88,6 +88,10 @@ class VLMAdapter(ABC):
         """The HF processor call: ``input_ids``, ``attention_mask``, ``pixel_values`` and any
         :attr:`vision_input_names`."""
 
+    def normalize_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fix up processor outputs so results do not depend on batch-mates (default: unchanged)."""
+        return inputs
+
     @abstractmethod
     def prompt_token_ids(self, prompt: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids of ``prompt`` with each image slot as one placeholder token, and each token's

@@ -63,13 +63,27 @@ class InstructBlipAdapter(VLMAdapter):
     def process(
         self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str
     ) -> Mapping[str, torch.Tensor]:
-        return self.processor(
-            images=list(images),
-            text=list(prompts),
-            return_tensors="pt",
-            padding=True,
-            padding_side=padding_side,
+        inputs = self.processor(
+            images=list(images), text=list(prompts), return_tensors="pt", padding=True, padding_side=padding_side
         )
+        return self.normalize_inputs(dict(inputs))
+
+    def normalize_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Move the Q-Former text's padding to the right.
+
+        The processor hands one set of text options (the LM tokenizer's padding side included) to
+        both tokenizers, but the Q-Former's BERT encoder has absolute position embeddings: left
+        padding would shift them with the batch-mates' lengths.
+        """
+        mask = inputs.get("qformer_attention_mask")
+        if mask is None or bool(mask[:, 0].all()):
+            return inputs
+        order = torch.argsort(1 - mask.long(), dim=1, stable=True)  # real tokens first, in order
+        return {
+            **inputs,
+            "qformer_input_ids": inputs["qformer_input_ids"].gather(1, order),
+            "qformer_attention_mask": mask.gather(1, order),
+        }
 
     def prompt_token_ids(self, prompt: str) -> tuple[list[int], list[tuple[int, int]]]:
         ids, spans = token_ids_with_spans(self.tokenizer, prompt)

@@ -46,7 +46,7 @@ class LlavaAdapter(VLMAdapter):
     def format_prompt(self, instruction: str, n_images: int) -> tuple[str, tuple[int, int]]:
         # An instruction that already holds <image> placeholders keeps them where the user put them.
         placed_by_user = self.image_placeholder in instruction
-        images = "" if placed_by_user else self.image_placeholder * n_images
+        images = "" if placed_by_user else "\n".join([self.image_placeholder] * n_images)
         prefix = self.template.split("{instruction}")[0].format(images=images)
         prompt = self.template.format(images=images, instruction=instruction)
         return prompt, (len(prefix), len(prefix) + len(instruction))

@@ -1,0 +1,56 @@
+"""Shared pieces of the benchmarks: a mid-size random LLaVA and a timer."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hooked_vllm.testing import TinyTextConfig, tiny_llava
+
+MID_TEXT = TinyTextConfig(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_mlp=1376, n_ctx=2048)
+PROMPT = "Describe the image in one sentence, naming the main objects and their colours."
+
+
+def mid_llava(seed: int = 0):
+    """LLaVA-architecture model: 336px / patch 14 -> 576 image tokens, 8 LLaMA layers of 512."""
+    return tiny_llava(seed=seed, text=MID_TEXT, image_size=336, patch_size=14)
+
+
+def sample_images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((336, 336, 3)) * 255).astype("uint8")) for _ in range(n)]
+
+
+def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Best wall time of ``repeats`` calls, in seconds (the least noisy estimate on a shared CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 5) -> dict[str, float]:
+    """Best time of each function, measured round-robin so machine noise hits all alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(ts) for name, ts in times.items()}
+
+
+torch.set_grad_enabled(False)
