@@ -1,0 +1,228 @@
+"""One forward pass, three lenses, O(one layer) of activations kept.
+
+:func:`collect` hooks the residual stream, the values and the attention pattern of every layer and
+reduces each as it goes (contextualization sums, norm-based attention aggregates, logit lens at the
+chosen positions); nothing of a layer outlives its reduction. :func:`reduce_cache` applies the same
+:class:`BatchReducer` to a full ``ActivationCache``, so the two agree exactly.
+
+Example:
+    >>> result = collect(vlm, batch)  # doctest: +SKIP
+    >>> result.contextualization.per_item()["inter"].shape  # [layer + 1, batch]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+
+from hooked_vllm.analysis.contextualization import ContextualizationSums, layer_sums
+from hooked_vllm.analysis.logit_lens import LensResult, LogitLens, gather_positions
+from hooked_vllm.analysis.norm_attention import (
+    block_mean,
+    head_norms,
+    head_summed_norms,
+    modality_pairs,
+    saliency_received,
+)
+
+ANALYSES = ("contextualization", "norm_attention", "logit_lens")
+
+
+@dataclass
+class AttentionSummary:
+    """Per layer: block means by modality pair and saliency received by image tokens.
+
+    ``norm[pair]``/``weight[pair]``: ``[layer, batch]`` (head-summed norm; head-mean alpha).
+    ``head_norm[pair]``: ``[layer, head, batch]``.
+    ``image_saliency_from_text``/``image_saliency_from_last``: ``[layer, batch, n_image_tokens]``,
+    head-summed norm received by each image token from the instruction / the last position.
+    """
+
+    norm: dict[str, torch.Tensor] = field(default_factory=dict)
+    weight: dict[str, torch.Tensor] = field(default_factory=dict)
+    head_norm: dict[str, torch.Tensor] = field(default_factory=dict)
+    image_saliency_from_text: torch.Tensor | None = None
+    image_saliency_from_last: torch.Tensor | None = None
+
+
+@dataclass
+class BatchAnalysis:
+    """Everything the three lenses give for one batch."""
+
+    contextualization: ContextualizationSums | None = None
+    attention: AttentionSummary | None = None
+    lens: LensResult | None = None
+    #: top-1 logit-lens token of every image position, ``[layer, batch, n_image_tokens]``
+    image_verbalization: Int[torch.Tensor, "layer batch n_image"] | None = None
+
+
+class BatchReducer:
+    """Reduces one layer at a time; ``finish()`` stacks the layers into a :class:`BatchAnalysis`."""
+
+    def __init__(
+        self,
+        vlm,
+        batch,
+        analyses: tuple[str, ...] = ANALYSES,
+        lens_positions: Int[torch.Tensor, "batch n"] | None = None,
+        top_k: int = 5,
+        verbalize_images: bool = True,
+    ) -> None:
+        unknown = set(analyses) - set(ANALYSES)
+        if unknown:
+            raise ValueError(f"Unknown analyses {sorted(unknown)}; choose from {ANALYSES}.")
+        self.analyses = analyses
+        self.image, self.text = batch.image_mask, batch.text_mask
+        self.pairs = modality_pairs(batch)
+        self.last = self.pairs["last<-image"][0]
+        counts = self.image.sum(-1)
+        self.same_image_count = bool((counts == counts[0]).all()) and int(counts[0]) > 0
+        self.lens = LogitLens.from_vlm(vlm) if "logit_lens" in analyses else None
+        self.lens_positions = lens_positions if lens_positions is not None else batch.last_positions[:, None]
+        self.top_k = top_k
+        self.verbalize_images = verbalize_images and self.same_image_count
+        self.W_O = vlm.W_O
+        self._resid: list[tuple] = []
+        self._lens_resid: list[torch.Tensor] = []
+        self._image_top1: list[torch.Tensor] = []
+        self._attention: list[dict] = []
+
+    # -- per layer
+    def on_resid(self, hidden: Float[torch.Tensor, "batch pos d_model"]) -> None:
+        """Residual stream of the next layer (the embedding first)."""
+        if "contextualization" in self.analyses:
+            image, text = self.image.to(hidden.device), self.text.to(hidden.device)
+            self._resid.append(tuple(_to_cpu(part) for part in layer_sums(hidden, image, text)))
+        if self.lens is not None:
+            self._lens_resid.append(gather_positions(hidden, self.lens_positions).detach())
+            if self.verbalize_images:
+                image_hidden = hidden[self.image.to(hidden.device)].reshape(hidden.shape[0], -1, hidden.shape[-1])
+                self._image_top1.append(self.lens.logits(image_hidden).argmax(-1).cpu())
+
+    def on_attention(
+        self,
+        layer: int,
+        pattern: Float[torch.Tensor, "batch head query key"],
+        v: Float[torch.Tensor, "batch key kv_head d_head"],
+    ) -> None:
+        """Attention pattern and values of ``layer``."""
+        if "norm_attention" not in self.analyses:
+            return
+        w_o = self.W_O[layer].to(pattern.device)
+        summed = head_summed_norms(pattern, v, w_o)
+        per_head = head_norms(pattern, v, w_o)
+        weight = pattern.float().mean(1)
+        out: dict = {"norm": {}, "weight": {}, "head_norm": {}}
+        for name, (queries, keys) in self.pairs.items():
+            q, k = queries.to(pattern.device), keys.to(pattern.device)
+            out["norm"][name] = block_mean(summed, q, k).cpu()
+            out["weight"][name] = block_mean(weight, q, k).cpu()
+            out["head_norm"][name] = torch.stack(
+                [block_mean(per_head[:, h], q, k) for h in range(per_head.shape[1])]
+            ).cpu()
+        if self.same_image_count:
+            image = self.image.to(pattern.device)
+            n_img = int(self.image[0].sum())
+            for key, queries in (("from_text", self.text), ("from_last", self.last)):
+                received = saliency_received(summed, queries.to(pattern.device))
+                out[key] = received[image].reshape(len(received), n_img).cpu()
+        self._attention.append(out)
+
+    # -- all layers
+    def finish(self) -> BatchAnalysis:
+        result = BatchAnalysis()
+        if self._resid:
+            sums = ContextualizationSums()
+            for slot, target in enumerate((sums.pair_sum, sums.pair_count, sums.modality_sum)):
+                for key in self._resid[0][slot]:
+                    target[key] = torch.stack([layer[slot][key] for layer in self._resid])
+            sums.modality_count = self._resid[0][3]
+            result.contextualization = sums
+        if self._attention:
+            summary = AttentionSummary()
+            for kind in ("norm", "weight", "head_norm"):
+                for name in self._attention[0][kind]:
+                    getattr(summary, kind)[name] = torch.stack([layer[kind][name] for layer in self._attention])
+            if "from_text" in self._attention[0]:
+                summary.image_saliency_from_text = torch.stack([layer["from_text"] for layer in self._attention])
+                summary.image_saliency_from_last = torch.stack([layer["from_last"] for layer in self._attention])
+            result.attention = summary
+        if self._lens_resid:
+            result.lens = self.lens.summarize(torch.stack(self._lens_resid), k=self.top_k)
+            if self._image_top1:
+                result.image_verbalization = torch.stack(self._image_top1)
+        return result
+
+
+def _to_cpu(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in part.items()}
+
+
+def hook_names(n_layers: int, analyses: tuple[str, ...]) -> list[str]:
+    """The hook points :func:`collect` reads."""
+    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+    if "norm_attention" in analyses:
+        for layer in range(n_layers):
+            names += [f"blocks.{layer}.attn.hook_v", f"blocks.{layer}.attn.hook_pattern"]
+    return names
+
+
+@torch.no_grad()
+def collect(
+    vlm,
+    batch,
+    analyses: tuple[str, ...] = ANALYSES,
+    *,
+    lens_positions: Int[torch.Tensor, "batch n"] | None = None,
+    top_k: int = 5,
+    verbalize_images: bool = True,
+) -> BatchAnalysis:
+    """Run ``batch`` once and reduce every layer on the fly (see the module docstring)."""
+    batch = vlm.to_batch(batch)
+    reducer = BatchReducer(vlm, batch, analyses, lens_positions, top_k, verbalize_images)
+    stash: dict[int, torch.Tensor] = {}
+
+    def on_resid(tensor, hook):
+        reducer.on_resid(tensor)
+
+    def on_v(tensor, hook):
+        stash[_layer_of(hook.name)] = tensor
+
+    def on_pattern(tensor, hook):
+        layer = _layer_of(hook.name)
+        reducer.on_attention(layer, tensor, stash.pop(layer))
+
+    hooks = [("blocks.0.hook_resid_pre", on_resid)]
+    hooks += [(f"blocks.{layer}.hook_resid_post", on_resid) for layer in range(vlm.cfg.n_layers)]
+    if "norm_attention" in analyses:
+        for layer in range(vlm.cfg.n_layers):
+            hooks += [(f"blocks.{layer}.attn.hook_v", on_v), (f"blocks.{layer}.attn.hook_pattern", on_pattern)]
+    vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
+    return reducer.finish()
+
+
+def reduce_cache(
+    vlm,
+    batch,
+    cache,
+    analyses: tuple[str, ...] = ANALYSES,
+    *,
+    lens_positions: Int[torch.Tensor, "batch n"] | None = None,
+    top_k: int = 5,
+    verbalize_images: bool = True,
+) -> BatchAnalysis:
+    """The same analysis from a full ``ActivationCache`` of ``batch``."""
+    batch = vlm.to_batch(batch)
+    reducer = BatchReducer(vlm, batch, analyses, lens_positions, top_k, verbalize_images)
+    reducer.on_resid(cache["blocks.0.hook_resid_pre"])
+    for layer in range(vlm.cfg.n_layers):
+        reducer.on_resid(cache[f"blocks.{layer}.hook_resid_post"])
+        if "norm_attention" in analyses:
+            reducer.on_attention(layer, cache[f"blocks.{layer}.attn.hook_pattern"], cache[f"blocks.{layer}.attn.hook_v"])
+    return reducer.finish()
+
+
+def _layer_of(hook_name: str) -> int:
+    return int(hook_name.split(".")[1])

@@ -1,0 +1,113 @@
+"""Norm-based attention (Kobayashi et al. 2020, "Attention is not only a weight").
+
+The attention output at query i is sum_h sum_j alpha_hij f_h(x_j), with f_h(x) = (x W_V,h + b_V,h) W_O,h
+(``hook_v`` already holds x W_V + b_V). Two measures of how much key j contributes to query i:
+
+- per head: ||alpha_hij f_h(x_j)|| = alpha_hij ||f_h(x_j)||;
+- per layer (heads summed): ||sum_h alpha_hij f_h(x_j)||, computed exactly from the per-position
+  head Gram matrix G_j[h, g] = f_h(x_j) . f_g(x_j):  ||.||^2 = sum_{h,g} alpha_hij alpha_gij G_j[h, g].
+  Cost O(n^2 H^2 + n H^2 d) and no [n, n, d] tensor.
+
+Grouped-query attention: query head h reads key/value head h // (H / H_kv).
+Accumulation is in float32.
+
+Example:
+    >>> v = torch.randn(1, 5, 2, 8); w_o = torch.randn(4, 8, 16)
+    >>> alpha = torch.softmax(torch.randn(1, 4, 5, 5), -1)
+    >>> head_summed_norms(alpha, v, w_o).shape
+    torch.Size([1, 5, 5])
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Bool, Float
+
+
+def transformed_values(
+    v: Float[torch.Tensor, "batch key kv_head d_head"],
+    w_o: Float[torch.Tensor, "head d_head d_model"],
+) -> Float[torch.Tensor, "batch key head d_model"]:
+    """f_h(x_j) for every key position and query head (value heads repeated under GQA)."""
+    n_heads, n_kv = w_o.shape[0], v.shape[2]
+    v = v.float().repeat_interleave(n_heads // n_kv, dim=2)
+    return torch.einsum("bkhd,hde->bkhe", v, w_o.float())
+
+
+def head_norms(
+    pattern: Float[torch.Tensor, "batch head query key"],
+    v: Float[torch.Tensor, "batch key kv_head d_head"],
+    w_o: Float[torch.Tensor, "head d_head d_model"],
+) -> Float[torch.Tensor, "batch head query key"]:
+    """||alpha_hij f_h(x_j)|| per head."""
+    f_norm = transformed_values(v, w_o).norm(dim=-1)  # [batch, key, head]
+    return pattern.float() * f_norm.permute(0, 2, 1)[:, :, None, :]
+
+
+def head_gram(
+    v: Float[torch.Tensor, "batch key kv_head d_head"],
+    w_o: Float[torch.Tensor, "head d_head d_model"],
+) -> Float[torch.Tensor, "batch key head head"]:
+    """G_j[h, g] = f_h(x_j) . f_g(x_j) for every key position j."""
+    f = transformed_values(v, w_o)
+    return torch.einsum("bkhe,bkge->bkhg", f, f)
+
+
+def head_summed_norms(
+    pattern: Float[torch.Tensor, "batch head query key"],
+    v: Float[torch.Tensor, "batch key kv_head d_head"],
+    w_o: Float[torch.Tensor, "head d_head d_model"],
+) -> Float[torch.Tensor, "batch query key"]:
+    """||sum_h alpha_hij f_h(x_j)||, exactly, one head at a time (peak memory O(batch n^2))."""
+    gram = head_gram(v, w_o)  # [batch, key, head, head]
+    alpha = pattern.float()
+    squared = torch.zeros_like(alpha[:, 0])
+    for h in range(alpha.shape[1]):
+        # sum_g alpha_gij G_j[h, g], then weight by alpha_hij
+        mixed = torch.einsum("bgqk,bkg->bqk", alpha, gram[:, :, h, :])
+        squared += alpha[:, h] * mixed
+    return squared.clamp_min(0).sqrt()
+
+
+def block_mean(
+    scores: Float[torch.Tensor, "batch query key"],
+    query_mask: Bool[torch.Tensor, "batch query"],
+    key_mask: Bool[torch.Tensor, "batch key"],
+    *,
+    reduce: str = "mean",
+) -> Float[torch.Tensor, " batch"]:
+    """Sum or mean of ``scores`` over causal pairs (query in Q, key in K, key <= query), per item.
+
+    Mean is NaN where the block has no pair (e.g. image <- text when text comes after the image).
+    """
+    n = scores.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=scores.device).tril()
+    pairs = query_mask[:, :, None] & key_mask[:, None, :] & causal
+    total = (scores.float() * pairs).sum((-1, -2))
+    if reduce == "sum":
+        return total
+    return total / pairs.sum((-1, -2))
+
+
+def saliency_received(
+    scores: Float[torch.Tensor, "batch query key"],
+    query_mask: Bool[torch.Tensor, "batch query"],
+) -> Float[torch.Tensor, "batch key"]:
+    """Attention (weight or norm) each key position receives, summed over the queries in ``query_mask``."""
+    return torch.einsum("bqk,bq->bk", scores.float(), query_mask.float())
+
+
+def modality_pairs(batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The default (query group, key group) blocks: ``"text<-image"`` reads "text queries attending
+    to image keys". ``last`` is each item's last real position."""
+    last = torch.zeros_like(batch.image_mask)
+    last[torch.arange(len(batch)), batch.last_positions] = True
+    image, text = batch.image_mask, batch.text_mask
+    return {
+        "image<-image": (image, image),
+        "text<-image": (text, image),
+        "text<-text": (text, text),
+        "last<-image": (last, image),
+        "last<-text": (last, text),
+        "last<-special": (last, batch.special_mask & batch.attention_mask.bool()),
+    }
