@@ -44,8 +44,10 @@ def main() -> None:
         repeats=args.repeats,
     )
     n_tokens = batch.input_ids.shape[1]
-    print(f"mid-size LLaVA: {vlm.cfg.n_layers} layers x d_model {vlm.cfg.d_model}, {n_tokens} positions "
-          f"({int(batch.image_mask[0].sum())} image), batch {args.batch}, {args.device}, torch {torch.__version__}")
+    print(
+        f"mid-size LLaVA: {vlm.cfg.n_layers} layers x d_model {vlm.cfg.d_model}, {n_tokens} positions "
+        f"({int(batch.image_mask[0].sum())} image), batch {args.batch}, {args.device}, torch {torch.__version__}"
+    )
     base = times["hf_forward"]
     for name, seconds in times.items():
         print(f"{name:28s} {seconds * 1000:9.1f} ms   {seconds / base:5.2f}x HF")

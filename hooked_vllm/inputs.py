@@ -103,9 +103,7 @@ class VLMBatch:
         return torch.where(self.attention_mask.bool(), pos, -1).amax(-1)
 
     def to(self, device: torch.device | str) -> VLMBatch:
-        moved = {
-            k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()
-        }
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
         return replace(
             self,
             inputs=moved,
@@ -186,14 +184,10 @@ def build_batch(
     image_mask = (input_ids == adapter.image_token_id) & real
 
     if prompts is not None and instruction_spans is not None:
-        text_mask = _instruction_mask(
-            adapter, input_ids, real, image_mask, prompts, instruction_spans
-        )
+        text_mask = _instruction_mask(adapter, input_ids, real, image_mask, prompts, instruction_spans)
         exact = True
     else:
-        special_ids = torch.tensor(
-            sorted(adapter.tokenizer.all_special_ids), device=input_ids.device
-        )
+        special_ids = torch.tensor(sorted(adapter.tokenizer.all_special_ids), device=input_ids.device)
         text_mask = real & ~image_mask & ~torch.isin(input_ids, special_ids)
         exact = False
     return VLMBatch(

@@ -74,9 +74,7 @@ class HookedVLM:
             device=first_param.device,
         )
         self.hook_visual_prefix = HookPoint()
-        self._extra_hook_points: dict[str, HookPoint] = {
-            "hook_visual_prefix": self.hook_visual_prefix
-        }
+        self._extra_hook_points: dict[str, HookPoint] = {"hook_visual_prefix": self.hook_visual_prefix}
         for name, module in self.adapter.vision_hook_sites().items():
             point = HookPoint()
             self._extra_hook_points[name] = point
@@ -105,9 +103,7 @@ class HookedVLM:
             >>> vlm = HookedVLM.from_pretrained("Salesforce/instructblip-vicuna-7b",
             ...                                 dtype=torch.bfloat16, device="cuda")  # doctest: +SKIP
         """
-        config = transformers.AutoConfig.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code
-        )
+        config = transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         adapter_class_for(config)  # refuse unsupported models before loading weights
         model_class = getattr(transformers, config.architectures[0])
         hf_model = model_class.from_pretrained(
@@ -249,9 +245,7 @@ class HookedVLM:
             for k, v in batch.inputs.items()
             if k in self.adapter.vision_input_names
         }
-        vision_inputs["pixel_values"] = batch.pixel_values.to(
-            vision_param.device, vision_param.dtype
-        )
+        vision_inputs["pixel_values"] = batch.pixel_values.to(vision_param.device, vision_param.dtype)
         prefix = self.hook_visual_prefix(self.adapter.visual_prefix(vision_inputs))
         if prefix.shape[0] * prefix.shape[1] != n_slots:
             raise ImageCountError(

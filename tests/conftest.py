@@ -42,9 +42,7 @@ def llava(tmp_path_factory) -> Family:
 def random_images(n: int, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     sizes = [(40, 50), (30, 30), (64, 48), (33, 71)]
-    return [
-        Image.fromarray((rng.random((*sizes[i % 4], 3)) * 255).astype("uint8")) for i in range(n)
-    ]
+    return [Image.fromarray((rng.random((*sizes[i % 4], 3)) * 255).astype("uint8")) for i in range(n)]
 
 
 @pytest.fixture(scope="session")

@@ -33,10 +33,7 @@ def naive_pair_mean(hidden, group_a, group_b):
         a_idx = torch.nonzero(group_a[b] & keep).flatten().tolist()
         b_idx = torch.nonzero(group_b[b] & keep).flatten().tolist()
         values = [
-            torch.nn.functional.cosine_similarity(h[i], h[j], dim=0)
-            for i in a_idx
-            for j in b_idx
-            if i != j
+            torch.nn.functional.cosine_similarity(h[i], h[j], dim=0) for i in a_idx for j in b_idx if i != j
         ]
         out.append(torch.stack(values).mean() if values else torch.tensor(float("nan"), dtype=torch.float64))
     return torch.stack(out)
@@ -108,7 +105,9 @@ def test_cross_input_baseline_matches_all_cross_pairs():
     image = torch.rand(4, 9, generator=gen) > 0.3
     text = ~image
     units = hidden / hidden.norm(dim=-1, keepdim=True)
-    sums = {m: torch.einsum("bp,bpd->bd", mask.float(), units)[None] for m, mask in (("i", image), ("t", text))}
+    sums = {
+        m: torch.einsum("bp,bpd->bd", mask.float(), units)[None] for m, mask in (("i", image), ("t", text))
+    }
     counts = {"i": image.sum(-1).float(), "t": text.sum(-1).float()}
     expected_ii, expected_it = [], []
     for a in range(4):
@@ -118,7 +117,9 @@ def test_cross_input_baseline_matches_all_cross_pairs():
             sim = units[a] @ units[b].T
             expected_ii.append(sim[image[a]][:, image[b]].flatten())
             expected_it.append(sim[image[a]][:, text[b]].flatten())
-    assert cross_input_baseline(sums["i"], counts["i"]).item() == pytest.approx(torch.cat(expected_ii).mean().item(), abs=1e-6)
+    assert cross_input_baseline(sums["i"], counts["i"]).item() == pytest.approx(
+        torch.cat(expected_ii).mean().item(), abs=1e-6
+    )
     value = cross_input_baseline(sums["i"], counts["i"], sums["t"], counts["t"]).item()
     assert value == pytest.approx(torch.cat(expected_it).mean().item(), abs=1e-6)
 
@@ -202,7 +203,8 @@ def test_one_pass_collector_equals_cache_based_analysis(family, images, padding_
     naive = naive_pair_mean(cache["blocks.2.hook_resid_post"], batch.image_mask, batch.text_mask)
     assert close(streamed.contextualization.per_item()["inter"][3], naive)
     weight_text_image = [
-        cache["pattern", 1][b].mean(0)[batch.text_mask[b]][:, batch.image_mask[b]].mean() for b in range(len(batch))
+        cache["pattern", 1][b].mean(0)[batch.text_mask[b]][:, batch.image_mask[b]].mean()
+        for b in range(len(batch))
     ]
     assert close(streamed.attention.weight["text<-image"][1], torch.stack(weight_text_image))
 

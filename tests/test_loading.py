@@ -37,7 +37,9 @@ def forbid_processes_and_network(monkeypatch):
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
-def test_from_pretrained_directory_offline_keeps_parity(name, tmp_path, monkeypatch, forbid_processes_and_network):
+def test_from_pretrained_directory_offline_keeps_parity(
+    name, tmp_path, monkeypatch, forbid_processes_and_network
+):
     hf_model, processor = BUILDERS[name](seed=1, directory=tmp_path / "build")
     reference = copy.deepcopy(hf_model)
     hf_model.save_pretrained(tmp_path / "model")
@@ -55,7 +57,9 @@ def test_from_pretrained_directory_offline_keeps_parity(name, tmp_path, monkeypa
     assert forbid_processes_and_network == []
 
 
-def test_boot_without_hub_variables_never_waits_or_spawns(tmp_path, monkeypatch, forbid_processes_and_network):
+def test_boot_without_hub_variables_never_waits_or_spawns(
+    tmp_path, monkeypatch, forbid_processes_and_network
+):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     vlm = HookedVLM.from_hf(*tiny_llava(directory=tmp_path))

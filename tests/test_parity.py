@@ -105,7 +105,7 @@ def test_modality_masks(family, images):
     for i, instruction in enumerate(INSTRUCTIONS):
         decoded = vlm.tokenizer.decode(batch.input_ids[i][batch.text_mask[i]])
         assert decoded.strip() == instruction
-        (start, end), = batch.ranges("image")[i]
+        ((start, end),) = batch.ranges("image")[i]
         assert end - start == n_image_tokens
         assert batch.last_positions[i] == real[i].nonzero().max()
 
@@ -131,7 +131,9 @@ def test_visual_prefix_hook_reads_and_ablates(family, images):
     embeds = vlm.embed(batch)
     assert torch.equal(embeds[batch.image_mask], prefix.reshape(-1, prefix.shape[-1]))
 
-    ablated = vlm.run_with_hooks(batch, fwd_hooks=[("hook_visual_prefix", lambda x, hook: torch.zeros_like(x))])
+    ablated = vlm.run_with_hooks(
+        batch, fwd_hooks=[("hook_visual_prefix", lambda x, hook: torch.zeros_like(x))]
+    )
     zeroed = embeds.masked_fill(batch.image_mask[..., None], 0.0)
     # LLaVA's forward runs the language model alone when given embeddings and no pixels.
     lm = family.reference.language_model if family.name == "instructblip" else family.reference

@@ -64,7 +64,11 @@ class InstructBlipAdapter(VLMAdapter):
         self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str
     ) -> Mapping[str, torch.Tensor]:
         inputs = self.processor(
-            images=list(images), text=list(prompts), return_tensors="pt", padding=True, padding_side=padding_side
+            images=list(images),
+            text=list(prompts),
+            return_tensors="pt",
+            padding=True,
+            padding_side=padding_side,
         )
         return self.normalize_inputs(dict(inputs))
 

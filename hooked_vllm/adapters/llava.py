@@ -27,9 +27,7 @@ class LlavaAdapter(VLMAdapter):
     image_placeholder = "<image>"
 
     def language_model(self) -> PreTrainedModel:
-        return causal_lm_view(
-            self.text_config, self.hf_model.model.language_model, self.hf_model.lm_head
-        )
+        return causal_lm_view(self.text_config, self.hf_model.model.language_model, self.hf_model.lm_head)
 
     @property
     def text_config(self) -> PretrainedConfig:

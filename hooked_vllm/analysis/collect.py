@@ -98,7 +98,9 @@ class BatchReducer:
         if self.lens is not None:
             self._lens_resid.append(gather_positions(hidden, self.lens_positions).detach())
             if self.verbalize_images:
-                image_hidden = hidden[self.image.to(hidden.device)].reshape(hidden.shape[0], -1, hidden.shape[-1])
+                image_hidden = hidden[self.image.to(hidden.device)].reshape(
+                    hidden.shape[0], -1, hidden.shape[-1]
+                )
                 self._image_top1.append(self.lens.logits(image_hidden).argmax(-1).cpu())
 
     def on_attention(
@@ -144,10 +146,16 @@ class BatchReducer:
             summary = AttentionSummary()
             for kind in ("norm", "weight", "head_norm"):
                 for name in self._attention[0][kind]:
-                    getattr(summary, kind)[name] = torch.stack([layer[kind][name] for layer in self._attention])
+                    getattr(summary, kind)[name] = torch.stack(
+                        [layer[kind][name] for layer in self._attention]
+                    )
             if "from_text" in self._attention[0]:
-                summary.image_saliency_from_text = torch.stack([layer["from_text"] for layer in self._attention])
-                summary.image_saliency_from_last = torch.stack([layer["from_last"] for layer in self._attention])
+                summary.image_saliency_from_text = torch.stack(
+                    [layer["from_text"] for layer in self._attention]
+                )
+                summary.image_saliency_from_last = torch.stack(
+                    [layer["from_last"] for layer in self._attention]
+                )
             result.attention = summary
         if self._lens_resid:
             result.lens = self.lens.summarize(torch.stack(self._lens_resid), k=self.top_k)
@@ -198,7 +206,10 @@ def collect(
     hooks += [(f"blocks.{layer}.hook_resid_post", on_resid) for layer in range(vlm.cfg.n_layers)]
     if "norm_attention" in analyses:
         for layer in range(vlm.cfg.n_layers):
-            hooks += [(f"blocks.{layer}.attn.hook_v", on_v), (f"blocks.{layer}.attn.hook_pattern", on_pattern)]
+            hooks += [
+                (f"blocks.{layer}.attn.hook_v", on_v),
+                (f"blocks.{layer}.attn.hook_pattern", on_pattern),
+            ]
     vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
     return reducer.finish()
 
@@ -220,7 +231,9 @@ def reduce_cache(
     for layer in range(vlm.cfg.n_layers):
         reducer.on_resid(cache[f"blocks.{layer}.hook_resid_post"])
         if "norm_attention" in analyses:
-            reducer.on_attention(layer, cache[f"blocks.{layer}.attn.hook_pattern"], cache[f"blocks.{layer}.attn.hook_v"])
+            reducer.on_attention(
+                layer, cache[f"blocks.{layer}.attn.hook_pattern"], cache[f"blocks.{layer}.attn.hook_v"]
+            )
     return reducer.finish()
 
 

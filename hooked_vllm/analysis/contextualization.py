@@ -88,11 +88,18 @@ def layer_sums(
     hidden: Float[torch.Tensor, "batch pos d_model"],
     image: Bool[torch.Tensor, "batch pos"],
     text: Bool[torch.Tensor, "batch pos"],
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+) -> tuple[
+    dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]
+]:
     """One layer's pair sums/counts per group and unit-vector sums per modality (float32)."""
     units, nonzero = unit_vectors(hidden)
     both = image | text
-    pairs = {"intra_image": (image, image), "intra_text": (text, text), "inter": (image, text), "all": (both, both)}
+    pairs = {
+        "intra_image": (image, image),
+        "intra_text": (text, text),
+        "inter": (image, text),
+        "all": (both, both),
+    }
     pair_sum, pair_count = {}, {}
     for name, (a, b) in pairs.items():
         pair_sum[name], pair_count[name] = group_sums(units, nonzero, a, b)

@@ -94,11 +94,19 @@ def detect_phases(
 
     # I: first local peak of inter in the first half, clearly above the embedding.
     half = max(2, n // 2)
-    a = next((i for i in range(1, half) if inter_s[i] >= inter_s[i - 1] and inter_s[i] > inter_s[i + 1]), None)
+    a = next(
+        (i for i in range(1, half) if inter_s[i] >= inter_s[i - 1] and inter_s[i] > inter_s[i + 1]), None
+    )
     if a is not None and inter_s[a] - inter_s[0] > threshold:
-        phases.append(Phase(PHASE_NAMES[0], 0, a, True, f"inter rises {inter_s[0]:.3f} -> {inter_s[a]:.3f} by layer {a}"))
+        phases.append(
+            Phase(
+                PHASE_NAMES[0], 0, a, True, f"inter rises {inter_s[0]:.3f} -> {inter_s[a]:.3f} by layer {a}"
+            )
+        )
     else:
-        phases.append(Phase(PHASE_NAMES[0], None, None, False, "no early rise of inter-modal contextualization"))
+        phases.append(
+            Phase(PHASE_NAMES[0], None, None, False, "no early rise of inter-modal contextualization")
+        )
         a = None
 
     # III's end c: the late peak of inter (after the early peak), followed by a global drop.
@@ -112,12 +120,26 @@ def detect_phases(
         intra_above = bool((intra_s[a : b + 1] > inter_s[a : b + 1]).all())
         intra_holds = intra_s[b] >= intra_s[a] - threshold
         if b > a and dip > threshold and intra_above and intra_holds:
-            phases.append(Phase(PHASE_NAMES[1], a, b, True,
-                                f"inter falls {inter_s[a]:.3f} -> {inter_s[b]:.3f} while intra holds "
-                                f"{intra_s[a]:.3f} -> {intra_s[b]:.3f}"))
+            phases.append(
+                Phase(
+                    PHASE_NAMES[1],
+                    a,
+                    b,
+                    True,
+                    f"inter falls {inter_s[a]:.3f} -> {inter_s[b]:.3f} while intra holds "
+                    f"{intra_s[a]:.3f} -> {intra_s[b]:.3f}",
+                )
+            )
         else:
-            phases.append(Phase(PHASE_NAMES[1], None, None, False,
-                                "inter is not suppressed while intra holds after alignment"))
+            phases.append(
+                Phase(
+                    PHASE_NAMES[1],
+                    None,
+                    None,
+                    False,
+                    "inter is not suppressed while intra holds after alignment",
+                )
+            )
             b = None
     else:
         phases.append(Phase(PHASE_NAMES[1], None, None, False, "no alignment peak to start from"))
@@ -126,7 +148,9 @@ def detect_phases(
     if b is not None and c is not None and c > b and inter_s[c] - inter_s[b] > threshold:
         phases.append(Phase(PHASE_NAMES[2], b, c, True, f"inter rises {inter_s[b]:.3f} -> {inter_s[c]:.3f}"))
     else:
-        phases.append(Phase(PHASE_NAMES[2], None, None, False, "no late rise of inter-modal contextualization"))
+        phases.append(
+            Phase(PHASE_NAMES[2], None, None, False, "no late rise of inter-modal contextualization")
+        )
 
     # IV: global drop after c, and the logit lens converging there.
     if c is not None and c < n - 1 and everything[c] - everything[-1] > threshold:
@@ -138,7 +162,11 @@ def detect_phases(
             first = int(converged[0]) if len(converged) else None
             ok = first is not None and first >= c - 1
             evidence += f"; logit lens KL <= {kl_converged} from layer {first}"
-        phases.append(Phase(PHASE_NAMES[3], c, n - 1, ok, evidence if ok else evidence + " (before the drop)"))
+        phases.append(
+            Phase(PHASE_NAMES[3], c, n - 1, ok, evidence if ok else evidence + " (before the drop)")
+        )
     else:
-        phases.append(Phase(PHASE_NAMES[3], None, None, False, "no global drop of contextualization at the end"))
+        phases.append(
+            Phase(PHASE_NAMES[3], None, None, False, "no global drop of contextualization at the end")
+        )
     return PhaseReport(phases)
