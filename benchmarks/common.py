@@ -54,3 +54,25 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 5) ->
 
 
 torch.set_grad_enabled(False)
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> float:
+    """Peak resident memory that ``fn`` adds on top of what is resident now, in MiB (CPU, Linux).
+
+    Resets the kernel's high-water mark (``/proc/self/clear_refs``) before the call and reads
+    ``VmHWM`` after it. On CUDA use ``torch.cuda.max_memory_allocated`` instead.
+    """
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    base = _status_kb("VmRSS")
+    fn()
+    return max(_status_kb("VmHWM") - base, 0) / 1024
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0

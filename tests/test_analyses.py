@@ -14,6 +14,7 @@ from hooked_vllm.analysis import (
     detect_phases,
     head_norms,
     head_summed_norms,
+    modality_pairs,
     pair_mean_cosine,
     reduce_cache,
     resid_stack_from_cache,
@@ -188,9 +189,9 @@ def test_logit_lens_reproduces_the_logits_at_the_last_layer(family, images):
 def test_one_pass_collector_equals_cache_based_analysis(family, images, padding_side):
     vlm = family.vlm
     batch = vlm.prepare(images, INSTRUCTIONS, padding_side=padding_side)
-    streamed = collect(vlm, batch)
+    streamed = collect(vlm, batch, verbalize_images=True)
     _, cache = vlm.run_with_cache(batch)
-    cached = reduce_cache(vlm, batch, cache)
+    cached = reduce_cache(vlm, batch, cache, verbalize_images=True)
     for name, value in streamed.contextualization.per_item().items():
         assert close(value, cached.contextualization.per_item()[name], rel=1e-6), name
     for pair, value in streamed.attention.norm.items():
@@ -207,6 +208,17 @@ def test_one_pass_collector_equals_cache_based_analysis(family, images, padding_
         for b in range(len(batch))
     ]
     assert close(streamed.attention.weight["text<-image"][1], torch.stack(weight_text_image))
+    naive_head, naive_summed = naive_norms(cache["pattern", 2], cache["v", 2], vlm.W_O[2])
+    causal = torch.ones(naive_summed.shape[-1], naive_summed.shape[-1], dtype=torch.bool).tril()
+    for pair, (queries, keys) in modality_pairs(batch).items():
+        block = queries[:, :, None] & keys[:, None, :] & causal
+        expected = torch.stack([naive_summed[b][block[b]].mean() for b in range(len(batch))])
+        assert close(streamed.attention.norm[pair][2], expected), pair
+        per_head = torch.stack([naive_head[b][:, block[b]].mean(-1) for b in range(len(batch))], 1)
+        assert close(streamed.attention.head_norm[pair][2], per_head), pair
+    from_last = naive_summed[torch.arange(len(batch)), batch.last_positions]  # [batch, key]
+    expected_saliency = from_last[batch.image_mask].reshape(len(batch), -1)
+    assert close(streamed.attention.image_saliency_from_last[2], expected_saliency)
 
 
 # ---------------------------------------------------------------- phases

@@ -20,11 +20,10 @@ from jaxtyping import Float, Int
 from hooked_vllm.analysis.contextualization import ContextualizationSums, layer_sums
 from hooked_vllm.analysis.logit_lens import LensResult, LogitLens, gather_positions
 from hooked_vllm.analysis.norm_attention import (
-    block_mean,
-    head_norms,
+    causal_pair_count,
     head_summed_norms,
     modality_pairs,
-    saliency_received,
+    transformed_values,
 )
 
 ANALYSES = ("contextualization", "norm_attention", "logit_lens")
@@ -68,7 +67,7 @@ class BatchReducer:
         analyses: tuple[str, ...] = ANALYSES,
         lens_positions: Int[torch.Tensor, "batch n"] | None = None,
         top_k: int = 5,
-        verbalize_images: bool = True,
+        verbalize_images: bool = False,
     ) -> None:
         unknown = set(analyses) - set(ANALYSES)
         if unknown:
@@ -76,7 +75,14 @@ class BatchReducer:
         self.analyses = analyses
         self.image, self.text = batch.image_mask, batch.text_mask
         self.pairs = modality_pairs(batch)
-        self.last = self.pairs["last<-image"][0]
+        # Each block's query mask is one of a few groups; keep them once, and each pair's key mask.
+        self.query_groups: dict[str, torch.Tensor] = {}
+        self.pair_groups: dict[str, tuple[str, torch.Tensor]] = {}
+        for name, (queries, keys) in self.pairs.items():
+            query_name = name.split("<-")[0]
+            self.query_groups.setdefault(query_name, queries)
+            self.pair_groups[name] = (query_name, keys)
+        self.last = self.query_groups["last"]
         counts = self.image.sum(-1)
         self.same_image_count = bool((counts == counts[0]).all()) and int(counts[0]) > 0
         self.lens = LogitLens.from_vlm(vlm) if "logit_lens" in analyses else None
@@ -112,23 +118,31 @@ class BatchReducer:
         """Attention pattern and values of ``layer``."""
         if "norm_attention" not in self.analyses:
             return
-        w_o = self.W_O[layer].to(pattern.device)
-        summed = head_summed_norms(pattern, v, w_o)
-        per_head = head_norms(pattern, v, w_o)
-        weight = pattern.float().mean(1)
+        device = pattern.device
+        w_o = self.W_O[layer].to(device)
+        alpha = pattern.float()
+        summed = head_summed_norms(alpha, v, w_o)  # [batch, query, key]
+        f_norm = transformed_values(v, w_o).norm(dim=-1).transpose(1, 2)  # [batch, head, key]
+        # Block sums as matrix products: every query group's row-sums of the scores.
+        query_groups = {name: mask.to(device).float() for name, mask in self.query_groups.items()}
+        group_names = list(query_groups)
+        queries = torch.stack([query_groups[name] for name in group_names], 1)  # [batch, group, query]
+        norm_rows = torch.einsum("bgq,bqk->bgk", queries, summed)
+        alpha_rows = torch.einsum("bgq,bhqk->bhgk", queries, alpha)
         out: dict = {"norm": {}, "weight": {}, "head_norm": {}}
-        for name, (queries, keys) in self.pairs.items():
-            q, k = queries.to(pattern.device), keys.to(pattern.device)
-            out["norm"][name] = block_mean(summed, q, k).cpu()
-            out["weight"][name] = block_mean(weight, q, k).cpu()
-            out["head_norm"][name] = torch.stack(
-                [block_mean(per_head[:, h], q, k) for h in range(per_head.shape[1])]
-            ).cpu()
+        for name, (query_name, keys) in self.pair_groups.items():
+            g = group_names.index(query_name)
+            k = keys.to(device).float()
+            count = causal_pair_count(query_groups[query_name], k)
+            out["norm"][name] = ((norm_rows[:, g] * k).sum(-1) / count).cpu()
+            out["weight"][name] = ((alpha_rows[:, :, g] * k[:, None]).sum(-1).mean(1) / count).cpu()
+            head = (alpha_rows[:, :, g] * f_norm * k[:, None]).sum(-1) / count[:, None]
+            out["head_norm"][name] = head.T.cpu()  # [head, batch]
         if self.same_image_count:
-            image = self.image.to(pattern.device)
+            image = self.image.to(device)
             n_img = int(self.image[0].sum())
-            for key, queries in (("from_text", self.text), ("from_last", self.last)):
-                received = saliency_received(summed, queries.to(pattern.device))
+            for key, query_name in (("from_text", "text"), ("from_last", "last")):
+                received = norm_rows[:, group_names.index(query_name)]
                 out[key] = received[image].reshape(len(received), n_img).cpu()
         self._attention.append(out)
 
@@ -185,7 +199,7 @@ def collect(
     *,
     lens_positions: Int[torch.Tensor, "batch n"] | None = None,
     top_k: int = 5,
-    verbalize_images: bool = True,
+    verbalize_images: bool = False,
 ) -> BatchAnalysis:
     """Run ``batch`` once and reduce every layer on the fly (see the module docstring)."""
     batch = vlm.to_batch(batch)
@@ -222,7 +236,7 @@ def reduce_cache(
     *,
     lens_positions: Int[torch.Tensor, "batch n"] | None = None,
     top_k: int = 5,
-    verbalize_images: bool = True,
+    verbalize_images: bool = False,
 ) -> BatchAnalysis:
     """The same analysis from a full ``ActivationCache`` of ``batch``."""
     batch = vlm.to_batch(batch)

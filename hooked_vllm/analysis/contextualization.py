@@ -88,27 +88,36 @@ def layer_sums(
     hidden: Float[torch.Tensor, "batch pos d_model"],
     image: Bool[torch.Tensor, "batch pos"],
     text: Bool[torch.Tensor, "batch pos"],
-) -> tuple[
-    dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]
-]:
-    """One layer's pair sums/counts per group and unit-vector sums per modality (float32)."""
+) -> tuple[dict[str, torch.Tensor], ...]:
+    """One layer's pair sums/counts per group and unit-vector sums/counts per modality (float32).
+
+    Three weighted sums of unit vectors (image, text, their overlap) give every group:
+    S_all = S_image + S_text - S_both, and pairs as in :func:`group_sums`.
+    """
     units, nonzero = unit_vectors(hidden)
-    both = image | text
-    pairs = {
-        "intra_image": (image, image),
-        "intra_text": (text, text),
-        "inter": (image, text),
-        "all": (both, both),
+    masks = torch.stack([image & nonzero, text & nonzero, image & text & nonzero], 1).float()  # [b, 3, p]
+    sums = torch.einsum("bmp,bpd->bmd", masks, units)
+    counts = masks.sum(-1)
+    s_img, s_txt, s_both = sums.unbind(1)
+    n_img, n_txt, n_both = counts.unbind(1)
+    s_all, n_all = s_img + s_txt - s_both, n_img + n_txt - n_both
+
+    def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x * y).sum(-1)
+
+    pair_sum = {
+        "intra_image": dot(s_img, s_img) - n_img,
+        "intra_text": dot(s_txt, s_txt) - n_txt,
+        "inter": dot(s_img, s_txt) - n_both,
+        "all": dot(s_all, s_all) - n_all,
     }
-    pair_sum, pair_count = {}, {}
-    for name, (a, b) in pairs.items():
-        pair_sum[name], pair_count[name] = group_sums(units, nonzero, a, b)
-    modality_sum, modality_count = {}, {}
-    for name, mask in (("image", image), ("text", text)):
-        m = (mask & nonzero).float()
-        modality_sum[name] = torch.einsum("bp,bpd->bd", m, units)
-        modality_count[name] = m.sum(-1)
-    return pair_sum, pair_count, modality_sum, modality_count
+    pair_count = {
+        "intra_image": n_img * n_img - n_img,
+        "intra_text": n_txt * n_txt - n_txt,
+        "inter": n_img * n_txt - n_both,
+        "all": n_all * n_all - n_all,
+    }
+    return pair_sum, pair_count, {"image": s_img, "text": s_txt}, {"image": n_img, "text": n_txt}
 
 
 def contextualization_sums(

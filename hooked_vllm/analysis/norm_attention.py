@@ -58,15 +58,12 @@ def head_summed_norms(
     v: Float[torch.Tensor, "batch key kv_head d_head"],
     w_o: Float[torch.Tensor, "head d_head d_model"],
 ) -> Float[torch.Tensor, "batch query key"]:
-    """||sum_h alpha_hij f_h(x_j)||, exactly, one head at a time (peak memory O(batch n^2))."""
+    """||sum_h alpha_hij f_h(x_j)||, exactly: for each key j, (A_j G_j) . A_j with A_j = alpha[:, :, :, j]
+    as a ``[query, head]`` matrix: one batched matmul over keys, O(n^2 H^2) and no [n, n, d] tensor."""
     gram = head_gram(v, w_o)  # [batch, key, head, head]
-    alpha = pattern.float()
-    squared = torch.zeros_like(alpha[:, 0])
-    for h in range(alpha.shape[1]):
-        # sum_g alpha_gij G_j[h, g], then weight by alpha_hij
-        mixed = torch.einsum("bgqk,bkg->bqk", alpha, gram[:, :, h, :])
-        squared += alpha[:, h] * mixed
-    return squared.clamp_min(0).sqrt()
+    alpha = pattern.float().permute(0, 3, 2, 1)  # [batch, key, query, head]
+    squared = (torch.matmul(alpha, gram) * alpha).sum(-1)  # [batch, key, query]
+    return squared.clamp_min(0).sqrt().transpose(1, 2)
 
 
 def block_mean(
@@ -79,14 +76,19 @@ def block_mean(
     """Sum or mean of ``scores`` over causal pairs (query in Q, key in K, key <= query), per item.
 
     Mean is NaN where the block has no pair (e.g. image <- text when text comes after the image).
+    Scores of a causal model are zero above the diagonal, so the sum is Q^T S K.
     """
-    n = scores.shape[-1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=scores.device).tril()
-    pairs = query_mask[:, :, None] & key_mask[:, None, :] & causal
-    total = (scores.float() * pairs).sum((-1, -2))
+    total = torch.einsum("bq,bqk,bk->b", query_mask.float(), scores.float(), key_mask.float())
     if reduce == "sum":
         return total
-    return total / pairs.sum((-1, -2))
+    return total / causal_pair_count(query_mask, key_mask)
+
+
+def causal_pair_count(
+    query_mask: Bool[torch.Tensor, "batch query"], key_mask: Bool[torch.Tensor, "batch key"]
+) -> Float[torch.Tensor, " batch"]:
+    """Number of pairs (query in Q, key in K, key <= query), per item: Q . cumsum(K)."""
+    return (query_mask.float() * key_mask.float().cumsum(-1)).sum(-1)
 
 
 def saliency_received(

@@ -1,0 +1,140 @@
+"""A synthetic visual task: one to three coloured shapes on a plain background, with a caption and
+question/answer pairs. Deterministic given a seed.
+
+Questions (single-word answers):
+- ``what colour is the {shape} ?`` -> colour      (asked when that shape appears once)
+- ``what shape is {colour} ?``     -> shape       (asked when that colour appears once)
+- ``how many shapes are there ?``  -> one/two/three
+- ``is the {a} left of the {b} ?`` -> yes/no      (a, b distinct shapes, each appearing once)
+
+Example:
+    >>> scene = random_scene(np.random.default_rng(0))
+    >>> image = render(scene)
+    >>> image.size
+    (64, 64)
+    >>> sorted(qa.kind for qa in questions(scene))[:1]
+    ['colour']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 210, 20),
+    "purple": (140, 40, 170),
+}
+SHAPES = ("circle", "square", "triangle")
+NUMBERS = ("zero", "one", "two", "three")
+IMAGE_SIZE = 64
+BACKGROUND = (235, 235, 235)
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    colour: str
+    x: int  # centre
+    y: int
+    size: int  # half-width
+
+
+@dataclass(frozen=True)
+class QA:
+    kind: str  # colour | shape | count | relation
+    question: str
+    answer: str
+
+
+def random_scene(rng: np.random.Generator, max_shapes: int = 3) -> list[Shape]:
+    """One to ``max_shapes`` non-overlapping shapes."""
+    n = int(rng.integers(1, max_shapes + 1))
+    shapes: list[Shape] = []
+    while len(shapes) < n:
+        size = int(rng.integers(8, 13))
+        x, y = (int(v) for v in rng.integers(size + 1, IMAGE_SIZE - size - 1, size=2))
+        if all(abs(x - s.x) > size + s.size + 2 or abs(y - s.y) > size + s.size + 2 for s in shapes):
+            shapes.append(Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), x, y, size))
+    return shapes
+
+
+def render(scene: list[Shape]) -> Image.Image:
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for s in scene:
+        box = (s.x - s.size, s.y - s.size, s.x + s.size, s.y + s.size)
+        fill = COLOURS[s.colour]
+        if s.kind == "circle":
+            draw.ellipse(box, fill=fill)
+        elif s.kind == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon(
+                [(s.x, s.y - s.size), (s.x - s.size, s.y + s.size), (s.x + s.size, s.y + s.size)], fill=fill
+            )
+    return image
+
+
+def caption(scene: list[Shape]) -> str:
+    parts = [f"a {s.colour} {s.kind}" for s in sorted(scene, key=lambda s: s.x)]
+    return " and ".join(parts)
+
+
+def questions(scene: list[Shape]) -> list[QA]:
+    """Every question the scene answers unambiguously."""
+    out: list[QA] = []
+    kinds = [s.kind for s in scene]
+    colours = [s.colour for s in scene]
+    for s in scene:
+        if kinds.count(s.kind) == 1:
+            out.append(QA("colour", f"what colour is the {s.kind} ?", s.colour))
+        if colours.count(s.colour) == 1:
+            out.append(QA("shape", f"what shape is {s.colour} ?", s.kind))
+    out.append(QA("count", "how many shapes are there ?", NUMBERS[len(scene)]))
+    unique = [s for s in scene if kinds.count(s.kind) == 1]
+    for a in unique:
+        for b in unique:
+            if a is not b and a.x != b.x:
+                out.append(
+                    QA("relation", f"is the {a.kind} left of the {b.kind} ?", "yes" if a.x < b.x else "no")
+                )
+    return out
+
+
+def vocabulary() -> list[str]:
+    """Every word the task and the LLaVA template use."""
+    words = {"USER", "ASSISTANT", ":", "?", "a", "and", "what", "colour", "is", "the", "shape", "how", "many"}
+    words |= {"shapes", "are", "there", "left", "of", "yes", "no", "describe", "image", "."}
+    words |= set(COLOURS) | set(SHAPES) | set(NUMBERS)
+    return sorted(words)
+
+
+@dataclass(frozen=True)
+class Example:
+    image: Image.Image
+    question: str
+    answer: str
+    kind: str
+    scene: tuple[Shape, ...]
+
+
+def examples(
+    seed: int, n: int, kinds: tuple[str, ...] = ("colour", "shape", "count", "relation")
+) -> list[Example]:
+    """``n`` question/answer examples, one question drawn per scene, deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    out: list[Example] = []
+    while len(out) < n:
+        scene = random_scene(rng)
+        pool = [qa for qa in questions(scene) if qa.kind in kinds]
+        if not pool:
+            continue
+        qa = pool[int(rng.integers(len(pool)))]
+        out.append(Example(render(scene), qa.question, qa.answer, qa.kind, tuple(scene)))
+    return out
