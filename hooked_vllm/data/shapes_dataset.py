@@ -1,0 +1,31 @@
+"""The synthetic shapes task as a dataset: held-out scenes rendered to PNG files, each with one of
+its questions as the instruction (the demo model's own task)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hooked_vllm.data.datasets import DatasetItem, DatasetSample
+from hooked_vllm.demo import shapes
+
+HELD_OUT_SEED = 10_000
+
+
+def load_shapes(directory: str | Path, n: int = 16, seed: int = 0) -> DatasetSample:
+    """``n`` held-out examples (seeded; never seen in training), images written under ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i, example in enumerate(shapes.examples(seed=HELD_OUT_SEED + 7919 * seed + 1, n=n)):
+        path = directory / f"shapes-{seed}-{i:05d}.png"
+        if not path.is_file():
+            example.image.save(path)
+        items.append(
+            DatasetItem(
+                f"shapes-{seed}-{i:05d}",
+                path,
+                example.question,
+                {"answer": example.answer, "kind": example.kind},
+            )
+        )
+    return DatasetSample("shapes", items)

@@ -1,0 +1,300 @@
+"""The phase-diagram experiment at dataset scale: dataset -> batches -> one-pass collector -> a
+resumable results store -> aggregates -> phases.
+
+Results are written per batch as ``items/part-r{rank}-{n}.parquet`` (one row per item) plus the
+batch's unit-vector sums (``.npz``, for the cross-input baseline). A part is written to a temporary
+name and renamed when complete, so a killed run leaves only whole parts; a restarted run skips the
+items those parts hold and removes leftovers. Nothing is lost or counted twice.
+
+Data parallel: under ``torchrun``/``accelerate launch`` (``RANK``/``WORLD_SIZE``) each rank takes
+``items[rank::world]`` and writes its own parts; rank 0 aggregates once all ranks are done (gloo or
+NCCL barrier). Aggregation reads all parts sorted by item id, in float64, so the result does not
+depend on how items were sharded or batched.
+
+Example:
+    >>> result = run_phase_diagram(vlm, sample, out_dir="out", batch_size=4)  # doctest: +SKIP
+    >>> result.aggregates["contextualization"]["inter"]["adjusted_mean"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from hooked_vllm.analysis.collect import collect
+from hooked_vllm.analysis.phases import detect_phases
+from hooked_vllm.data.datasets import DatasetSample
+from hooked_vllm.images import load_image
+
+GROUPS = ("intra_image", "intra_text", "inter", "all")
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    aggregates: dict
+    n_items: int
+
+
+def shard_of_environment() -> tuple[int, int]:
+    """``(rank, world_size)`` from torchrun/accelerate variables; ``(0, 1)`` when run alone."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ---------------------------------------------------------------- the store
+class ResultStore:
+    """Per-batch Parquet parts under ``out_dir/items``; see the module docstring."""
+
+    def __init__(self, out_dir: str | Path, rank: int = 0) -> None:
+        self.dir = Path(out_dir) / "items"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+        for leftover in self.dir.glob(f"*.r{rank}.tmp*"):
+            leftover.unlink()  # a part interrupted mid-write
+
+    def parts(self) -> list[Path]:
+        return sorted(self.dir.glob("part-*.parquet"))
+
+    def done_ids(self) -> set[str]:
+        done: set[str] = set()
+        for part in self.parts():
+            done.update(pq.read_table(part, columns=["item_id"]).column("item_id").to_pylist())
+        return done
+
+    def write(self, rows: list[dict], vectors: dict[str, np.ndarray]) -> Path:
+        seq = len(list(self.dir.glob(f"part-r{self.rank}-*.parquet")))
+        name = f"part-r{self.rank}-{seq:06d}"
+        while (self.dir / f"{name}.parquet").exists():
+            seq += 1
+            name = f"part-r{self.rank}-{seq:06d}"
+        tmp_npz = self.dir / f"{name}.r{self.rank}.tmp.npz"
+        tmp_parquet = self.dir / f"{name}.r{self.rank}.tmp.parquet"
+        np.savez(tmp_npz, **vectors)
+        pq.write_table(pa.Table.from_pylist(rows), tmp_parquet)
+        os.replace(tmp_npz, self.dir / f"{name}.npz")
+        os.replace(tmp_parquet, self.dir / f"{name}.parquet")  # the part exists only once complete
+        return self.dir / f"{name}.parquet"
+
+    def read(self) -> tuple[list[dict], dict[str, np.ndarray]]:
+        rows: list[dict] = []
+        sums: dict[str, np.ndarray] = {}
+        for part in self.parts():
+            rows.extend(pq.read_table(part).to_pylist())
+            with np.load(part.with_suffix(".npz")) as vectors:
+                for key in vectors.files:
+                    sums[key] = sums.get(key, 0) + vectors[key].astype(np.float64)
+        rows.sort(key=lambda row: row["item_id"])
+        ids = [row["item_id"] for row in rows]
+        if len(set(ids)) != len(ids):
+            raise RuntimeError(f"Duplicate items in {self.dir}: the store was written by two runs at once.")
+        return rows, sums
+
+
+# ---------------------------------------------------------------- one batch -> rows
+def batch_rows(vlm, items, analysis, batch) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Per-item rows and the batch's unit-vector sums from a :class:`BatchAnalysis`."""
+    ctx = analysis.contextualization
+    per_item = ctx.per_item()
+    s_img, s_txt = ctx.modality_sum["image"].double(), ctx.modality_sum["text"].double()  # [layer, b, d]
+    rows = []
+    for b, item in enumerate(items):
+        row = {
+            "item_id": item.item_id,
+            "image": str(item.image_path),
+            "instruction": item.instruction,
+            "meta": json.dumps(item.meta, default=str),
+            "n_image": float(ctx.modality_count["image"][b]),
+            "n_text": float(ctx.modality_count["text"][b]),
+            "selfdot_image": (s_img[:, b] * s_img[:, b]).sum(-1).tolist(),
+            "selfdot_text": (s_txt[:, b] * s_txt[:, b]).sum(-1).tolist(),
+            "crossdot": (s_img[:, b] * s_txt[:, b]).sum(-1).tolist(),
+        }
+        for group in GROUPS:
+            row[f"ctx_{group}"] = per_item[group][:, b].tolist()
+        if analysis.attention is not None:
+            for pair, values in analysis.attention.norm.items():
+                row[f"norm_{pair}"] = values[:, b].tolist()
+                row[f"weight_{pair}"] = analysis.attention.weight[pair][:, b].tolist()
+            if analysis.attention.image_saliency_from_last is not None:
+                row["saliency_last"] = analysis.attention.image_saliency_from_last[:, b].flatten().tolist()
+                row["saliency_text"] = analysis.attention.image_saliency_from_text[:, b].flatten().tolist()
+        if analysis.lens is not None:
+            lens = analysis.lens
+            row["lens_final_token"] = int(lens.final_token[b, 0])
+            row["lens_final_prob"] = lens.final_prob[:, b, 0].tolist()
+            row["lens_final_rank"] = lens.final_rank[:, b, 0].tolist()
+            row["lens_kl"] = lens.kl_to_final[:, b, 0].tolist()
+            row["lens_top1"] = lens.top_tokens[:, b, 0, 0].tolist()
+        if analysis.image_verbalization is not None:
+            row["image_verbalization"] = analysis.image_verbalization[:, b].flatten().tolist()
+        rows.append(row)
+    vectors = {"sum_image": s_img.sum(1).numpy(), "sum_text": s_txt.sum(1).numpy()}
+    return rows, vectors
+
+
+# ---------------------------------------------------------------- aggregates
+def _stats(matrix: np.ndarray) -> dict[str, list[float]]:
+    """Mean, standard deviation and normal-approximation 95% interval half-width over items."""
+    n = np.sum(~np.isnan(matrix), axis=0)
+    mean = np.nanmean(matrix, axis=0)
+    std = np.nanstd(matrix, axis=0, ddof=1) if matrix.shape[0] > 1 else np.zeros(matrix.shape[1])
+    ci = 1.96 * std / np.sqrt(np.maximum(n, 1))
+    return {"mean": mean.tolist(), "std": np.nan_to_num(std).tolist(), "ci95": np.nan_to_num(ci).tolist()}
+
+
+def aggregate(rows: list[dict], sums: dict[str, np.ndarray], *, window: int = 3) -> dict:
+    """Dataset aggregates (JSON-ready): contextualization raw, baseline and adjusted per layer,
+    norm/weight attention by modality pair, logit-lens convergence, and the phases."""
+    if not rows:
+        raise ValueError("No results to aggregate: the run processed no items.")
+    n_img = np.array([r["n_image"] for r in rows])
+    n_txt = np.array([r["n_text"] for r in rows])
+    self_img = np.array([r["selfdot_image"] for r in rows])  # [item, layer]
+    self_txt = np.array([r["selfdot_text"] for r in rows])
+    cross = np.array([r["crossdot"] for r in rows])
+    total_img, total_txt = sums["sum_image"], sums["sum_text"]  # [layer, d]
+    total_all = total_img + total_txt
+    self_all = self_img + self_txt + 2 * cross
+    n_all = n_img + n_txt
+    baseline = {
+        "intra_image": ((total_img**2).sum(-1) - self_img.sum(0)) / (n_img.sum() ** 2 - (n_img**2).sum()),
+        "intra_text": ((total_txt**2).sum(-1) - self_txt.sum(0)) / (n_txt.sum() ** 2 - (n_txt**2).sum()),
+        "inter": ((total_img * total_txt).sum(-1) - cross.sum(0))
+        / (n_img.sum() * n_txt.sum() - (n_img * n_txt).sum()),
+        "all": ((total_all**2).sum(-1) - self_all.sum(0)) / (n_all.sum() ** 2 - (n_all**2).sum()),
+    }
+    out: dict = {"n_items": len(rows), "n_layers": int(self_img.shape[1]) - 1, "contextualization": {}}
+    for group in GROUPS:
+        raw = np.array([r[f"ctx_{group}"] for r in rows], dtype=float)
+        stats = _stats(raw)
+        stats["baseline"] = np.nan_to_num(baseline[group], nan=0.0).tolist() if len(rows) > 1 else None
+        adjusted = _stats(raw - baseline[group]) if len(rows) > 1 else stats
+        stats["adjusted_mean"] = adjusted["mean"]
+        stats["adjusted_ci95"] = adjusted["ci95"]
+        out["contextualization"][group] = stats
+    pairs = sorted(key[len("norm_") :] for key in rows[0] if key.startswith("norm_"))
+    out["norm_attention"] = {
+        pair: _stats(np.array([r[f"norm_{pair}"] for r in rows], dtype=float)) for pair in pairs
+    }
+    out["weight_attention"] = {
+        pair: _stats(np.array([r[f"weight_{pair}"] for r in rows], dtype=float)) for pair in pairs
+    }
+    if "saliency_last" in rows[0]:
+        n_layers = out["n_layers"]
+        for key in ("saliency_last", "saliency_text"):
+            maps = np.array([r[key] for r in rows], dtype=float).reshape(len(rows), n_layers, -1)
+            out[key] = maps.mean(0).tolist()
+    if "lens_kl" in rows[0]:
+        out["logit_lens"] = {
+            "kl_to_final": _stats(np.array([r["lens_kl"] for r in rows], dtype=float)),
+            "final_prob": _stats(np.array([r["lens_final_prob"] for r in rows], dtype=float)),
+            "top1_is_final": np.mean([np.array(r["lens_final_rank"]) == 0 for r in rows], axis=0).tolist(),
+        }
+    ctx = out["contextualization"]
+    which = "adjusted_mean" if len(rows) > 1 else "mean"
+    kl = out.get("logit_lens", {}).get("kl_to_final", {}).get("mean")
+    report = detect_phases(
+        np.array(ctx["intra_image"][which]),
+        np.array(ctx["intra_text"][which]),
+        np.array(ctx["inter"][which]),
+        np.array(kl[:]) if kl is not None else None,
+        window=window,
+    )
+    out["phases"] = [phase.__dict__ for phase in report.phases]
+    out["phases_from"] = which
+    return out
+
+
+def write_aggregates(out_dir: Path, aggregates: dict) -> None:
+    (out_dir / "aggregates.json").write_text(json.dumps(aggregates, indent=1))
+    ctx = aggregates["contextualization"]
+    header = ["layer"] + [f"{g}_{k}" for g in GROUPS for k in ("mean", "ci95", "adjusted_mean")]
+    header += [f"norm_{p}" for p in aggregates["norm_attention"]]
+    lines = [",".join(header)]
+    for layer in range(aggregates["n_layers"] + 1):
+        values = [str(layer)]
+        for g in GROUPS:
+            values += [f"{ctx[g][k][layer]:.6g}" for k in ("mean", "ci95", "adjusted_mean")]
+        for stats in aggregates["norm_attention"].values():
+            values.append(f"{stats['mean'][layer - 1]:.6g}" if layer > 0 else "")
+        lines.append(",".join(values))
+    (out_dir / "aggregates.csv").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- the run
+class _Images(torch.utils.data.Dataset):
+    """Decodes images in DataLoader workers, so the model never waits on JPEG decoding."""
+
+    def __init__(self, items) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.items[index], load_image(self.items[index].image_path)
+
+
+def _collate(pairs):
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def run_phase_diagram(
+    vlm,
+    sample: DatasetSample,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    rank: int | None = None,
+    world_size: int | None = None,
+    workers: int = 0,
+    verbalize_images: bool = True,
+    progress: bool = True,
+    max_batches: int | None = None,
+) -> RunResult | None:
+    """Analyse every item of ``sample`` not yet in ``out_dir`` and aggregate.
+
+    Returns the aggregates on rank 0 (``None`` on other ranks). ``max_batches`` stops early (for
+    tests and quick looks); a later call resumes.
+    """
+    env_rank, env_world = shard_of_environment()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    out_dir = Path(out_dir)
+    store = ResultStore(out_dir, rank)
+    done = store.done_ids()
+    mine = [item for item in sample.items[rank::world_size] if item.item_id not in done]
+    loader = torch.utils.data.DataLoader(
+        _Images(mine),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=torch.cuda.is_available(),
+    )
+    bar = tqdm(total=len(mine), disable=not progress, desc=f"rank {rank}" if world_size > 1 else "items")
+    with torch.inference_mode():
+        for n_batch, (items, images) in enumerate(loader):
+            if max_batches is not None and n_batch >= max_batches:
+                break
+            batch = vlm.prepare(images, [item.instruction for item in items])
+            analysis = collect(vlm, batch, verbalize_images=verbalize_images)
+            store.write(*batch_rows(vlm, items, analysis, batch))
+            bar.update(len(items))
+    bar.close()
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank != 0:
+        return None
+    rows, sums = store.read()
+    aggregates = aggregate(rows, sums)
+    aggregates["skipped"] = sample.skipped
+    write_aggregates(out_dir, aggregates)
+    return RunResult(out_dir, aggregates, len(rows))

@@ -1,0 +1,161 @@
+"""Plotly figures of the aggregates (one function per figure, aggregates dict in, figure out)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+CURVES = {
+    "intra_image": ("intra-image", "#1f77b4"),
+    "intra_text": ("intra-text", "#2ca02c"),
+    "inter": ("inter-modal", "#d62728"),
+}
+PHASE_COLOURS = [
+    "rgba(255,200,0,0.12)",
+    "rgba(0,150,255,0.10)",
+    "rgba(220,0,80,0.10)",
+    "rgba(120,120,120,0.12)",
+]
+
+
+def _band(x, mean, ci, name, colour, dash=None):
+    mean, ci = np.asarray(mean, dtype=float), np.asarray(ci, dtype=float)
+    line = go.Scatter(x=x, y=mean, name=name, mode="lines+markers", line={"color": colour, "dash": dash})
+    band = go.Scatter(
+        x=np.r_[x, x[::-1]],
+        y=np.r_[mean + ci, (mean - ci)[::-1]],
+        fill="toself",
+        fillcolor=colour,
+        opacity=0.15,
+        line={"width": 0},
+        hoverinfo="skip",
+        showlegend=False,
+    )
+    return [band, line]
+
+
+def phase_diagram(aggregates: dict, title: str = "Phase diagram") -> go.Figure:
+    """Intra-image, intra-text and inter-modal contextualization against depth, with 95% bands and
+    the detected phases shaded and labelled (baseline-adjusted when the dataset has >1 item)."""
+    ctx = aggregates["contextualization"]
+    adjusted = aggregates.get("phases_from") == "adjusted_mean"
+    key, ci_key = ("adjusted_mean", "adjusted_ci95") if adjusted else ("mean", "ci95")
+    x = np.arange(aggregates["n_layers"] + 1)
+    fig = go.Figure()
+    for group, (label, colour) in CURVES.items():
+        for trace in _band(x, ctx[group][key], ctx[group][ci_key], label, colour):
+            fig.add_trace(trace)
+    for i, phase in enumerate(aggregates["phases"]):
+        if phase["found"]:
+            fig.add_vrect(
+                x0=phase["start"],
+                x1=phase["end"],
+                fillcolor=PHASE_COLOURS[i],
+                line_width=0,
+                annotation_text=f"{'I II III IV'.split()[i]} {phase['name']}",
+                annotation_position="top left",
+                annotation_font_size=10,
+            )
+    missing = [p["name"] for p in aggregates["phases"] if not p["found"]]
+    subtitle = f"not found: {', '.join(missing)}" if missing else "all four phases found"
+    fig.update_layout(
+        title=f"{title}<br><sup>{'anisotropy-adjusted ' if adjusted else ''}mean cosine; {subtitle}</sup>",
+        xaxis_title="layer (0 = embedding)",
+        yaxis_title="contextualization",
+        template="plotly_white",
+    )
+    return fig
+
+
+def attention_by_pair(aggregates: dict) -> go.Figure:
+    """Norm-based (solid) and weight-based (dotted) attention by modality pair, per layer."""
+    x = np.arange(1, aggregates["n_layers"] + 1)
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=("norm-based ||sum_h alpha f_h(x)||", "weight alpha (head mean)")
+    )
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    for i, (pair, stats) in enumerate(aggregates["norm_attention"].items()):
+        colour = palette[i % len(palette)]
+        fig.add_trace(go.Scatter(x=x, y=stats["mean"], name=pair, line={"color": colour}), row=1, col=1)
+        weight = aggregates["weight_attention"][pair]["mean"]
+        fig.add_trace(
+            go.Scatter(x=x, y=weight, name=pair, line={"color": colour, "dash": "dot"}, showlegend=False),
+            row=1,
+            col=2,
+        )
+    fig.update_layout(
+        title="Attention by modality pair (query <- key), mean over items", template="plotly_white"
+    )
+    fig.update_xaxes(title_text="layer")
+    return fig
+
+
+def saliency_maps(aggregates: dict, key: str = "saliency_last", n_panels: int = 4) -> go.Figure | None:
+    """Norm-based saliency each image token receives (from the last position by default), on the
+    image grid when the image tokens form a square (LLaVA); as a bar per query token otherwise."""
+    if key not in aggregates:
+        return None
+    maps = np.asarray(aggregates[key])  # [layer, n_image]
+    n_layers, n_img = maps.shape
+    layers = sorted({int(round(v)) for v in np.linspace(0, n_layers - 1, n_panels)})
+    side = int(math.isqrt(n_img))
+    fig = make_subplots(rows=1, cols=len(layers), subplot_titles=[f"layer {layer}" for layer in layers])
+    for col, layer in enumerate(layers, 1):
+        if side * side == n_img:
+            fig.add_trace(
+                go.Heatmap(
+                    z=maps[layer].reshape(side, side), colorscale="Viridis", showscale=col == len(layers)
+                ),
+                row=1,
+                col=col,
+            )
+            fig.update_yaxes(autorange="reversed", row=1, col=col)
+        else:
+            fig.add_trace(go.Bar(y=maps[layer], showlegend=False), row=1, col=col)
+    source = "the last position" if key == "saliency_last" else "the instruction"
+    fig.update_layout(
+        title=f"Image-token saliency received from {source} (norm-based, mean over items)",
+        template="plotly_white",
+    )
+    return fig
+
+
+def lens_convergence(aggregates: dict) -> go.Figure | None:
+    """Logit lens at the last position: KL to the final distribution and top-1 agreement per layer."""
+    lens = aggregates.get("logit_lens")
+    if lens is None:
+        return None
+    x = np.arange(len(lens["kl_to_final"]["mean"]))
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(
+        go.Scatter(x=x, y=lens["kl_to_final"]["mean"], name="KL(final || layer)"), secondary_y=False
+    )
+    fig.add_trace(go.Scatter(x=x, y=lens["top1_is_final"], name="top-1 = final prediction"), secondary_y=True)
+    fig.update_layout(
+        title="Logit lens at the last position", template="plotly_white", xaxis_title="layer (0 = embedding)"
+    )
+    return fig
+
+
+def verbalization_table(
+    rows: list[dict], tokenizer, n_positions: int = 12, n_layers: int = 8
+) -> go.Figure | None:
+    """Which word each image position of the first item turns into, by layer (logit lens, top-1)."""
+    if not rows or "image_verbalization" not in rows[0]:
+        return None
+    row = rows[0]
+    total_layers = len(row["lens_kl"])
+    table = np.asarray(row["image_verbalization"]).reshape(total_layers, -1)
+    layers = sorted({int(round(v)) for v in np.linspace(0, total_layers - 1, n_layers)})
+    positions = np.linspace(0, table.shape[1] - 1, min(n_positions, table.shape[1])).astype(int)
+    header = ["layer", *[f"img {p}" for p in positions], "last position"]
+    cells = [[str(layer) for layer in layers]]
+    for p in positions:
+        cells.append([tokenizer.decode([int(table[layer, p])]) for layer in layers])
+    cells.append([tokenizer.decode([int(row["lens_top1"][layer])]) for layer in layers])
+    fig = go.Figure(go.Table(header={"values": header}, cells={"values": cells}))
+    fig.update_layout(title=f"Verbalization (logit lens top-1) of {row['item_id']}: {row['instruction']!r}")
+    return fig
