@@ -1,0 +1,146 @@
+"""Visual-token pruning (FastV-style; the paper's future work): from layer K on, only k image tokens
+remain readable, chosen by norm-based saliency, plain attention, first-k or at random.
+
+Pruned image tokens are removed as *keys* from layer K on (their attention scores are set to the
+dtype's minimum for every query). Every other position then computes exactly what it would if the
+pruned tokens were dropped from the sequence, so fidelity numbers are those of dropping; the compute
+a drop would save is reported analytically (token-layers removed from the linear layers).
+
+Example:
+    >>> keep = select_image_tokens(vlm, batch, k=64, method="norm", layer=2)  # doctest: +SKIP
+    >>> with prune(vlm, batch, keep, from_layer=2):  # doctest: +SKIP
+    ...     logits = vlm(batch)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool
+
+from hooked_vllm.analysis.norm_attention import head_summed_norms
+
+METHODS = ("norm", "attention", "first", "random")
+
+
+@torch.no_grad()
+def select_image_tokens(
+    vlm, batch, k: int, method: str = "norm", layer: int = 1, seed: int = 0
+) -> Bool[torch.Tensor, "batch pos"]:
+    """The ``k`` image positions per item to keep.
+
+    ``norm``/``attention``: the most salient image tokens for the last position at ``layer - 1``
+    (head-summed norm-based attention, or head-mean attention weight), i.e. what is known before
+    pruning starts at ``layer``. ``first``: the first k. ``random``: k at random (seeded).
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose from {METHODS}.")
+    batch = vlm.to_batch(batch)
+    image = batch.image_mask
+    if method in ("norm", "attention"):
+        source = max(layer - 1, 0)
+        names = [f"blocks.{source}.attn.hook_pattern", f"blocks.{source}.attn.hook_v"]
+        _, cache = vlm.run_with_cache(batch, names_filter=names)
+        pattern = cache[names[0]]
+        scores = (
+            head_summed_norms(pattern, cache[names[1]], vlm.W_O[source])
+            if method == "norm"
+            else pattern.mean(1)
+        )
+        saliency = scores[torch.arange(len(batch)), batch.last_positions].float().cpu()
+    elif method == "first":
+        saliency = -torch.arange(image.shape[1], dtype=torch.float).expand(image.shape).clone()
+    else:
+        saliency = torch.rand(image.shape, generator=torch.Generator().manual_seed(seed))
+    saliency = saliency.masked_fill(~image, float("-inf"))
+    keep = torch.zeros_like(image)
+    k_eff = min(k, int(image.sum(-1).min()))
+    if k_eff > 0:
+        keep.scatter_(1, saliency.topk(k_eff, dim=-1).indices, True)
+    return keep & image
+
+
+def pruning_hooks(batch, keep: torch.Tensor, from_layer: int, n_layers: int) -> list:
+    """Hooks removing the pruned image tokens as keys in layers ``from_layer..n_layers-1``,
+    for the prompt forward and every cached decoding step."""
+    pruned = batch.image_mask & ~keep  # [batch, prompt]
+
+    def hook(scores: torch.Tensor, hook) -> torch.Tensor:
+        columns = torch.zeros(scores.shape[0], scores.shape[-1], dtype=torch.bool, device=scores.device)
+        n = min(pruned.shape[1], scores.shape[-1])
+        columns[:, :n] = pruned[:, :n].to(scores.device)
+        return scores.masked_fill(columns[:, None, None, :], torch.finfo(scores.dtype).min)
+
+    return [(f"blocks.{layer}.attn.hook_attn_scores", hook) for layer in range(from_layer, n_layers)]
+
+
+@contextmanager
+def prune(vlm, batch, keep: torch.Tensor, from_layer: int):
+    """Context manager: only ``keep``'s image tokens are readable from ``from_layer`` on."""
+    batch = vlm.to_batch(batch)
+    with vlm.hooks(fwd_hooks=pruning_hooks(batch, keep, from_layer, vlm.cfg.n_layers)):
+        yield vlm
+
+
+def compute_saved(batch, keep: torch.Tensor, from_layer: int, n_layers: int) -> float:
+    """Fraction of token-layers a drop would remove: (pruned tokens x layers after K) / (tokens x layers)."""
+    pruned = (batch.image_mask & ~keep).sum(-1).float()
+    tokens = batch.attention_mask.sum(-1).float()
+    return float((pruned * (n_layers - from_layer) / (tokens * n_layers)).mean())
+
+
+@dataclass
+class PruningPoint:
+    k: int
+    from_layer: int
+    method: str
+    top1_agreement: float
+    kl: float
+    caption_agreement: float | None
+    compute_saved: float
+
+
+@torch.no_grad()
+def pruning_curve(
+    vlm,
+    batch,
+    ks: Sequence[int],
+    from_layers: Sequence[int],
+    method: str = "norm",
+    max_new_tokens: int = 0,
+    seed: int = 0,
+) -> list[PruningPoint]:
+    """Fidelity against the unpruned run for every (k, K): next-token top-1 agreement and KL at the
+    last position, and (with ``max_new_tokens``) the fraction of greedy continuations that are identical."""
+    batch = vlm.to_batch(batch)
+    rows = torch.arange(len(batch))
+    reference = vlm(batch)[rows, batch.last_positions].float().log_softmax(-1)
+    reference_text = vlm.generate(batch, max_new_tokens) if max_new_tokens else None
+    points = []
+    for from_layer in from_layers:
+        for k in ks:
+            keep = select_image_tokens(vlm, batch, k, method, from_layer, seed)
+            with prune(vlm, batch, keep, from_layer):
+                logits = vlm(batch)[rows, batch.last_positions].float().log_softmax(-1)
+                text = vlm.generate(batch, max_new_tokens) if max_new_tokens else None
+            kl = (reference.exp() * (reference - logits)).sum(-1).mean()
+            agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean()
+            captions = None
+            if text is not None:
+                length = min(text.shape[1], reference_text.shape[1])
+                captions = float((text[:, :length] == reference_text[:, :length]).all(-1).float().mean())
+            points.append(
+                PruningPoint(
+                    k,
+                    from_layer,
+                    method,
+                    float(agree),
+                    float(kl),
+                    captions,
+                    compute_saved(batch, keep, from_layer, vlm.cfg.n_layers),
+                )
+            )
+    return points
