@@ -1,11 +1,12 @@
-"""A synthetic visual task: one to three coloured shapes on a plain background, with a caption and
+"""A synthetic visual task: one or two coloured shapes on a plain background, with a caption and
 question/answer pairs. Deterministic given a seed.
 
 Questions (single-word answers):
 - ``what colour is the {shape} ?`` -> colour      (asked when that shape appears once)
 - ``what shape is {colour} ?``     -> shape       (asked when that colour appears once)
-- ``how many shapes are there ?``  -> one/two/three
+- ``how many shapes are there ?``  -> one/two
 - ``is the {a} left of the {b} ?`` -> yes/no      (a, b distinct shapes, each appearing once)
+- ``describe the image .``         -> a caption, e.g. ``a red circle and a blue square`` (left to right)
 
 Example:
     >>> scene = random_scene(np.random.default_rng(0))
@@ -52,16 +53,18 @@ class QA:
     answer: str
 
 
-def random_scene(rng: np.random.Generator, max_shapes: int = 3) -> list[Shape]:
-    """One to ``max_shapes`` non-overlapping shapes."""
+def random_scene(rng: np.random.Generator, max_shapes: int = 2) -> list[Shape]:
+    """One to ``max_shapes`` non-overlapping shapes (a crowded layout is redrawn, never looped on)."""
     n = int(rng.integers(1, max_shapes + 1))
-    shapes: list[Shape] = []
-    while len(shapes) < n:
-        size = int(rng.integers(8, 13))
-        x, y = (int(v) for v in rng.integers(size + 1, IMAGE_SIZE - size - 1, size=2))
-        if all(abs(x - s.x) > size + s.size + 2 or abs(y - s.y) > size + s.size + 2 for s in shapes):
-            shapes.append(Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), x, y, size))
-    return shapes
+    while True:
+        shapes: list[Shape] = []
+        for _ in range(100 * n):
+            size = int(rng.integers(9, 14))
+            x, y = (int(v) for v in rng.integers(size + 1, IMAGE_SIZE - size - 1, size=2))
+            if all(abs(x - s.x) > size + s.size + 2 or abs(y - s.y) > size + s.size + 2 for s in shapes):
+                shapes.append(Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), x, y, size))
+                if len(shapes) == n:
+                    return shapes
 
 
 def render(scene: list[Shape]) -> Image.Image:
@@ -97,6 +100,7 @@ def questions(scene: list[Shape]) -> list[QA]:
         if colours.count(s.colour) == 1:
             out.append(QA("shape", f"what shape is {s.colour} ?", s.kind))
     out.append(QA("count", "how many shapes are there ?", NUMBERS[len(scene)]))
+    out.append(QA("caption", "describe the image .", caption(scene)))
     unique = [s for s in scene if kinds.count(s.kind) == 1]
     for a in unique:
         for b in unique:
@@ -124,9 +128,10 @@ class Example:
     scene: tuple[Shape, ...]
 
 
-def examples(
-    seed: int, n: int, kinds: tuple[str, ...] = ("colour", "shape", "count", "relation")
-) -> list[Example]:
+QUESTION_KINDS = ("colour", "shape", "count", "relation")
+
+
+def examples(seed: int, n: int, kinds: tuple[str, ...] = QUESTION_KINDS) -> list[Example]:
     """``n`` question/answer examples, one question drawn per scene, deterministic in ``seed``."""
     rng = np.random.default_rng(seed)
     out: list[Example] = []

@@ -31,6 +31,8 @@ from hooked_vllm.demo import shapes
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+TRAIN_KINDS = (*shapes.QUESTION_KINDS, "caption")  # captions: dense colour-shape supervision
+PATCH = 16  # a 4 x 4 grid of 16-px patches: each patch embedding sees a whole part of a shape
 
 
 def build_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
@@ -64,7 +66,7 @@ def build_model(tokenizer, seed: int) -> LlavaForConditionalGeneration:
             num_hidden_layers=3,
             num_attention_heads=4,
             image_size=shapes.IMAGE_SIZE,
-            patch_size=8,
+            patch_size=PATCH,
             projection_dim=96,
         ),
         text_config=LlamaConfig(
@@ -99,14 +101,15 @@ def build_processor(tokenizer) -> LlavaProcessor:
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=8,
+        patch_size=PATCH,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
 
 
 def training_batch(processor, batch: list[shapes.Example]) -> dict[str, torch.Tensor]:
-    """Prompt + answer + EOS, right-padded; the loss is on the answer and EOS only."""
+    """Prompt + answer + EOS, right-padded; the loss is on the answer words and EOS only
+    (one word for questions, every word of a caption)."""
     texts = [TEMPLATE.format(question=ex.question) + f" {ex.answer}" for ex in batch]
     inputs = processor(
         images=[ex.image for ex in batch], text=texts, return_tensors="pt", padding=True, padding_side="right"
@@ -119,8 +122,9 @@ def training_batch(processor, batch: list[shapes.Example]) -> dict[str, torch.Te
     input_ids[rows, last] = processor.tokenizer.eos_token_id
     mask[rows, last] = 1
     labels = torch.full_like(input_ids, -100)
-    labels[rows, last] = processor.tokenizer.eos_token_id
-    labels[rows, last - 1] = input_ids[rows, last - 1]  # the answer word
+    for row, ex in enumerate(batch):
+        start = int(last[row]) - len(ex.answer.split())
+        labels[row, start : int(last[row]) + 1] = input_ids[row, start : int(last[row]) + 1]
     return {
         "input_ids": input_ids,
         "attention_mask": mask,
@@ -188,7 +192,8 @@ def main() -> None:
     for step in range(args.steps):
         model.train()
         batch = training_batch(
-            processor, shapes.examples(seed=args.seed * 1_000_003 + step, n=args.batch_size)
+            processor,
+            shapes.examples(seed=args.seed * 1_000_003 + step, n=args.batch_size, kinds=TRAIN_KINDS),
         )
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)

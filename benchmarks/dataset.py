@@ -1,0 +1,63 @@
+"""Dataset-scale runs: items per second and peak memory against N (memory should stay flat in N,
+time grow linearly).
+
+    python benchmarks/dataset.py [--sizes 8 32 128] [--mid-sizes 8 32]
+
+Runs `run_phase_diagram` (collector + per-batch parquet writes + aggregation) on synthetic images
+saved to disk, with the tiny and the mid-size random LLaVA, CPU, batch size 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import mid_llava, peak_memory_mb, sample_images  # noqa: E402
+
+from hooked_vllm import HookedVLM  # noqa: E402
+from hooked_vllm.data.datasets import DatasetItem, DatasetSample  # noqa: E402
+from hooked_vllm.experiment import run_phase_diagram  # noqa: E402
+from hooked_vllm.testing import tiny_llava  # noqa: E402
+
+
+def image_folder(n: int, directory: Path) -> DatasetSample:
+    items = []
+    for i, image in enumerate(sample_images(n, seed=1)):
+        path = directory / f"img-{i:05d}.jpg"
+        image.save(path)
+        items.append(DatasetItem(f"item-{i:05d}", path, "Describe the image in one sentence."))
+    return DatasetSample("synthetic", items)
+
+
+def measure(vlm, sizes: list[int], label: str) -> None:
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            sample = image_folder(n, Path(tmp))
+            timing = {}
+
+            def run():
+                start = time.perf_counter()
+                run_phase_diagram(vlm, sample, Path(tmp) / "out", batch_size=8, progress=False)
+                timing["s"] = time.perf_counter() - start
+
+            peak = peak_memory_mb(run)
+        print(
+            f"{label:10s} N={n:4d}  {timing['s']:7.1f} s  {n / timing['s']:6.2f} items/s  peak +{peak:6.0f} MiB"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--mid-sizes", type=int, nargs="+", default=[8, 32])
+    args = parser.parse_args()
+    measure(HookedVLM.from_hf(*tiny_llava(image_size=336, patch_size=14)), args.sizes, "tiny")
+    measure(HookedVLM.from_hf(*mid_llava()), args.mid_sizes, "mid-size")
+
+
+if __name__ == "__main__":
+    main()

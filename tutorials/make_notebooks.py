@@ -1,0 +1,180 @@
+"""Writes the tutorial notebooks (run `python tutorials/make_notebooks.py` after editing a cell).
+
+Each notebook runs top to bottom on the shipped demo model on a CPU (tests/test_tutorials.py runs
+them in CI) and ends with the commands for the real 7B models on a GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).parent
+
+SETUP = """import torch
+from hooked_vllm import HookedVLM
+from hooked_vllm.demo import demo_model_dir, shapes
+torch.set_grad_enabled(False)
+
+# The shipped demo model: a toy LLaVA trained on synthetic shapes. On a GPU, use a real one instead:
+# vlm = HookedVLM.from_pretrained("llava-hf/llava-1.5-7b-hf", dtype=torch.float16, device="cuda")
+vlm = HookedVLM.from_pretrained(str(demo_model_dir()))
+examples = shapes.examples(seed=123, n=8, kinds=("colour",))
+batch = vlm.prepare([ex.image for ex in examples], [ex.question for ex in examples])
+print(vlm.cfg.n_layers, "layers;", int(batch.image_mask[0].sum()), "image tokens per item")
+print(vlm.to_str_tokens(batch, 0))"""
+
+GPU = """## On the real models (GPU)
+```python
+vlm = HookedVLM.from_pretrained("llava-hf/llava-1.5-7b-hf", dtype=torch.float16, device="cuda")
+# or: HookedVLM.from_pretrained("Salesforce/instructblip-vicuna-7b", dtype=torch.bfloat16, device="cuda")
+batch = vlm.prepare(images=["photo.jpg"], prompts=["Describe the image in one sentence."])
+```
+Everything above runs unchanged; the visual prefix is then 576 CLIP patches (LLaVA-1.5) or 32
+Q-Former queries (InstructBLIP)."""
+
+NOTEBOOKS = {
+    "01_contextualization.ipynb": [
+        new_markdown_cell(
+            "# Contextualization: how alike are image and instruction tokens, layer by layer?\n"
+            "Mean cosine similarity within the image tokens, within the instruction tokens, and "
+            "across them (PAPER.md, lens 1), computed in O(n d) from sums of unit vectors."
+        ),
+        new_code_cell(SETUP),
+        new_code_cell("""from hooked_vllm.analysis import contextualization_from_cache, pair_mean_cosine
+logits, cache = vlm.run_with_cache(batch, names_filter=lambda n: "resid" in n)
+sums = contextualization_from_cache(cache, batch.image_mask, batch.text_mask)
+curves = {group: values.nanmean(-1) for group, values in sums.per_item().items()}
+for layer in range(vlm.cfg.n_layers + 1):
+    print(layer, {g: round(float(c[layer]), 3) for g, c in curves.items()})"""),
+        new_code_cell("""# The efficient form equals the naive pairwise mean:
+h = cache["blocks.2.hook_resid_post"]
+fast = pair_mean_cosine(h, batch.image_mask, batch.text_mask)
+units = h / h.norm(dim=-1, keepdim=True)
+naive = torch.stack([(units[b][batch.image_mask[b]] @ units[b][batch.text_mask[b]].T).mean() for b in range(len(batch))])
+assert torch.allclose(fast, naive, atol=1e-5)
+fast"""),
+        new_code_cell("""# Anisotropy: the same cosine between tokens of *different* inputs, and the adjusted curve.
+from hooked_vllm.analysis import cross_input_baseline
+baseline = cross_input_baseline(sums.modality_sum["image"], sums.modality_count["image"],
+                                sums.modality_sum["text"], sums.modality_count["text"])
+print("inter raw     ", curves["inter"].numpy().round(3))
+print("inter adjusted", (curves["inter"] - baseline).numpy().round(3))"""),
+        new_markdown_cell(GPU),
+    ],
+    "02_norm_attention.ipynb": [
+        new_markdown_cell(
+            "# Norm-based attention (Kobayashi et al. 2020)\n"
+            "How much each key *contributes* to a query: ||alpha f(x)|| rather than alpha alone."
+        ),
+        new_code_cell(SETUP),
+        new_code_cell("""from hooked_vllm.analysis import head_norms, head_summed_norms, collect
+logits, cache = vlm.run_with_cache(batch)
+layer = 2
+per_head = head_norms(cache["pattern", layer], cache["v", layer], vlm.W_O[layer])      # [b, head, q, k]
+summed = head_summed_norms(cache["pattern", layer], cache["v", layer], vlm.W_O[layer])  # [b, q, k]
+last = batch.last_positions[0]
+print("weight given by the last position to image tokens:", float(cache["pattern", layer][0, :, last][:, batch.image_mask[0]].sum(-1).mean()))
+print("norm-based share of the last position on image tokens:",
+      float(summed[0, last][batch.image_mask[0]].sum() / summed[0, last].sum()))"""),
+        new_code_cell("""# The whole network in one pass, by modality pair:
+result = collect(vlm, batch)
+for pair, values in result.attention.norm.items():
+    print(f"{pair:14s}", values.nanmean(-1).numpy().round(3))"""),
+        new_code_cell("""# Which image patches does the answer read? (the 4 x 4 patch grid of the demo model)
+saliency = result.attention.image_saliency_from_last[:, 0]   # [layer, n_image]
+side = int(saliency.shape[-1] ** 0.5)
+print(saliency.sum(0).reshape(side, side).numpy().round(2))"""),
+        new_markdown_cell(GPU),
+    ],
+    "03_logit_lens.ipynb": [
+        new_markdown_cell("# The logit lens: what does each layer already predict?"),
+        new_code_cell(SETUP),
+        new_code_cell("""from hooked_vllm.analysis import LogitLens, resid_stack_from_cache, verbalize
+logits, cache = vlm.run_with_cache(batch)
+lens = LogitLens.from_vlm(vlm)
+stack = resid_stack_from_cache(cache, batch.last_positions[:, None])   # [layer+1, b, 1, d]
+result = lens.summarize(stack, k=3)
+for layer in range(stack.shape[0]):
+    words = [vlm.tokenizer.decode([int(t)]) for t in result.top_tokens[layer, 0, 0]]
+    print(layer, words, "rank of final answer:", int(result.final_rank[layer, 0, 0]))
+print("question:", examples[0].question, "-> answer:", examples[0].answer)"""),
+        new_code_cell("""# Verbalization of image tokens: which word does each image patch turn into, by layer?
+image_positions = batch.image_mask[0].nonzero().flatten()[None]
+table = verbalize(lens.summarize(resid_stack_from_cache(cache, image_positions), k=1), vlm.tokenizer)
+for layer, words in enumerate(table):
+    print(layer, " ".join(words))"""),
+        new_markdown_cell(GPU),
+    ],
+    "04_phase_diagram.ipynb": [
+        new_markdown_cell(
+            "# The full phase diagram\nThe three lenses over a dataset, the phases located, "
+            "and the report. This is what `hooked-vllm phase-diagram` runs."
+        ),
+        new_code_cell(SETUP),
+        new_code_cell("""import tempfile
+from hooked_vllm.data.shapes_dataset import load_shapes
+from hooked_vllm.experiment import ResultStore, run_phase_diagram
+from hooked_vllm.report.html import write_report
+out = tempfile.mkdtemp()
+sample = load_shapes(f"{out}/images", n=16)
+result = run_phase_diagram(vlm, sample, out, batch_size=8, progress=False)
+for phase in result.aggregates["phases"]:
+    print(phase["name"], phase["start"], phase["end"], phase["found"], "-", phase["evidence"])"""),
+        new_code_cell("""from hooked_vllm.report import figures
+rows, _ = ResultStore(out).read()
+write_report(out, result.aggregates, rows, vlm.tokenizer, title="demo model on shapes")
+figures.phase_diagram(result.aggregates)"""),
+        new_markdown_cell(
+            GPU + "\n\nFrom the shell, with COCO captions on disk:\n```\nhooked-vllm phase-diagram "
+            "--model llava-hf/llava-1.5-7b-hf --dataset coco --data-dir /data/coco --n 500 "
+            "--device cuda --dtype float16 --out runs/llava-coco\n```"
+        ),
+    ],
+    "05_interventions.ipynb": [
+        new_markdown_cell(
+            "# Interventions: patching, knockout, pruning\nThe phase diagram says *where* image "
+            "and text interact; interventions test it causally."
+        ),
+        new_code_cell(SETUP),
+        new_code_cell("""from hooked_vllm.demo.shapes import Shape, render
+from hooked_vllm.interventions import logit_diff, patch_by_modality
+# Same question, the square red in one image and blue in the other.
+red = render([Shape("square", "red", 32, 32, 12)])
+blue = render([Shape("square", "blue", 32, 32, 12)])
+question = ["what colour is the square ?"]
+clean, corrupt = vlm.prepare([red], question), vlm.prepare([blue], question)
+red_id, blue_id = vlm.tokenizer.convert_tokens_to_ids(["red", "blue"])
+metric = logit_diff(corrupt, red_id, blue_id)
+result = patch_by_modality(vlm, clean, corrupt, metric, groups=("image", "text", "last"))
+print("clean", result.clean, "corrupt", result.corrupt)
+print(result.effects.numpy().round(2))   # [layer, group]: where does the colour travel?"""),
+        new_code_cell("""from hooked_vllm.interventions import knockout, knockout_sweep
+print("image -> last blocked, windows of 2 layers:", knockout_sweep(vlm, clean, [("image", "last"), ("image", "text")],
+      logit_diff(clean, red_id, blue_id), window=2).squeeze(-1).numpy().round(2))
+with knockout(vlm, clean, edges=[("image", "text"), ("image", "last")]):
+    print("all layers blocked:", vlm.generate(clean, max_new_tokens=1, return_str=True))"""),
+        new_code_cell("""from hooked_vllm.interventions import pruning_curve
+examples = shapes.examples(seed=5, n=32, kinds=("colour", "shape"))
+batch = vlm.prepare([ex.image for ex in examples], [ex.question for ex in examples])
+for point in pruning_curve(vlm, batch, ks=[16, 8, 4, 2, 1], from_layers=[1, 3], method="norm"):
+    print(point)"""),
+        new_markdown_cell(GPU),
+    ],
+}
+
+
+def main() -> None:
+    for name, cells in NOTEBOOKS.items():
+        notebook = new_notebook(
+            cells=cells,
+            metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        )
+        nbformat.write(notebook, HERE / name)
+        print("wrote", HERE / name)
+
+
+if __name__ == "__main__":
+    main()
