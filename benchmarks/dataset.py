@@ -37,17 +37,16 @@ def measure(vlm, sizes: list[int], label: str) -> None:
     for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             sample = image_folder(n, Path(tmp))
-            timing = {}
+            timing: dict[str, float] = {}
 
-            def run():
+            def run(sample=sample, out=Path(tmp) / "out", timing=timing):
                 start = time.perf_counter()
-                run_phase_diagram(vlm, sample, Path(tmp) / "out", batch_size=8, progress=False)
+                run_phase_diagram(vlm, sample, out, batch_size=8, progress=False)
                 timing["s"] = time.perf_counter() - start
 
             peak = peak_memory_mb(run)
-        print(
-            f"{label:10s} N={n:4d}  {timing['s']:7.1f} s  {n / timing['s']:6.2f} items/s  peak +{peak:6.0f} MiB"
-        )
+        seconds = timing["s"]
+        print(f"{label:10s} N={n:4d}  {seconds:7.1f} s  {n / seconds:6.2f} items/s  peak +{peak:6.0f} MiB")
 
 
 def main() -> None:

@@ -46,7 +46,8 @@ def main() -> None:
     n_tokens = batch.input_ids.shape[1]
     print(
         f"mid-size LLaVA: {vlm.cfg.n_layers} layers x d_model {vlm.cfg.d_model}, {n_tokens} positions "
-        f"({int(batch.image_mask[0].sum())} image), batch {args.batch}, {args.device}, torch {torch.__version__}"
+        f"({int(batch.image_mask[0].sum())} image), batch {args.batch}, {args.device}, "
+        f"torch {torch.__version__}"
     )
     base = times["hf_forward"]
     for name, seconds in times.items():

@@ -99,8 +99,8 @@ def phase_diagram(args) -> int:
         if previous != manifest:
             changed = sorted(k for k in manifest if previous.get(k) != manifest[k])
             print(
-                f"error: {args.out} holds a run with other settings ({', '.join(changed)} differ). Use another "
-                "--out, or the same settings to resume it.",
+                f"error: {args.out} holds a run with other settings ({', '.join(changed)} differ). "
+                "Use another --out, or the same settings to resume it.",
                 file=sys.stderr,
             )
             return 2

@@ -94,8 +94,8 @@ def _check_compatible(source, target, groups: Sequence[Group]) -> None:
     for group in groups:
         if isinstance(group, str) and not torch.equal(group_mask(source, group), group_mask(target, group)):
             raise PatchingError(
-                f"The {group!r} positions differ between source and target; patch prompts whose {group} tokens "
-                "line up (e.g. the same caption length), or pass explicit masks."
+                f"The {group!r} positions differ between source and target; patch prompts whose "
+                f"{group} tokens line up (e.g. the same caption length), or pass explicit masks."
             )
 
 

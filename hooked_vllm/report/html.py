@@ -37,9 +37,11 @@ def write_report(
     for i, fig in enumerate(f for f in figs if f is not None):
         parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
     banner = f'<div class="warn">{html.escape(warning)}</div>' if warning else ""
+    def where(phase: dict) -> str:
+        return f"layers {phase['start']}-{phase['end']}" if phase["found"] else "not found"
+
     phases = "".join(
-        f"<tr><td>{html.escape(p['name'])}</td><td>{'layers %s-%s' % (p['start'], p['end']) if p['found'] else 'not found'}"
-        f"</td><td>{html.escape(p['evidence'])}</td></tr>"
+        f"<tr><td>{html.escape(p['name'])}</td><td>{where(p)}</td><td>{html.escape(p['evidence'])}</td></tr>"
         for p in aggregates["phases"]
     )
     skipped = aggregates.get("skipped") or []
@@ -49,8 +51,9 @@ def write_report(
         else ""
     )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:auto}} .warn{{background:#ffe08a;border:2px solid #c90;
-padding:12px;font-weight:bold;margin:12px 0}} td{{padding:2px 10px}}</style></head><body>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:auto}}
+.warn{{background:#ffe08a;border:2px solid #c90;padding:12px;font-weight:bold;margin:12px 0}}
+td{{padding:2px 10px}}</style></head><body>
 <h1>{html.escape(title)}</h1>{banner}
 <p>{aggregates["n_items"]} items, {aggregates["n_layers"]} language-model layers.</p>
 <table><tr><th>phase</th><th>where</th><th>evidence</th></tr>{phases}</table>{skipped_html}
