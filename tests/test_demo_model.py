@@ -86,8 +86,8 @@ def test_patching_the_image_from_another_colour_flips_the_answer(demo):
         for i, colour in enumerate(colours):
             other = colours[(i + 1) % len(colours)]
             question = [f"what colour is the {kind} ?"]
-            target = demo.prepare([shapes.render([shapes.Shape(kind, colour, 30, 34, 12)])], question)
-            source = demo.prepare([shapes.render([shapes.Shape(kind, other, 30, 34, 12)])], question)
+            target = demo.prepare([shapes.render([shapes.Shape(kind, colour, 40, 24, 6)])], question)
+            source = demo.prepare([shapes.render([shapes.Shape(kind, other, 40, 24, 6)])], question)
             other_id, colour_id = demo.tokenizer.convert_tokens_to_ids([other, colour])
 
             def says_other(logits, batch=target, a=other_id, b=colour_id):

@@ -142,8 +142,8 @@ figures.phase_diagram(result.aggregates)"""),
         new_code_cell("""from hooked_vllm.demo.shapes import Shape, render
 from hooked_vllm.interventions import logit_diff, patch_by_modality
 # Same question, the square red in one image and blue in the other.
-red = render([Shape("square", "red", 32, 32, 12)])
-blue = render([Shape("square", "blue", 32, 32, 12)])
+red = render([Shape("square", "red", 40, 24, 6)])
+blue = render([Shape("square", "blue", 40, 24, 6)])
 question = ["what colour is the square ?"]
 clean, corrupt = vlm.prepare([red], question), vlm.prepare([blue], question)
 red_id, blue_id = vlm.tokenizer.convert_tokens_to_ids(["red", "blue"])

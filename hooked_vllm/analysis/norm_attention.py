@@ -5,8 +5,8 @@ The attention output at query i is sum_h sum_j alpha_hij f_h(x_j), with f_h(x) =
 
 - per head: ||alpha_hij f_h(x_j)|| = alpha_hij ||f_h(x_j)||;
 - per layer (heads summed): ||sum_h alpha_hij f_h(x_j)||, computed exactly from the per-position
-  head Gram matrix G_j[h, g] = f_h(x_j) . f_g(x_j):  ||.||^2 = sum_{h,g} alpha_hij alpha_gij G_j[h, g].
-  Cost O(n^2 H^2 + n H^2 d) and no [n, n, d] tensor.
+  head Gram matrix G_j[h, g] = f_h(x_j) . f_g(x_j):  ||.||^2 = sum_{h,g} alpha_hij alpha_gij G_j[h, g],
+  evaluated through a factor G_j = L_j L_j^T. Cost O(n^2 H^2 + n H^2 d) and no [n, n, d] tensor.
 
 Grouped-query attention: query head h reads key/value head h // (H / H_kv).
 Accumulation is in float32.
@@ -58,12 +58,17 @@ def head_summed_norms(
     v: Float[torch.Tensor, "batch key kv_head d_head"],
     w_o: Float[torch.Tensor, "head d_head d_model"],
 ) -> Float[torch.Tensor, "batch query key"]:
-    """||sum_h alpha_hij f_h(x_j)||, exactly: for each key j, (A_j G_j) . A_j with A_j = alpha[:, :, :, j]
-    as a ``[query, head]`` matrix: one batched matmul over keys, O(n^2 H^2) and no [n, n, d] tensor."""
-    gram = head_gram(v, w_o)  # [batch, key, head, head]
-    alpha = pattern.float().permute(0, 3, 2, 1)  # [batch, key, query, head]
-    squared = (torch.matmul(alpha, gram) * alpha).sum(-1)  # [batch, key, query]
-    return squared.clamp_min(0).sqrt().transpose(1, 2)
+    """||sum_h alpha_hij f_h(x_j)||, exactly, without an [n, n, d] tensor.
+
+    The head Gram matrix of key j factors as G_j = L_j L_j^T (eigendecomposition of an H x H
+    matrix per key), so ||sum_h alpha_hij f_h(x_j)||^2 = alpha_:ij^T G_j alpha_:ij = ||L_j^T alpha_:ij||^2:
+    one contraction over heads, O(n^2 H^2 + n H^2 d) in all.
+    """
+    gram = head_gram(v, w_o)  # [batch, key, head, head], symmetric positive semi-definite
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    factor = eigenvectors * eigenvalues.clamp_min(0).sqrt()[..., None, :]  # [batch, key, head, rank]
+    projected = torch.einsum("bhqk,bkhr->brqk", pattern.float(), factor)
+    return projected.square().sum(1).sqrt()
 
 
 def block_mean(

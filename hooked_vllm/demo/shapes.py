@@ -34,6 +34,8 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = ("zero", "one", "two", "three")
 IMAGE_SIZE = 64
+GRID = 4  # the demo model's 4 x 4 grid of 16-px patches
+CELL = IMAGE_SIZE // GRID
 BACKGROUND = (235, 235, 235)
 
 
@@ -54,17 +56,28 @@ class QA:
 
 
 def random_scene(rng: np.random.Generator, max_shapes: int = 2) -> list[Shape]:
-    """One to ``max_shapes`` non-overlapping shapes (a crowded layout is redrawn, never looped on)."""
+    """One to ``max_shapes`` shapes, each inside its own cell of the GRID x GRID patch grid.
+
+    Each shape (10-14 px) lies within one 16-px cell, jittered inside it, so a vision patch sees a
+    whole shape: shape and colour are patch-local, and the image token holding an object is known
+    (ground truth for saliency and patching studies).
+    """
     n = int(rng.integers(1, max_shapes + 1))
-    while True:
-        shapes: list[Shape] = []
-        for _ in range(100 * n):
-            size = int(rng.integers(9, 14))
-            x, y = (int(v) for v in rng.integers(size + 1, IMAGE_SIZE - size - 1, size=2))
-            if all(abs(x - s.x) > size + s.size + 2 or abs(y - s.y) > size + s.size + 2 for s in shapes):
-                shapes.append(Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), x, y, size))
-                if len(shapes) == n:
-                    return shapes
+    cells = rng.choice(GRID * GRID, size=n, replace=False)
+    shapes: list[Shape] = []
+    for cell in cells:
+        size = int(rng.integers(5, 8))
+        slack = CELL // 2 - size - 1
+        row, col = divmod(int(cell), GRID)
+        x = col * CELL + CELL // 2 + int(rng.integers(-slack, slack + 1))
+        y = row * CELL + CELL // 2 + int(rng.integers(-slack, slack + 1))
+        shapes.append(Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), x, y, size))
+    return shapes
+
+
+def patch_of(shape: Shape) -> int:
+    """Index (row-major) of the grid cell, i.e. the image token, that holds ``shape``."""
+    return (shape.y // CELL) * GRID + shape.x // CELL
 
 
 def render(scene: list[Shape]) -> Image.Image:

@@ -166,13 +166,22 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument(
+        "--init-from", type=Path, default=None, help="continue from a saved model (a second training phase)"
+    )
+    parser.add_argument(
+        "--data-offset", type=int, default=0, help="first step's data seed (use a fresh range per phase)"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(args.out)
     processor = build_processor(tokenizer)
-    model = build_model(tokenizer, args.seed)
+    if args.init_from is not None:
+        model = LlavaForConditionalGeneration.from_pretrained(args.init_from)
+    else:
+        model = build_model(tokenizer, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"demo LLaVA: {n_params / 1e6:.2f}M parameters; {args.steps} steps of {args.batch_size}", flush=True
@@ -193,7 +202,9 @@ def main() -> None:
         model.train()
         batch = training_batch(
             processor,
-            shapes.examples(seed=args.seed * 1_000_003 + step, n=args.batch_size, kinds=TRAIN_KINDS),
+            shapes.examples(
+                seed=args.seed * 1_000_003 + args.data_offset + step, n=args.batch_size, kinds=TRAIN_KINDS
+            ),
         )
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
@@ -213,6 +224,8 @@ def main() -> None:
     final = accuracy(model, processor, held_out)
     summary = {
         "seed": args.seed,
+        "init_from": str(args.init_from) if args.init_from else None,
+        "data_offset": args.data_offset,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,

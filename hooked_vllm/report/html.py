@@ -37,6 +37,7 @@ def write_report(
     for i, fig in enumerate(f for f in figs if f is not None):
         parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
     banner = f'<div class="warn">{html.escape(warning)}</div>' if warning else ""
+
     def where(phase: dict) -> str:
         return f"layers {phase['start']}-{phase['end']}" if phase["found"] else "not found"
 
