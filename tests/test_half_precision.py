@@ -18,7 +18,6 @@ from hooked_vllm.analysis import collect
 from hooked_vllm.testing import tiny_llava
 from tests.conftest import INSTRUCTIONS, random_images
 
-
 BOUNDS = {torch.float16: (1e-3, 1e-2), torch.bfloat16: (3e-3, 1e-2)}  # (context abs, norm rel)
 
 
