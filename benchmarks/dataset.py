@@ -21,7 +21,7 @@ from common import mid_llava, peak_memory_mb, sample_images  # noqa: E402
 from hooked_vllm import HookedVLM  # noqa: E402
 from hooked_vllm.data.datasets import DatasetItem, DatasetSample  # noqa: E402
 from hooked_vllm.experiment import run_phase_diagram  # noqa: E402
-from hooked_vllm.testing import tiny_llava  # noqa: E402
+from hooked_vllm.testing import TinyTextConfig, tiny_llava  # noqa: E402
 
 
 def image_folder(n: int, directory: Path) -> DatasetSample:
@@ -54,7 +54,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--mid-sizes", type=int, nargs="+", default=[8, 32])
     args = parser.parse_args()
-    measure(HookedVLM.from_hf(*tiny_llava(image_size=336, patch_size=14)), args.sizes, "tiny")
+    tiny = tiny_llava(image_size=336, patch_size=14, text=TinyTextConfig(n_ctx=1024))
+    measure(HookedVLM.from_hf(*tiny), args.sizes, "tiny")
     measure(HookedVLM.from_hf(*mid_llava()), args.mid_sizes, "mid-size")
 
 

@@ -21,9 +21,9 @@ from hooked_vllm.analysis.contextualization import ContextualizationSums, layer_
 from hooked_vllm.analysis.logit_lens import LensResult, LogitLens, gather_positions
 from hooked_vllm.analysis.norm_attention import (
     causal_pair_count,
-    head_summed_norms,
+    head_gram,
+    head_summed_norms_from_gram,
     modality_pairs,
-    transformed_values,
 )
 
 ANALYSES = ("contextualization", "norm_attention", "logit_lens")
@@ -83,6 +83,20 @@ class BatchReducer:
             self.query_groups.setdefault(query_name, queries)
             self.pair_groups[name] = (query_name, keys)
         self.last = self.query_groups["last"]
+        self.group_names = list(self.query_groups)
+        self.pair_names = list(self.pair_groups)
+        self.query_matrix = torch.stack([self.query_groups[n].float() for n in self.group_names], 1)
+        self.key_matrix = torch.stack([self.pair_groups[n][1].float() for n in self.pair_names], 1)
+        self.pair_query_index = torch.tensor(
+            [self.group_names.index(self.pair_groups[n][0]) for n in self.pair_names]
+        )
+        self.pair_counts = torch.stack(
+            [
+                causal_pair_count(self.query_groups[self.pair_groups[n][0]], self.pair_groups[n][1])
+                for n in self.pair_names
+            ],
+            1,
+        )
         counts = self.image.sum(-1)
         self.same_image_count = bool((counts == counts[0]).all()) and int(counts[0]) > 0
         self.lens = LogitLens.from_vlm(vlm) if "logit_lens" in analyses else None
@@ -119,30 +133,31 @@ class BatchReducer:
         if "norm_attention" not in self.analyses:
             return
         device = pattern.device
-        w_o = self.W_O[layer].to(device)
         alpha = pattern.float()
-        summed = head_summed_norms(alpha, v, w_o)  # [batch, query, key]
-        f_norm = transformed_values(v, w_o).norm(dim=-1).transpose(1, 2)  # [batch, head, key]
-        # Block sums as matrix products: every query group's row-sums of the scores.
-        query_groups = {name: mask.to(device).float() for name, mask in self.query_groups.items()}
-        group_names = list(query_groups)
-        queries = torch.stack([query_groups[name] for name in group_names], 1)  # [batch, group, query]
+        gram = head_gram(v, self.W_O[layer].to(device))  # [batch, key, head, head]
+        summed = head_summed_norms_from_gram(alpha, gram)  # [batch, query, key]
+        f_norm = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().transpose(1, 2)  # ||f_h(x_j)||
+        # Block sums as matrix products: each query group's rows summed, then each pair's keys.
+        queries = self.query_matrix.to(device)  # [batch, group, query]
+        keys = self.key_matrix.to(device)  # [batch, pair, key]
+        g = self.pair_query_index.to(device)  # [pair]
         norm_rows = torch.einsum("bgq,bqk->bgk", queries, summed)
-        alpha_rows = torch.einsum("bgq,bhqk->bhgk", queries, alpha)
-        out: dict = {"norm": {}, "weight": {}, "head_norm": {}}
-        for name, (query_name, keys) in self.pair_groups.items():
-            g = group_names.index(query_name)
-            k = keys.to(device).float()
-            count = causal_pair_count(query_groups[query_name], k)
-            out["norm"][name] = ((norm_rows[:, g] * k).sum(-1) / count).cpu()
-            out["weight"][name] = ((alpha_rows[:, :, g] * k[:, None]).sum(-1).mean(1) / count).cpu()
-            head = (alpha_rows[:, :, g] * f_norm * k[:, None]).sum(-1) / count[:, None]
-            out["head_norm"][name] = head.T.cpu()  # [head, batch]
+        alpha_rows = torch.einsum("bgq,bhqk->bhgk", queries, alpha)[:, :, g]  # [batch, head, pair, key]
+        count = self.pair_counts.to(device)  # [batch, pair]
+        norm_blocks = (norm_rows[:, g] * keys).sum(-1) / count
+        head_blocks = (alpha_rows * f_norm[:, :, None, :] * keys[:, None]).sum(-1) / count[:, None]
+        weight_blocks = (alpha_rows * keys[:, None]).sum(-1).mean(1) / count
+        norm_blocks, head_blocks, weight_blocks = norm_blocks.cpu(), head_blocks.cpu(), weight_blocks.cpu()
+        out: dict = {
+            "norm": {name: norm_blocks[:, i] for i, name in enumerate(self.pair_names)},
+            "weight": {name: weight_blocks[:, i] for i, name in enumerate(self.pair_names)},
+            "head_norm": {name: head_blocks[:, :, i].T for i, name in enumerate(self.pair_names)},
+        }
         if self.same_image_count:
             image = self.image.to(device)
             n_img = int(self.image[0].sum())
             for key, query_name in (("from_text", "text"), ("from_last", "last")):
-                received = norm_rows[:, group_names.index(query_name)]
+                received = norm_rows[:, self.group_names.index(query_name)]
                 out[key] = received[image].reshape(len(received), n_img).cpu()
         self._attention.append(out)
 

@@ -58,13 +58,19 @@ def head_summed_norms(
     v: Float[torch.Tensor, "batch key kv_head d_head"],
     w_o: Float[torch.Tensor, "head d_head d_model"],
 ) -> Float[torch.Tensor, "batch query key"]:
-    """||sum_h alpha_hij f_h(x_j)||, exactly, without an [n, n, d] tensor.
+    """||sum_h alpha_hij f_h(x_j)||, exactly, without an [n, n, d] tensor (see
+    :func:`head_summed_norms_from_gram`)."""
+    return head_summed_norms_from_gram(pattern, head_gram(v, w_o))
 
-    The head Gram matrix of key j factors as G_j = L_j L_j^T (eigendecomposition of an H x H
+
+def head_summed_norms_from_gram(
+    pattern: Float[torch.Tensor, "batch head query key"],
+    gram: Float[torch.Tensor, "batch key head head"],
+) -> Float[torch.Tensor, "batch query key"]:
+    """The head Gram matrix of key j factors as G_j = L_j L_j^T (eigendecomposition of an H x H
     matrix per key), so ||sum_h alpha_hij f_h(x_j)||^2 = alpha_:ij^T G_j alpha_:ij = ||L_j^T alpha_:ij||^2:
-    one contraction over heads, O(n^2 H^2 + n H^2 d) in all.
+    one contraction over heads, O(n^2 H^2) given G.
     """
-    gram = head_gram(v, w_o)  # [batch, key, head, head], symmetric positive semi-definite
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     factor = eigenvectors * eigenvalues.clamp_min(0).sqrt()[..., None, :]  # [batch, key, head, rank]
     projected = torch.einsum("bhqk,bkhr->brqk", pattern.float(), factor)
