@@ -231,14 +231,10 @@ def collect(
         layer = _layer_of(hook.name)
         reducer.on_attention(layer, tensor, stash.pop(layer))
 
-    hooks = [("blocks.0.hook_resid_pre", on_resid)]
-    hooks += [(f"blocks.{layer}.hook_resid_post", on_resid) for layer in range(vlm.cfg.n_layers)]
-    if "norm_attention" in analyses:
-        for layer in range(vlm.cfg.n_layers):
-            hooks += [
-                (f"blocks.{layer}.attn.hook_v", on_v),
-                (f"blocks.{layer}.attn.hook_pattern", on_pattern),
-            ]
+    def hook_for(name: str):
+        return on_v if name.endswith("hook_v") else on_pattern if name.endswith("hook_pattern") else on_resid
+
+    hooks = [(name, hook_for(name)) for name in hook_names(vlm.cfg.n_layers, analyses)]
     vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
     return reducer.finish()
 
