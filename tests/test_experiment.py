@@ -133,20 +133,9 @@ def test_cli_end_to_end_on_both_formats(tmp_path, model_dir):
         ("winoground", make_winoground(tmp_path / "wino", 2)),
     ):
         out = tmp_path / f"out-{name}"
-        done = cli(
-            "--model",
-            str(model_dir),
-            "--dataset",
-            name,
-            "--data-dir",
-            str(data),
-            "--n",
-            "4",
-            "--batch-size",
-            "3",
-            "--out",
-            str(out),
-        )
+        args = ["--model", str(model_dir), "--dataset", name, "--data-dir", str(data)]
+        args += ["--n", "4", "--batch-size", "3", "--out", str(out)]
+        done = cli(*args)
         assert done.returncode == 0, done.stderr[-2000:]
         for file in (
             "aggregates.json",
@@ -161,20 +150,7 @@ def test_cli_end_to_end_on_both_formats(tmp_path, model_dir):
         assert len(aggregates["contextualization"]["inter"]["mean"]) == 4  # embedding + 3 layers
         assert "intra-modal encoding" in (out / "report.html").read_text()
         # A second identical command resumes: nothing new to do, same aggregates.
-        again = cli(
-            "--model",
-            str(model_dir),
-            "--dataset",
-            name,
-            "--data-dir",
-            str(data),
-            "--n",
-            "4",
-            "--batch-size",
-            "3",
-            "--out",
-            str(out),
-        )
+        again = cli(*args)
         assert again.returncode == 0
         assert json.loads((out / "aggregates.json").read_text()) == aggregates
 
