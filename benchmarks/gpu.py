@@ -1,0 +1,221 @@
+"""Real-scale cost of the three-lens pass: 7B-shaped LLaVA-1.5 and InstructBLIP-Vicuna-7B built
+directly on the device with random weights (no download), side by side with a plain HF forward.
+
+    python benchmarks/gpu.py --size 7b --family llava --batches 1 8 32 --dtype float16   # on a GPU
+    python benchmarks/gpu.py --size mid --batches 1 4 --device cpu                       # anywhere
+
+For each batch size it prints, measured round-robin in one run: HF forward with sdpa attention (the
+baseline), HF eager, the hooked forward, `run_with_cache` of resid_post, and the one-pass collector
+(contextualization + norm-based attention per head and head-summed + logit lens at the last
+position, every layer), with peak memory (CUDA: max allocated; CPU: resident high-water mark) and
+items/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipQFormerConfig,
+    InstructBlipVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PROMPT, peak_memory_mb, sample_images  # noqa: E402
+
+from hooked_vllm import HookedVLM  # noqa: E402
+from hooked_vllm.analysis import collect  # noqa: E402
+from hooked_vllm.testing import tiny_instructblip, tiny_llava  # noqa: E402
+
+SIZES = {
+    # LLaMA-7B / Vicuna-7B text backbone; CLIP ViT-L/14-336 or EVA ViT-g/14 + Q-Former.
+    "7b": dict(d_model=4096, n_layers=32, n_heads=32, d_mlp=11008, vision="full"),
+    "mid": dict(d_model=512, n_layers=8, n_heads=8, d_mlp=1376, vision="small"),
+}
+
+
+def text_config(size: dict, vocab: int, tokenizer) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=size["d_model"],
+        intermediate_size=size["d_mlp"],
+        num_hidden_layers=size["n_layers"],
+        num_attention_heads=size["n_heads"],
+        num_key_value_heads=size["n_heads"],
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build(family: str, size_name: str, device: str, dtype: torch.dtype):
+    """A random model of the requested shape, built on ``device`` in ``dtype``, with a tiny
+    in-process tokenizer/processor of the right image geometry."""
+    size = SIZES[size_name]
+    full = size["vision"] == "full"
+    if family == "llava":
+        _, processor = tiny_llava(image_size=336, patch_size=14)
+        vision = (
+            CLIPVisionConfig(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                image_size=336,
+                patch_size=14,
+                projection_dim=768,
+            )
+            if full
+            else CLIPVisionConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=336,
+                patch_size=14,
+            )
+        )
+        tokenizer = processor.tokenizer
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=text_config(size, len(tokenizer), tokenizer),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        config.architectures = ["LlavaForConditionalGeneration"]
+        model_class = LlavaForConditionalGeneration
+    else:
+        _, processor = tiny_instructblip(image_size=224, patch_size=14, num_query_tokens=32)
+        tokenizer = processor.tokenizer
+        vision = (
+            InstructBlipVisionConfig(
+                hidden_size=1408,
+                intermediate_size=6144,
+                num_hidden_layers=39,
+                num_attention_heads=16,
+                image_size=224,
+                patch_size=14,
+            )
+            if full
+            else InstructBlipVisionConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=224,
+                patch_size=14,
+            )
+        )
+        qformer = InstructBlipQFormerConfig(
+            vocab_size=len(processor.qformer_tokenizer),
+            hidden_size=768 if full else 64,
+            num_hidden_layers=12 if full else 2,
+            num_attention_heads=12 if full else 4,
+            intermediate_size=3072 if full else 128,
+            encoder_hidden_size=vision.hidden_size,
+        )
+        config = InstructBlipConfig(
+            vision_config=vision.to_dict(),
+            qformer_config=qformer.to_dict(),
+            text_config=text_config(size, len(tokenizer), tokenizer).to_dict(),
+            num_query_tokens=32,
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        )
+        config.architectures = ["InstructBlipForConditionalGeneration"]
+        model_class = InstructBlipForConditionalGeneration
+    with torch.device(device):
+        model = model_class._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval(), processor
+
+
+def peak(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return peak_memory_mb(fn)
+
+
+def timed(fns: dict, device: str, repeats: int) -> dict[str, float]:
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--family", choices=["llava", "instructblip"], default="llava")
+    parser.add_argument("--size", choices=sorted(SIZES), default="mid")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+
+    sdpa_model, processor = build(args.family, args.size, args.device, dtype)
+    eager_model = copy.deepcopy(sdpa_model)
+    eager_model.set_attn_implementation("eager")
+    vlm = HookedVLM.from_hf(copy.deepcopy(sdpa_model), processor)
+    print(
+        f"{args.family} {args.size}: {vlm.cfg.n_layers} layers x {vlm.cfg.d_model}, {args.device}, {args.dtype}, "
+        f"torch {torch.__version__}"
+    )
+    resid = [f"blocks.{layer}.hook_resid_post" for layer in range(vlm.cfg.n_layers)]
+    for batch_size in args.batches:
+        batch = vlm.prepare(sample_images(batch_size), [PROMPT] * batch_size).to(args.device)
+        inputs = {**batch.inputs, "position_ids": batch.position_ids}
+        fns = {
+            "HF sdpa": lambda inputs=inputs: sdpa_model(**inputs),
+            "HF eager": lambda inputs=inputs: eager_model(**inputs),
+            "hooked forward": lambda batch=batch: vlm(batch),
+            "run_with_cache(resid_post)": lambda batch=batch: vlm.run_with_cache(batch, names_filter=resid),
+            "collect (3 lenses)": lambda batch=batch: collect(vlm, batch),
+        }
+        times = timed(fns, args.device, args.repeats)
+        memory = {name: peak(fn, args.device) for name, fn in fns.items()}
+        base = times["HF sdpa"]
+        print(
+            f"batch {batch_size}, {batch.input_ids.shape[1]} positions ({int(batch.image_mask[0].sum())} image)"
+        )
+        for name, seconds in times.items():
+            print(
+                f"  {name:28s} {seconds * 1000:9.1f} ms  {seconds / base:5.2f}x  {batch_size / seconds:7.2f} items/s"
+                f"  peak +{memory[name]:8.0f} MiB"
+            )
+
+
+if __name__ == "__main__":
+    main()
