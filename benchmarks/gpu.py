@@ -190,8 +190,8 @@ def main() -> None:
     eager_model.set_attn_implementation("eager")
     vlm = HookedVLM.from_hf(copy.deepcopy(sdpa_model), processor)
     print(
-        f"{args.family} {args.size}: {vlm.cfg.n_layers} layers x {vlm.cfg.d_model}, {args.device}, {args.dtype}, "
-        f"torch {torch.__version__}"
+        f"{args.family} {args.size}: {vlm.cfg.n_layers} layers x {vlm.cfg.d_model}, {args.device}, "
+        f"{args.dtype}, torch {torch.__version__}"
     )
     resid = [f"blocks.{layer}.hook_resid_post" for layer in range(vlm.cfg.n_layers)]
     for batch_size in args.batches:
@@ -208,12 +208,13 @@ def main() -> None:
         memory = {name: peak(fn, args.device) for name, fn in fns.items()}
         base = times["HF sdpa"]
         print(
-            f"batch {batch_size}, {batch.input_ids.shape[1]} positions ({int(batch.image_mask[0].sum())} image)"
+            f"batch {batch_size}, {batch.input_ids.shape[1]} positions "
+            f"({int(batch.image_mask[0].sum())} image)"
         )
         for name, seconds in times.items():
             print(
-                f"  {name:28s} {seconds * 1000:9.1f} ms  {seconds / base:5.2f}x  {batch_size / seconds:7.2f} items/s"
-                f"  peak +{memory[name]:8.0f} MiB"
+                f"  {name:28s} {seconds * 1000:9.1f} ms  {seconds / base:5.2f}x  "
+                f"{batch_size / seconds:7.2f} items/s  peak +{memory[name]:8.0f} MiB"
             )
 
 
