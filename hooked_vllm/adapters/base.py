@@ -89,7 +89,9 @@ class VLMAdapter(ABC):
         :attr:`vision_input_names`."""
 
     def normalize_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Fix up processor outputs so results do not depend on batch-mates (default: unchanged)."""
+        """Fix up processor outputs so results do not depend on batch-mates (default: unchanged).
+
+        Called once, by :func:`hooked_vllm.inputs.build_batch`, on every batch (prepared or raw)."""
         return inputs
 
     @abstractmethod

@@ -63,14 +63,13 @@ class InstructBlipAdapter(VLMAdapter):
     def process(
         self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str
     ) -> Mapping[str, torch.Tensor]:
-        inputs = self.processor(
+        return self.processor(
             images=list(images),
             text=list(prompts),
             return_tensors="pt",
             padding=True,
             padding_side=padding_side,
         )
-        return self.normalize_inputs(dict(inputs))
 
     def normalize_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move the Q-Former text's padding to the right.

@@ -13,11 +13,12 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from jaxtyping import Float, Int
 
-from hooked_vllm.analysis.contextualization import ContextualizationSums, layer_sums
+from hooked_vllm.analysis.contextualization import ContextualizationSums, layer_sums, stack_layer_sums
 from hooked_vllm.analysis.logit_lens import LensResult, LogitLens, gather_positions
 from hooked_vllm.analysis.norm_attention import (
     causal_pair_count,
@@ -74,29 +75,20 @@ class BatchReducer:
             raise ValueError(f"Unknown analyses {sorted(unknown)}; choose from {ANALYSES}.")
         self.analyses = analyses
         self.image, self.text = batch.image_mask, batch.text_mask
-        self.pairs = modality_pairs(batch)
-        # Each block's query mask is one of a few groups; keep them once, and each pair's key mask.
-        self.query_groups: dict[str, torch.Tensor] = {}
-        self.pair_groups: dict[str, tuple[str, torch.Tensor]] = {}
-        for name, (queries, keys) in self.pairs.items():
-            query_name = name.split("<-")[0]
-            self.query_groups.setdefault(query_name, queries)
-            self.pair_groups[name] = (query_name, keys)
-        self.last = self.query_groups["last"]
-        self.group_names = list(self.query_groups)
-        self.pair_names = list(self.pair_groups)
-        self.query_matrix = torch.stack([self.query_groups[n].float() for n in self.group_names], 1)
-        self.key_matrix = torch.stack([self.pair_groups[n][1].float() for n in self.pair_names], 1)
+        # Each block's query mask is one of a few groups ("text<-image" reads text queries): keep
+        # the groups once as a [batch, group, query] matrix, and each pair's keys and group index.
+        pairs = modality_pairs(batch)
+        query_groups: dict[str, torch.Tensor] = {}
+        for name, (queries, _) in pairs.items():
+            query_groups.setdefault(name.split("<-")[0], queries)
+        self.group_names = list(query_groups)
+        self.pair_names = list(pairs)
+        self.query_matrix = torch.stack([query_groups[n].float() for n in self.group_names], 1)
+        self.key_matrix = torch.stack([pairs[n][1].float() for n in self.pair_names], 1)
         self.pair_query_index = torch.tensor(
-            [self.group_names.index(self.pair_groups[n][0]) for n in self.pair_names]
+            [self.group_names.index(n.split("<-")[0]) for n in self.pair_names]
         )
-        self.pair_counts = torch.stack(
-            [
-                causal_pair_count(self.query_groups[self.pair_groups[n][0]], self.pair_groups[n][1])
-                for n in self.pair_names
-            ],
-            1,
-        )
+        self.pair_counts = torch.stack([causal_pair_count(*pairs[n]) for n in self.pair_names], 1)
         counts = self.image.sum(-1)
         self.same_image_count = bool((counts == counts[0]).all()) and int(counts[0]) > 0
         self.lens = LogitLens.from_vlm(vlm) if "logit_lens" in analyses else None
@@ -165,12 +157,7 @@ class BatchReducer:
     def finish(self) -> BatchAnalysis:
         result = BatchAnalysis()
         if self._resid:
-            sums = ContextualizationSums()
-            for slot, target in enumerate((sums.pair_sum, sums.pair_count, sums.modality_sum)):
-                for key in self._resid[0][slot]:
-                    target[key] = torch.stack([layer[slot][key] for layer in self._resid])
-            sums.modality_count = self._resid[0][3]
-            result.contextualization = sums
+            result.contextualization = stack_layer_sums(self._resid)
         if self._attention:
             summary = AttentionSummary()
             for kind in ("norm", "weight", "head_norm"):
@@ -219,22 +206,12 @@ def collect(
     """Run ``batch`` once and reduce every layer on the fly (see the module docstring)."""
     batch = vlm.to_batch(batch)
     reducer = BatchReducer(vlm, batch, analyses, lens_positions, top_k, verbalize_images)
-    stash: dict[int, torch.Tensor] = {}
+    feed = _feeder(reducer)
 
-    def on_resid(tensor, hook):
-        reducer.on_resid(tensor)
+    def hook_fn(tensor, hook, name):
+        feed(name, tensor)
 
-    def on_v(tensor, hook):
-        stash[_layer_of(hook.name)] = tensor
-
-    def on_pattern(tensor, hook):
-        layer = _layer_of(hook.name)
-        reducer.on_attention(layer, tensor, stash.pop(layer))
-
-    def hook_for(name: str):
-        return on_v if name.endswith("hook_v") else on_pattern if name.endswith("hook_pattern") else on_resid
-
-    hooks = [(name, hook_for(name)) for name in hook_names(vlm.cfg.n_layers, analyses)]
+    hooks = [(name, partial(hook_fn, name=name)) for name in hook_names(vlm.cfg.n_layers, analyses)]
     vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
     return reducer.finish()
 
@@ -252,14 +229,28 @@ def reduce_cache(
     """The same analysis from a full ``ActivationCache`` of ``batch``."""
     batch = vlm.to_batch(batch)
     reducer = BatchReducer(vlm, batch, analyses, lens_positions, top_k, verbalize_images)
-    reducer.on_resid(cache["blocks.0.hook_resid_pre"])
-    for layer in range(vlm.cfg.n_layers):
-        reducer.on_resid(cache[f"blocks.{layer}.hook_resid_post"])
-        if "norm_attention" in analyses:
-            reducer.on_attention(
-                layer, cache[f"blocks.{layer}.attn.hook_pattern"], cache[f"blocks.{layer}.attn.hook_v"]
-            )
+    feed = _feeder(reducer)
+    # Residual streams come in layer order, and each layer's values before its pattern.
+    for name in hook_names(vlm.cfg.n_layers, analyses):
+        feed(name, cache[name])
     return reducer.finish()
+
+
+def _feeder(reducer: BatchReducer):
+    """Routes ``(hook name, activation)`` to the reducer: values wait for their layer's pattern,
+    residual streams go straight in (in layer order)."""
+    values: dict[int, torch.Tensor] = {}
+
+    def feed(name: str, tensor: torch.Tensor) -> None:
+        if name.endswith("attn.hook_v"):
+            values[_layer_of(name)] = tensor
+        elif name.endswith("attn.hook_pattern"):
+            layer = _layer_of(name)
+            reducer.on_attention(layer, tensor, values.pop(layer))
+        else:
+            reducer.on_resid(tensor)
+
+    return feed
 
 
 def _layer_of(hook_name: str) -> int:

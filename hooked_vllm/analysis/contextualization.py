@@ -126,8 +126,12 @@ def contextualization_sums(
     text: Bool[torch.Tensor, "batch pos"],
 ) -> ContextualizationSums:
     """Sufficient statistics over a list of per-layer hidden states (layer 0 = embeddings)."""
+    return stack_layer_sums([layer_sums(h, image.to(h.device), text.to(h.device)) for h in layers])
+
+
+def stack_layer_sums(per_layer: list[tuple[dict[str, torch.Tensor], ...]]) -> ContextualizationSums:
+    """Stack :func:`layer_sums` results, one per layer, into ``[layer, ...]`` statistics (on CPU)."""
     out = ContextualizationSums()
-    per_layer = [layer_sums(h, image.to(h.device), text.to(h.device)) for h in layers]
     for slot, target in enumerate((out.pair_sum, out.pair_count, out.modality_sum)):
         for key in per_layer[0][slot]:
             target[key] = torch.stack([entry[slot][key].cpu() for entry in per_layer])
