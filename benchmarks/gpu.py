@@ -26,7 +26,6 @@ from transformers import (
     InstructBlipForConditionalGeneration,
     InstructBlipQFormerConfig,
     InstructBlipVisionConfig,
-    LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
 )
@@ -36,35 +35,23 @@ from common import PROMPT, peak_memory_mb, sample_images  # noqa: E402
 
 from hooked_vllm import HookedVLM  # noqa: E402
 from hooked_vllm.analysis import collect  # noqa: E402
-from hooked_vllm.testing import tiny_instructblip, tiny_llava  # noqa: E402
+from hooked_vllm.testing import TinyTextConfig, tiny_instructblip, tiny_llava  # noqa: E402
 
+# LLaMA-7B / Vicuna-7B text backbone with CLIP ViT-L/14-336 or EVA ViT-g/14 + Q-Former ("full"
+# vision), or a mid-size one with a small vision side.
 SIZES = {
-    # LLaMA-7B / Vicuna-7B text backbone; CLIP ViT-L/14-336 or EVA ViT-g/14 + Q-Former.
-    "7b": dict(d_model=4096, n_layers=32, n_heads=32, d_mlp=11008, vision="full"),
-    "mid": dict(d_model=512, n_layers=8, n_heads=8, d_mlp=1376, vision="small"),
+    "7b": (
+        TinyTextConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_mlp=11008, n_ctx=4096),
+        True,
+    ),
+    "mid": (TinyTextConfig(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_mlp=1376, n_ctx=4096), False),
 }
-
-
-def text_config(size: dict, vocab: int, tokenizer) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=size["d_model"],
-        intermediate_size=size["d_mlp"],
-        num_hidden_layers=size["n_layers"],
-        num_attention_heads=size["n_heads"],
-        num_key_value_heads=size["n_heads"],
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
 
 
 def build(family: str, size_name: str, device: str, dtype: torch.dtype):
     """A random model of the requested shape, built on ``device`` in ``dtype``, with a tiny
     in-process tokenizer/processor of the right image geometry."""
-    size = SIZES[size_name]
-    full = size["vision"] == "full"
+    text, full = SIZES[size_name]
     if family == "llava":
         _, processor = tiny_llava(image_size=336, patch_size=14)
         vision = (
@@ -90,7 +77,7 @@ def build(family: str, size_name: str, device: str, dtype: torch.dtype):
         tokenizer = processor.tokenizer
         config = LlavaConfig(
             vision_config=vision,
-            text_config=text_config(size, len(tokenizer), tokenizer),
+            text_config=text.llama_config(len(tokenizer), tokenizer),
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
             vision_feature_layer=-2,
             vision_feature_select_strategy="default",
@@ -131,7 +118,7 @@ def build(family: str, size_name: str, device: str, dtype: torch.dtype):
         config = InstructBlipConfig(
             vision_config=vision.to_dict(),
             qformer_config=qformer.to_dict(),
-            text_config=text_config(size, len(tokenizer), tokenizer).to_dict(),
+            text_config=text.llama_config(len(tokenizer), tokenizer).to_dict(),
             num_query_tokens=32,
             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         )

@@ -20,7 +20,6 @@ from transformers import (
     AutoTokenizer,
     CLIPImageProcessor,
     CLIPVisionConfig,
-    LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -28,6 +27,7 @@ from transformers import (
 )
 
 from hooked_vllm.demo import shapes
+from hooked_vllm.testing.tiny_models import TinyTextConfig
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
@@ -69,19 +69,9 @@ def build_model(tokenizer, seed: int) -> LlavaForConditionalGeneration:
             patch_size=PATCH,
             projection_dim=96,
         ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=False,
-        ),
+        text_config=TinyTextConfig(
+            d_model=128, n_layers=6, n_heads=4, n_kv_heads=2, d_mlp=256, n_ctx=256
+        ).llama_config(len(tokenizer), tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
