@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import gc
+import os
+import sys
 import time
 from collections.abc import Callable
+
+# Peak-memory readings need freed tensors to leave the resident set. glibc raises its mmap threshold
+# after large frees and then reuses resident pages, which would read as ~0 MiB; a fixed threshold keeps
+# large tensors mmapped (returned to the OS on free). It must be set before the process starts.
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import numpy as np
 import torch
