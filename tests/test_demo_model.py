@@ -9,6 +9,7 @@ import torch
 from hooked_vllm import HookedVLM
 from hooked_vllm.analysis import LogitLens, resid_stack_from_cache
 from hooked_vllm.demo import MODEL_DIR, shapes
+from hooked_vllm.demo.evaluate import EVALUATION_SEED
 from hooked_vllm.interventions import knockout, last_logits
 from hooked_vllm.interventions.patching import patch_by_modality
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.skipif(
     not (MODEL_DIR / "model.safetensors").is_file(), reason="demo model not shipped"
 )
 
-HELD_OUT_SEED = 424_242  # never used in training (training seeds are 0..steps-1)
+HELD_OUT_SEED = EVALUATION_SEED  # never used in training; MODEL_CARD.md is measured on the same draws
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +38,10 @@ def accuracy(vlm, examples) -> float:
     return sum(w == ex.answer for w, ex in zip(words, examples)) / len(examples)
 
 
-# Measured on 400 held-out questions per kind (MODEL_CARD.md): colour 84.3%, shape 82.0%, count 99.5%,
-# relation 47% (chance). The goal is 90% on colour and shape; these guard the shipped weights.
-GUARDS = {"colour": 0.80, "shape": 0.78, "count": 0.95}
+# The goal: >= 90% on colour and shape questions. Measured on 400 held-out questions per kind
+# (MODEL_CARD.md, `python -m hooked_vllm.demo.evaluate`): colour 100%, shape 100%, count 100%,
+# relation 51.5% (chance: not learned, reported only).
+GUARDS = {"colour": 0.90, "shape": 0.90, "count": 0.95}
 
 
 @pytest.mark.parametrize("kind", sorted(GUARDS))
@@ -63,8 +65,8 @@ def test_logit_lens_reaches_the_answer_before_the_last_layer(demo):
     settled = torch.stack([top1[layer:].all(0) for layer in range(top1.shape[0])])
     first_layer = settled.float().argmax(0)
     last_layer = top1.shape[0] - 1
-    # Measured: 78% of correctly answered items settle on the answer before the last layer.
-    assert (first_layer[correct] < last_layer).float().mean() >= 0.6
+    # Measured: all correctly answered items settle on the answer before the last layer (most by layer 2).
+    assert (first_layer[correct] < last_layer).float().mean() >= 0.9
 
 
 def test_knocking_out_image_to_text_drops_accuracy_to_chance(demo):

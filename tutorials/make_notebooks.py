@@ -21,7 +21,7 @@ torch.set_grad_enabled(False)
 # The shipped demo model: a toy LLaVA trained on synthetic shapes. On a GPU, use a real one instead:
 # vlm = HookedVLM.from_pretrained("llava-hf/llava-1.5-7b-hf", dtype=torch.float16, device="cuda")
 vlm = HookedVLM.from_pretrained(str(demo_model_dir()))
-examples = shapes.examples(seed=123, n=8, kinds=("colour",))
+examples = shapes.examples(seed=shapes.HELD_OUT_SEED_BASE + 123, n=8, kinds=("colour",))
 batch = vlm.prepare([ex.image for ex in examples], [ex.question for ex in examples])
 print(vlm.cfg.n_layers, "layers;", int(batch.image_mask[0].sum()), "image tokens per item")
 print(vlm.to_str_tokens(batch, 0))"""
@@ -157,7 +157,7 @@ print("image -> last blocked, windows of 2 layers:", knockout_sweep(vlm, clean, 
 with knockout(vlm, clean, edges=[("image", "text"), ("image", "last")]):
     print("all layers blocked:", vlm.generate(clean, max_new_tokens=1, return_str=True))"""),
         new_code_cell("""from hooked_vllm.interventions import pruning_curve
-examples = shapes.examples(seed=5, n=32, kinds=("colour", "shape"))
+examples = shapes.examples(seed=shapes.HELD_OUT_SEED_BASE + 5, n=32, kinds=("colour", "shape"))
 batch = vlm.prepare([ex.image for ex in examples], [ex.question for ex in examples])
 for point in pruning_curve(vlm, batch, ks=[16, 8, 4, 2, 1], from_layers=[1, 3], method="norm"):
     print(point)"""),

@@ -8,7 +8,7 @@ from pathlib import Path
 from hooked_vllm.data.datasets import DatasetItem, DatasetSample
 from hooked_vllm.demo import shapes
 
-HELD_OUT_SEED = 10_000
+HELD_OUT_SEED = shapes.HELD_OUT_SEED_BASE + 10_000
 
 
 def load_shapes(directory: str | Path, n: int = 16, seed: int = 0) -> DatasetSample:

@@ -6,7 +6,10 @@ Questions (single-word answers):
 - ``what shape is {colour} ?``     -> shape       (asked when that colour appears once)
 - ``how many shapes are there ?``  -> one/two
 - ``is the {a} left of the {b} ?`` -> yes/no      (a, b distinct shapes, each appearing once)
-- ``describe the image .``         -> a caption, e.g. ``a red circle and a blue square`` (left to right)
+- ``describe the image .``         -> a caption, e.g. ``a red circle and a blue square``
+- ``name the colours .``           -> ``circle red and square blue``
+
+Captions list the shapes in an order drawn at random (see :func:`caption`).
 
 Example:
     >>> scene = random_scene(np.random.default_rng(0))
@@ -37,6 +40,9 @@ IMAGE_SIZE = 64
 GRID = 4  # the demo model's 4 x 4 grid of 16-px patches
 CELL = IMAGE_SIZE // GRID
 BACKGROUND = (235, 235, 235)
+#: Seeds of :func:`examples` from here up to 10**9 are never used in training (the trainer's
+#: language stage uses ``seed * 1_000_003 + step``, its vision stage 10**9 and above).
+HELD_OUT_SEED_BASE = 10**8
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,18 @@ def patch_of(shape: Shape) -> int:
     return (shape.y // CELL) * GRID + shape.x // CELL
 
 
+def patch_labels(scene: list[Shape]) -> list[int]:
+    """Ground truth of every image token (row-major grid cell): 0 for background, else
+    ``1 + colour_index * len(SHAPES) + shape_index`` of the shape the cell holds."""
+    labels = [0] * (GRID * GRID)
+    for s in scene:
+        labels[patch_of(s)] = 1 + list(COLOURS).index(s.colour) * len(SHAPES) + SHAPES.index(s.kind)
+    return labels
+
+
+N_PATCH_LABELS = 1 + len(COLOURS) * len(SHAPES)
+
+
 def render(scene: list[Shape]) -> Image.Image:
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(image)
@@ -97,13 +115,31 @@ def render(scene: list[Shape]) -> Image.Image:
     return image
 
 
-def caption(scene: list[Shape]) -> str:
-    parts = [f"a {s.colour} {s.kind}" for s in sorted(scene, key=lambda s: s.x)]
-    return " and ".join(parts)
+def _listing_order(scene: list[Shape], rng: np.random.Generator | None) -> list[Shape]:
+    """Reading order (the image tokens' order), or a random order when ``rng`` is given. Training
+    uses random orders: in reading order the n-th object named is the n-th object token, so a model
+    can caption by position and never learn which colour belongs to which shape."""
+    ordered = sorted(scene, key=patch_of)
+    if rng is None:
+        return ordered
+    return [ordered[i] for i in rng.permutation(len(ordered))]
 
 
-def questions(scene: list[Shape]) -> list[QA]:
-    """Every question the scene answers unambiguously."""
+def caption(scene: list[Shape], rng: np.random.Generator | None = None) -> str:
+    """``a red circle and a blue square``: each shape named after its colour (colour -> shape binding)."""
+    return " and ".join(f"a {s.colour} {s.kind}" for s in _listing_order(scene, rng))
+
+
+def colour_caption(scene: list[Shape], rng: np.random.Generator | None = None) -> str:
+    """``circle red and square blue``: each colour right after its shape's name, so predicting it is a
+    one-step lookup from the shape word to that shape's image token (shape -> colour binding, what
+    colour questions need)."""
+    return " and ".join(f"{s.kind} {s.colour}" for s in _listing_order(scene, rng))
+
+
+def questions(scene: list[Shape], rng: np.random.Generator | None = None) -> list[QA]:
+    """Every question the scene answers unambiguously (captions list the shapes in reading order,
+    or in an order drawn from ``rng``)."""
     out: list[QA] = []
     kinds = [s.kind for s in scene]
     colours = [s.colour for s in scene]
@@ -113,7 +149,8 @@ def questions(scene: list[Shape]) -> list[QA]:
         if colours.count(s.colour) == 1:
             out.append(QA("shape", f"what shape is {s.colour} ?", s.kind))
     out.append(QA("count", "how many shapes are there ?", NUMBERS[len(scene)]))
-    out.append(QA("caption", "describe the image .", caption(scene)))
+    out.append(QA("caption", "describe the image .", caption(scene, rng)))
+    out.append(QA("caption", "name the colours .", colour_caption(scene, rng)))
     unique = [s for s in scene if kinds.count(s.kind) == 1]
     for a in unique:
         for b in unique:
@@ -128,6 +165,7 @@ def vocabulary() -> list[str]:
     """Every word the task and the LLaVA template use."""
     words = {"USER", "ASSISTANT", ":", "?", "a", "and", "what", "colour", "is", "the", "shape", "how", "many"}
     words |= {"shapes", "are", "there", "left", "of", "yes", "no", "describe", "image", "."}
+    words |= {"name", "colours"}
     words |= set(COLOURS) | set(SHAPES) | set(NUMBERS)
     return sorted(words)
 
@@ -150,7 +188,7 @@ def examples(seed: int, n: int, kinds: tuple[str, ...] = QUESTION_KINDS) -> list
     out: list[Example] = []
     while len(out) < n:
         scene = random_scene(rng)
-        pool = [qa for qa in questions(scene) if qa.kind in kinds]
+        pool = [qa for qa in questions(scene, rng) if qa.kind in kinds]
         if not pool:
             continue
         qa = pool[int(rng.integers(len(pool)))]
