@@ -155,6 +155,28 @@ def test_norm_attention_matches_naive_and_rebuilds_the_attention_output(family, 
         assert (rebuilt - cache[f"blocks.{layer}.hook_attn_out"]).abs().max() <= 1e-4
 
 
+def test_blockwise_causal_head_summed_norm_matches_naive(family, images):
+    """The collector's fast path (key blocks, causal half skipped) on real decoder patterns, with
+    blocks smaller than the sequence; a bidirectional pattern needs causal=False (the default)."""
+    from hooked_vllm.analysis.norm_attention import head_gram, head_summed_norms_from_gram
+
+    vlm = family.vlm
+    batch = vlm.prepare(images, INSTRUCTIONS)
+    _, cache = vlm.run_with_cache(batch)
+    pattern, v, w_o = cache["pattern", 1], cache["v", 1], vlm.W_O[1]
+    gram = head_gram(v, w_o)
+    _, naive_summed = naive_norms(pattern, v, w_o)
+    # Padding queries attend anywhere (a fully masked row); they belong to no modality group.
+    real = batch.attention_mask.bool()[:, :, None]
+    for key_block in (7, 64, 10_000):
+        fast = head_summed_norms_from_gram(pattern, gram, causal=True, key_block=key_block)
+        assert close(fast * real, naive_summed * real)
+    full = torch.softmax(torch.randn_like(pattern), -1)
+    _, naive_full = naive_norms(full, v, w_o)
+    assert close(head_summed_norms_from_gram(full, gram, key_block=7), naive_full)
+    assert not close(head_summed_norms_from_gram(full, gram, causal=True, key_block=7), naive_full)
+
+
 def test_zero_value_vector_gets_zero_norm_attention():
     gen = torch.Generator().manual_seed(3)
     v = torch.randn(1, 6, 2, 4, generator=gen)

@@ -22,6 +22,7 @@ from hooked_vllm.analysis.contextualization import ContextualizationSums, layer_
 from hooked_vllm.analysis.logit_lens import LensResult, LogitLens, gather_positions
 from hooked_vllm.analysis.norm_attention import (
     causal_pair_count,
+    grouped_query_sums,
     head_gram,
     head_summed_norms_from_gram,
     modality_pairs,
@@ -127,14 +128,14 @@ class BatchReducer:
         device = pattern.device
         alpha = pattern.float()
         gram = head_gram(v, self.W_O[layer].to(device))  # [batch, key, head, head]
-        summed = head_summed_norms_from_gram(alpha, gram)  # [batch, query, key]
+        summed = head_summed_norms_from_gram(alpha, gram, causal=True)  # [batch, query, key]: decoder
         f_norm = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().transpose(1, 2)  # ||f_h(x_j)||
         # Block sums as matrix products: each query group's rows summed, then each pair's keys.
         queries = self.query_matrix.to(device)  # [batch, group, query]
         keys = self.key_matrix.to(device)  # [batch, pair, key]
         g = self.pair_query_index.to(device)  # [pair]
         norm_rows = torch.einsum("bgq,bqk->bgk", queries, summed)
-        alpha_rows = torch.einsum("bgq,bhqk->bhgk", queries, alpha)[:, :, g]  # [batch, head, pair, key]
+        alpha_rows = grouped_query_sums(queries, alpha, causal=True)[:, :, g]  # [batch, head, pair, key]
         count = self.pair_counts.to(device)  # [batch, pair]
         norm_blocks = (norm_rows[:, g] * keys).sum(-1) / count
         head_blocks = (alpha_rows * f_norm[:, :, None, :] * keys[:, None]).sum(-1) / count[:, None]

