@@ -212,7 +212,12 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "model")
     parser.add_argument("--steps", type=int, default=12_000, help="stage 2 (language) steps")
-    parser.add_argument("--vision-steps", type=int, default=500, help="stage 1 (vision) steps; 0 skips it")
+    parser.add_argument(
+        "--vision-steps",
+        type=int,
+        default=None,
+        help="stage 1 (vision) steps; 0 skips it (default: 500, or 0 with --init-from)",
+    )
     parser.add_argument(
         "--freeze-vision",
         action=argparse.BooleanOptionalAction,
@@ -230,6 +235,15 @@ def main() -> None:
         "--data-offset", type=int, default=0, help="first step's data seed (use a fresh range per phase)"
     )
     args = parser.parse_args()
+    if args.vision_steps is None:
+        args.vision_steps = 0 if args.init_from is not None else 500
+    last_seed = args.seed * 1_000_003 + args.data_offset + args.steps
+    if last_seed >= shapes.HELD_OUT_SEED_BASE:
+        parser.error(
+            f"--seed {args.seed} with --data-offset {args.data_offset} and --steps {args.steps} would "
+            f"train on data seeds up to {last_seed}, into the held-out range "
+            f"(>= {shapes.HELD_OUT_SEED_BASE}); use a seed below 99 or fewer steps."
+        )
 
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
