@@ -86,12 +86,10 @@ def head_summed_norms_from_gram(
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     factor = eigenvectors * eigenvalues.clamp_min(0).sqrt()[..., None, :]  # [batch, key, head, rank]
     batch, heads, queries, keys = pattern.shape
-    pattern = pattern.float()
-    out = pattern.new_zeros(batch, keys, queries)  # key-major
-    for k0 in range(0, keys, key_block):
-        k1 = min(k0 + key_block, keys)
-        q0 = k0 if causal and queries == keys else 0
-        block = pattern[:, :, q0:, k0:k1].permute(0, 3, 2, 1).reshape(batch * (k1 - k0), queries - q0, heads)
+    out = factor.new_zeros(batch, keys, queries)  # key-major
+    for k0, k1, q0 in _key_blocks(queries, keys, key_block, causal):
+        block = pattern[:, :, q0:, k0:k1].float().permute(0, 3, 2, 1)
+        block = block.reshape(batch * (k1 - k0), queries - q0, heads)
         rank_factor = factor[:, k0:k1].reshape(batch * (k1 - k0), heads, -1)
         projected = torch.bmm(block, rank_factor)  # [batch * block keys, query, rank]
         out[:, k0:k1, q0:] = torch.linalg.vector_norm(projected, dim=-1).view(batch, k1 - k0, queries - q0)
@@ -109,13 +107,19 @@ def grouped_query_sums(
     each query group. ``causal=True`` skips the zero half as in :func:`head_summed_norms_from_gram`
     (exact when the groups hold no padding queries)."""
     batch, heads, queries, keys = pattern.shape
-    pattern = pattern.float()
-    out = pattern.new_zeros(batch, heads, query_groups.shape[1], keys)
-    for k0 in range(0, keys, key_block):
-        k1 = min(k0 + key_block, keys)
-        q0 = k0 if causal and queries == keys else 0
-        out[..., k0:k1] = torch.einsum("bgq,bhqk->bhgk", query_groups[:, :, q0:], pattern[:, :, q0:, k0:k1])
+    query_groups = query_groups.float()
+    out = query_groups.new_zeros(batch, heads, query_groups.shape[1], keys)
+    for k0, k1, q0 in _key_blocks(queries, keys, key_block, causal):
+        block = pattern[:, :, q0:, k0:k1].float()
+        out[..., k0:k1] = torch.einsum("bgq,bhqk->bhgk", query_groups[:, :, q0:], block)
     return out
+
+
+def _key_blocks(queries: int, keys: int, key_block: int, causal: bool):
+    """(first key, end key, first query) of each block; a causal block needs no earlier query
+    (alpha is zero for key > query) when queries and keys are the same positions."""
+    for k0 in range(0, keys, key_block):
+        yield k0, min(k0 + key_block, keys), k0 if causal and queries == keys else 0
 
 
 def block_mean(
