@@ -126,16 +126,15 @@ class BatchReducer:
         if "norm_attention" not in self.analyses:
             return
         device = pattern.device
-        alpha = pattern.float()
         gram = head_gram(v, self.W_O[layer].to(device))  # [batch, key, head, head]
-        summed = head_summed_norms_from_gram(alpha, gram, causal=True)  # [batch, query, key]: decoder
+        summed = head_summed_norms_from_gram(pattern, gram, causal=True)  # [batch, query, key]: decoder
         f_norm = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().transpose(1, 2)  # ||f_h(x_j)||
         # Block sums as matrix products: each query group's rows summed, then each pair's keys.
         queries = self.query_matrix.to(device)  # [batch, group, query]
         keys = self.key_matrix.to(device)  # [batch, pair, key]
         g = self.pair_query_index.to(device)  # [pair]
         norm_rows = torch.einsum("bgq,bqk->bgk", queries, summed)
-        alpha_rows = grouped_query_sums(queries, alpha, causal=True)[:, :, g]  # [batch, head, pair, key]
+        alpha_rows = grouped_query_sums(queries, pattern, causal=True)[:, :, g]  # [batch, head, pair, key]
         count = self.pair_counts.to(device)  # [batch, pair]
         norm_blocks = (norm_rows[:, g] * keys).sum(-1) / count
         head_blocks = (alpha_rows * f_norm[:, :, None, :] * keys[:, None]).sum(-1) / count[:, None]
