@@ -14,21 +14,23 @@ def test_patch_labels_name_what_each_rendered_cell_holds():
     for _ in range(50):
         scene = shapes.random_scene(rng)
         pixels = np.asarray(shapes.render(scene)).astype(int)
-        for cell, label in enumerate(shapes.patch_labels(scene)):
+        colour_labels, shape_labels = shapes.patch_labels(scene)
+        for cell, (colour_label, shape_label) in enumerate(zip(colour_labels, shape_labels)):
             row, col = divmod(cell, shapes.GRID)
             block = pixels[
                 row * shapes.CELL : (row + 1) * shapes.CELL, col * shapes.CELL : (col + 1) * shapes.CELL
             ]
             painted = (block != shapes.BACKGROUND).any(-1)
-            if label == 0:
+            assert (colour_label == 0) == (shape_label == 0)
+            if colour_label == 0:
                 assert not painted.any()
                 continue
-            colour = colours[(label - 1) // len(kinds)]
+            colour = colours[colour_label - 1]
             # The cell is painted with that colour (anti-aliasing aside) ...
             exact = (block == shapes.COLOURS[colour]).all(-1)
             assert exact.sum() >= 0.8 * painted.sum() > 0
             # ... in the shape named: a square fills its box, a circle ~pi/4 of it, a triangle ~1/2.
-            kind = kinds[(label - 1) % len(kinds)]
+            kind = kinds[shape_label - 1]
             fill = exact.sum() / (2 * scene[0].size + 1) ** 2 if len(scene) == 1 else None
             if fill is not None:
                 expected = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}[kind]

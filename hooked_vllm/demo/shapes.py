@@ -86,16 +86,14 @@ def patch_of(shape: Shape) -> int:
     return (shape.y // CELL) * GRID + shape.x // CELL
 
 
-def patch_labels(scene: list[Shape]) -> list[int]:
-    """Ground truth of every image token (row-major grid cell): 0 for background, else
-    ``1 + colour_index * len(SHAPES) + shape_index`` of the shape the cell holds."""
-    labels = [0] * (GRID * GRID)
+def patch_labels(scene: list[Shape]) -> tuple[list[int], list[int]]:
+    """Ground truth of every image token (row-major grid cell): its colour and its shape, each
+    ``1 + index`` into ``COLOURS`` / ``SHAPES`` where the cell holds a shape, 0 for background."""
+    colours, kinds = [0] * (GRID * GRID), [0] * (GRID * GRID)
     for s in scene:
-        labels[patch_of(s)] = 1 + list(COLOURS).index(s.colour) * len(SHAPES) + SHAPES.index(s.kind)
-    return labels
-
-
-N_PATCH_LABELS = 1 + len(COLOURS) * len(SHAPES)
+        colours[patch_of(s)] = 1 + list(COLOURS).index(s.colour)
+        kinds[patch_of(s)] = 1 + SHAPES.index(s.kind)
+    return colours, kinds
 
 
 def render(scene: list[Shape]) -> Image.Image:

@@ -153,9 +153,7 @@ def pretrain_vision(model, processor, steps: int, seed: int, lr: float = 2e-3, b
         rng = np.random.default_rng(batch_seed)
         scenes = [shapes.random_scene(rng) for _ in range(n)]
         pixels = processor.image_processor([shapes.render(s) for s in scenes], return_tensors="pt")
-        labels = torch.tensor([shapes.patch_labels(s) for s in scenes])
-        colour = torch.where(labels > 0, (labels - 1) // len(shapes.SHAPES) + 1, 0)
-        shape = torch.where(labels > 0, (labels - 1) % len(shapes.SHAPES) + 1, 0)
+        colour, shape = torch.tensor([shapes.patch_labels(s) for s in scenes]).unbind(1)  # [n, cell] each
         return pixels["pixel_values"], colour, shape
 
     def losses(features, colour, shape) -> torch.Tensor:
