@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from hooked_vllm.demo import MODEL_DIR, shapes
-from hooked_vllm.demo.train import accuracy
+from hooked_vllm.demo.train import answer_hits
 
 EVALUATION_SEED = shapes.HELD_OUT_SEED_BASE + 424_242
 
@@ -27,12 +27,12 @@ def evaluate(model_dir: Path, n: int = 400) -> dict[str, float]:
     result: dict[str, float] = {}
     for offset, kind in enumerate(shapes.QUESTION_KINDS):
         examples = shapes.examples(seed=EVALUATION_SEED + offset, n=n, kinds=(kind,))
-        result[kind] = accuracy(model, processor, examples)[kind]
+        hits = answer_hits(model, processor, examples)
+        result[kind] = sum(hits) / len(hits)
         for count in (1, 2):
-            subset = [ex for ex in examples if len(ex.scene) == count]
+            subset = [hit for hit, ex in zip(hits, examples) if len(ex.scene) == count]
             if subset:
-                label = f"{kind} ({count} shape{'s' * (count > 1)})"
-                result[label] = accuracy(model, processor, subset)[kind]
+                result[f"{kind} ({count} shape{'s' * (count > 1)})"] = sum(subset) / len(subset)
     return result
 
 

@@ -182,10 +182,10 @@ def pretrain_vision(model, processor, steps: int, seed: int, lr: float = 2e-3, b
 
 
 @torch.no_grad()
-def accuracy(model, processor, examples: list[shapes.Example], batch_size: int = 64) -> dict[str, float]:
-    """Greedy next-token accuracy of the answer word, per question kind (HF model, left padding)."""
+def answer_hits(model, processor, examples: list[shapes.Example], batch_size: int = 64) -> list[bool]:
+    """Whether the greedy next token is the answer word, per example (HF model, left padding)."""
     model.eval()
-    hits: dict[str, list[bool]] = {}
+    hits: list[bool] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         inputs = processor(
@@ -199,9 +199,16 @@ def accuracy(model, processor, examples: list[shapes.Example], batch_size: int =
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         logits = model(**inputs, position_ids=positions).logits[:, -1]
         predicted = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
-        for ex, word in zip(chunk, predicted):
-            hits.setdefault(ex.kind, []).append(word == ex.answer)
-    return {kind: sum(v) / len(v) for kind, v in sorted(hits.items())}
+        hits += [word == ex.answer for ex, word in zip(chunk, predicted)]
+    return hits
+
+
+def accuracy(model, processor, examples: list[shapes.Example]) -> dict[str, float]:
+    """Greedy next-token accuracy of the answer word, per question kind."""
+    by_kind: dict[str, list[bool]] = {}
+    for ex, hit in zip(examples, answer_hits(model, processor, examples)):
+        by_kind.setdefault(ex.kind, []).append(hit)
+    return {kind: sum(v) / len(v) for kind, v in sorted(by_kind.items())}
 
 
 def main() -> None:
