@@ -41,7 +41,7 @@ GRID = 4  # the demo model's 4 x 4 grid of 16-px patches
 CELL = IMAGE_SIZE // GRID
 BACKGROUND = (235, 235, 235)
 #: Seeds of :func:`examples` from here up to 10**9 are never used in training (the trainer's
-#: language stage uses ``seed * 1_000_003 + step``, its vision stage 10**9 and above).
+#: language stage uses ``train.data_seed(seed, step)``, its vision stage 10**9 and above).
 HELD_OUT_SEED_BASE = 10**8
 
 

@@ -41,6 +41,12 @@ VISION_SEED_BASE = 10**9  # stage-1 data seeds, disjoint from stage 2's and the 
 PATCH = 16  # a 4 x 4 grid of 16-px patches: each patch embedding sees a whole part of a shape
 
 
+def data_seed(seed: int, step: int) -> int:
+    """The data seed of a training step: one range of a million steps per ``--seed`` (the vision
+    stage adds ``VISION_SEED_BASE``; held-out data starts at ``shapes.HELD_OUT_SEED_BASE``)."""
+    return seed * 1_000_003 + step
+
+
 def build_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the task's vocabulary, saved to and loaded back from ``directory``."""
     vocab = {token: i for i, token in enumerate(SPECIALS + shapes.vocabulary())}
@@ -165,7 +171,7 @@ def pretrain_vision(model, processor, steps: int, seed: int, lr: float = 2e-3, b
     start = time.time()
     tower.train()
     for step in range(steps):
-        pixels, colour, shape = patch_batch(VISION_SEED_BASE + seed * 1_000_003 + step, batch_size)
+        pixels, colour, shape = patch_batch(VISION_SEED_BASE + data_seed(seed, step), batch_size)
         loss = losses(vision_features(model, pixels), colour, shape)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -242,7 +248,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.vision_steps is None:
         args.vision_steps = 0 if args.init_from is not None else 500
-    last_seed = args.seed * 1_000_003 + args.data_offset + args.steps
+    last_seed = data_seed(args.seed, args.data_offset + args.steps)
     if last_seed >= shapes.HELD_OUT_SEED_BASE:
         parser.error(
             f"--seed {args.seed} with --data-offset {args.data_offset} and --steps {args.steps} would "
@@ -288,7 +294,7 @@ def main() -> None:
         batch = training_batch(
             processor,
             shapes.examples(
-                seed=args.seed * 1_000_003 + args.data_offset + step, n=args.batch_size, kinds=TRAIN_KINDS
+                seed=data_seed(args.seed, args.data_offset + step), n=args.batch_size, kinds=TRAIN_KINDS
             ),
         )
         loss = model(**batch).loss
