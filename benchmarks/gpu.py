@@ -48,31 +48,28 @@ SIZES = {
 }
 
 
+def _vision_sizes(sizes: tuple[int, int, int, int]) -> dict[str, int]:
+    """(width, MLP width, layers, heads) as vision-config keywords."""
+    return dict(
+        zip(
+            ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+            sizes,
+            strict=True,
+        )
+    )
+
+
 def build(family: str, size_name: str, device: str, dtype: torch.dtype):
     """A random model of the requested shape, built on ``device`` in ``dtype``, with a tiny
     in-process tokenizer/processor of the right image geometry."""
     text, full = SIZES[size_name]
     if family == "llava":
         _, processor = tiny_llava(image_size=336, patch_size=14)
-        vision = (
-            CLIPVisionConfig(
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_hidden_layers=24,
-                num_attention_heads=16,
-                image_size=336,
-                patch_size=14,
-                projection_dim=768,
-            )
-            if full
-            else CLIPVisionConfig(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=336,
-                patch_size=14,
-            )
+        vision = CLIPVisionConfig(
+            **_vision_sizes((1024, 4096, 24, 16) if full else (64, 128, 2, 4)),
+            image_size=336,
+            patch_size=14,
+            projection_dim=768 if full else 512,
         )
         tokenizer = processor.tokenizer
         config = LlavaConfig(
@@ -88,24 +85,8 @@ def build(family: str, size_name: str, device: str, dtype: torch.dtype):
     else:
         _, processor = tiny_instructblip(image_size=224, patch_size=14, num_query_tokens=32)
         tokenizer = processor.tokenizer
-        vision = (
-            InstructBlipVisionConfig(
-                hidden_size=1408,
-                intermediate_size=6144,
-                num_hidden_layers=39,
-                num_attention_heads=16,
-                image_size=224,
-                patch_size=14,
-            )
-            if full
-            else InstructBlipVisionConfig(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=224,
-                patch_size=14,
-            )
+        vision = InstructBlipVisionConfig(
+            **_vision_sizes((1408, 6144, 39, 16) if full else (64, 128, 2, 4)), image_size=224, patch_size=14
         )
         qformer = InstructBlipQFormerConfig(
             vocab_size=len(processor.qformer_tokenizer),
