@@ -170,6 +170,7 @@ def main() -> None:
             "HF eager": lambda inputs=inputs: eager_model(**inputs),
             "hooked forward": lambda batch=batch: vlm(batch),
             "run_with_cache(resid_post)": lambda batch=batch: vlm.run_with_cache(batch, names_filter=resid),
+            "collect, pattern hooks": lambda batch=batch: collect(vlm, batch, attention="pattern"),
             "collect (3 lenses)": lambda batch=batch: collect(vlm, batch),
         }
         times = timed(fns, args.device, args.repeats)

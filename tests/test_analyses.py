@@ -207,11 +207,14 @@ def test_logit_lens_reproduces_the_logits_at_the_last_layer(family, images):
 
 
 # ---------------------------------------------------------------- collector
+@pytest.mark.parametrize("attention", ["fused", "pattern"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_one_pass_collector_equals_cache_based_analysis(family, images, padding_side):
+def test_one_pass_collector_equals_cache_based_analysis(family, images, padding_side, attention):
+    """Both attention paths of the collector (sdpa + alpha recomputed from q and k; the bridge's
+    pattern hook) against the analysis of a full cache and the naive definitions."""
     vlm = family.vlm
     batch = vlm.prepare(images, INSTRUCTIONS, padding_side=padding_side)
-    streamed = collect(vlm, batch, verbalize_images=True)
+    streamed = collect(vlm, batch, verbalize_images=True, attention=attention)
     _, cache = vlm.run_with_cache(batch)
     cached = reduce_cache(vlm, batch, cache, verbalize_images=True)
     for name, value in streamed.contextualization.per_item().items():

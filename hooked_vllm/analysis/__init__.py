@@ -1,5 +1,6 @@
 """The paper's three lenses as pure tensor functions, a one-pass collector, and phase detection."""
 
+from hooked_vllm.analysis.attention_lenses import attention_group_sums
 from hooked_vllm.analysis.collect import ANALYSES, AttentionSummary, BatchAnalysis, collect, reduce_cache
 from hooked_vllm.analysis.contextualization import (
     ContextualizationSums,
@@ -17,6 +18,7 @@ from hooked_vllm.analysis.norm_attention import (
     saliency_received,
     transformed_values,
 )
+from hooked_vllm.analysis.observed_attention import observed_sdpa_attention
 from hooked_vllm.analysis.phases import PhaseReport, detect_phases
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "LensResult",
     "LogitLens",
     "PhaseReport",
+    "attention_group_sums",
     "block_mean",
     "collect",
     "contextualization_from_cache",
@@ -36,6 +39,7 @@ __all__ = [
     "head_norms",
     "head_summed_norms",
     "modality_pairs",
+    "observed_sdpa_attention",
     "pair_mean_cosine",
     "reduce_cache",
     "resid_stack_from_cache",

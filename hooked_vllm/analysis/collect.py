@@ -18,6 +18,7 @@ from functools import partial
 import torch
 from jaxtyping import Float, Int
 
+from hooked_vllm.analysis.attention_lenses import attention_group_sums
 from hooked_vllm.analysis.contextualization import ContextualizationSums, layer_sums, stack_layer_sums
 from hooked_vllm.analysis.logit_lens import LensResult, LogitLens, gather_positions
 from hooked_vllm.analysis.norm_attention import (
@@ -27,6 +28,7 @@ from hooked_vllm.analysis.norm_attention import (
     head_summed_norms_from_gram,
     modality_pairs,
 )
+from hooked_vllm.analysis.observed_attention import observed_sdpa_attention, supported
 
 ANALYSES = ("contextualization", "norm_attention", "logit_lens")
 
@@ -76,6 +78,7 @@ class BatchReducer:
             raise ValueError(f"Unknown analyses {sorted(unknown)}; choose from {ANALYSES}.")
         self.analyses = analyses
         self.image, self.text = batch.image_mask, batch.text_mask
+        self.key_mask = batch.attention_mask.bool()
         # Each block's query mask is one of a few groups ("text<-image" reads text queries): keep
         # the groups once as a [batch, group, query] matrix, and each pair's keys and group index.
         pairs = modality_pairs(batch)
@@ -122,19 +125,54 @@ class BatchReducer:
         pattern: Float[torch.Tensor, "batch head query key"],
         v: Float[torch.Tensor, "batch key kv_head d_head"],
     ) -> None:
-        """Attention pattern and values of ``layer``."""
+        """Attention pattern and values of ``layer`` (the pattern-hook path)."""
         if "norm_attention" not in self.analyses:
             return
         device = pattern.device
         gram = head_gram(v, self.W_O[layer].to(device))  # [batch, key, head, head]
         summed = head_summed_norms_from_gram(pattern, gram, causal=True)  # [batch, query, key]: decoder
-        f_norm = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().transpose(1, 2)  # ||f_h(x_j)||
-        # Block sums as matrix products: each query group's rows summed, then each pair's keys.
         queries = self.query_matrix.to(device)  # [batch, group, query]
+        norm_rows = torch.einsum("bgq,bqk->bgk", queries, summed)
+        alpha_rows = grouped_query_sums(queries, pattern, causal=True)
+        self._summarise(norm_rows, alpha_rows, gram)
+
+    def on_qkv(
+        self,
+        layer: int,
+        q: Float[torch.Tensor, "batch head query d_head"],
+        k: Float[torch.Tensor, "batch kv_head key d_head"],
+        v: Float[torch.Tensor, "batch kv_head key d_head"],
+        scaling: float,
+    ) -> None:
+        """Post-RoPE queries and keys and the values of ``layer`` (the fused path): the same
+        reductions, with alpha recomputed block by block and never stored whole."""
+        if "norm_attention" not in self.analyses:
+            return
+        device = q.device
+        gram = head_gram(v.transpose(1, 2), self.W_O[layer].to(device))
+        norm_rows, alpha_rows = attention_group_sums(
+            q,
+            k,
+            gram,
+            self.query_matrix.to(device),
+            self.key_mask.to(device),
+            scaling=scaling,
+            causal=True,
+        )
+        self._summarise(norm_rows, alpha_rows, gram)
+
+    def _summarise(
+        self,
+        norm_rows: Float[torch.Tensor, "batch group key"],
+        alpha_rows: Float[torch.Tensor, "batch head group key"],
+        gram: Float[torch.Tensor, "batch key head head"],
+    ) -> None:
+        """Block means by modality pair from the query-group sums of one layer."""
+        device = norm_rows.device
+        f_norm = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().transpose(1, 2)  # ||f_h(x_j)||
         keys = self.key_matrix.to(device)  # [batch, pair, key]
         g = self.pair_query_index.to(device)  # [pair]
-        norm_rows = torch.einsum("bgq,bqk->bgk", queries, summed)
-        alpha_rows = grouped_query_sums(queries, pattern, causal=True)[:, :, g]  # [batch, head, pair, key]
+        alpha_rows = alpha_rows[:, :, g]  # [batch, head, pair, key]
         count = self.pair_counts.to(device)  # [batch, pair]
         norm_blocks = (norm_rows[:, g] * keys).sum(-1) / count
         head_blocks = (alpha_rows * f_norm[:, :, None, :] * keys[:, None]).sum(-1) / count[:, None]
@@ -193,6 +231,9 @@ def hook_names(n_layers: int, analyses: tuple[str, ...]) -> list[str]:
     return names
 
 
+ATTENTION_PATHS = ("auto", "fused", "pattern")
+
+
 @torch.no_grad()
 def collect(
     vlm,
@@ -202,8 +243,18 @@ def collect(
     lens_positions: Int[torch.Tensor, "batch n"] | None = None,
     top_k: int = 5,
     verbalize_images: bool = False,
+    attention: str = "auto",
 ) -> BatchAnalysis:
-    """Run ``batch`` once and reduce every layer on the fly (see the module docstring)."""
+    """Run ``batch`` once and reduce every layer on the fly (see the module docstring).
+
+    ``attention``: "fused" runs each layer's attention as HF sdpa and recomputes alpha from q and k
+    block by block for the norm-based lens (:mod:`~hooked_vllm.analysis.observed_attention`,
+    :func:`~hooked_vllm.analysis.attention_lenses.attention_group_sums`; a Triton kernel on CUDA);
+    "pattern" hooks ``hook_pattern`` of the bridge's step-by-step attention; "auto" is "fused"
+    where the backbone supports it. Both give the same numbers (to float rounding).
+    """
+    if attention not in ATTENTION_PATHS:
+        raise ValueError(f"attention={attention!r} is not one of {ATTENTION_PATHS}.")
     batch = vlm.to_batch(batch)
     reducer = BatchReducer(vlm, batch, analyses, lens_positions, top_k, verbalize_images)
     feed = _feeder(reducer)
@@ -211,8 +262,15 @@ def collect(
     def hook_fn(tensor, hook, name):
         feed(name, tensor)
 
-    hooks = [(name, partial(hook_fn, name=name)) for name in hook_names(vlm.cfg.n_layers, analyses)]
-    vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
+    fused = attention == "fused" or (attention == "auto" and supported(vlm))
+    names = hook_names(vlm.cfg.n_layers, () if fused else analyses)
+    hooks = [(name, partial(hook_fn, name=name)) for name in names]
+    if not fused:
+        vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
+        return reducer.finish()
+    causal_only = bool(batch.attention_mask.bool().all())
+    with observed_sdpa_attention(vlm, reducer.on_qkv, causal_only=causal_only):
+        vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
     return reducer.finish()
 
 

@@ -47,10 +47,29 @@ def head_norms(
 def head_gram(
     v: Float[torch.Tensor, "batch key kv_head d_head"],
     w_o: Float[torch.Tensor, "head d_head d_model"],
+    *,
+    max_elements: int = 2**26,
 ) -> Float[torch.Tensor, "batch key head head"]:
-    """G_j[h, g] = f_h(x_j) . f_g(x_j) for every key position j."""
-    f = transformed_values(v, w_o)
-    return torch.einsum("bkhe,bkge->bkhg", f, f)
+    """G_j[h, g] = f_h(x_j) . f_g(x_j) for every key position j, as many positions at a time as
+    keep f under ``max_elements`` floats (f of all positions would be [batch, key, head, d_model]
+    in float32: 2.5 GiB at 7B, batch 8)."""
+    batch, keys = v.shape[:2]
+    n_heads, d_model = w_o.shape[0], w_o.shape[-1]
+    key_block = max(1, max_elements // (batch * n_heads * d_model))
+    gram = v.new_empty(batch, keys, n_heads, n_heads, dtype=torch.float32)
+    for k0 in range(0, keys, key_block):
+        f = transformed_values(v[:, k0 : k0 + key_block], w_o)
+        gram[:, k0 : k0 + key_block] = torch.matmul(f, f.transpose(-1, -2))
+    return gram
+
+
+def gram_factor(
+    gram: Float[torch.Tensor, "batch key head head"],
+) -> Float[torch.Tensor, "batch key head rank"]:
+    """L_j with G_j = L_j L_j^T for every key (eigendecomposition; G is positive semi-definite), so
+    that alpha^T G_j alpha = ||L_j^T alpha||^2."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram.float())
+    return eigenvectors * eigenvalues.clamp_min(0).sqrt()[..., None, :]
 
 
 def head_summed_norms(
@@ -83,13 +102,14 @@ def head_summed_norms_from_gram(
     after the query read as zero. They belong to no modality group, so the collector's aggregates
     are unaffected.
     """
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    factor = eigenvectors * eigenvalues.clamp_min(0).sqrt()[..., None, :]  # [batch, key, head, rank]
+    factor = gram_factor(gram)  # [batch, key, head, rank]
     batch, heads, queries, keys = pattern.shape
     out = factor.new_zeros(batch, keys, queries)  # key-major
     for k0, k1, q0 in _key_blocks(queries, keys, key_block, causal):
-        block = pattern[:, :, q0:, k0:k1].float().permute(0, 3, 2, 1)
-        block = block.reshape(batch * (k1 - k0), queries - q0, heads)
+        # contiguous() first: with batch 1, reshape would return a strided view, and bmm then
+        # copies every key's [query, head] slice separately (~3x slower).
+        block = pattern[:, :, q0:, k0:k1].float().permute(0, 3, 2, 1).contiguous()
+        block = block.view(batch * (k1 - k0), queries - q0, heads)
         rank_factor = factor[:, k0:k1].reshape(batch * (k1 - k0), heads, -1)
         projected = torch.bmm(block, rank_factor)  # [batch * block keys, query, rank]
         out[:, k0:k1, q0:] = torch.linalg.vector_norm(projected, dim=-1).view(batch, k1 - k0, queries - q0)

@@ -1,0 +1,110 @@
+"""Norm-based attention straight from queries and keys, without the [batch, head, query, key] pattern.
+
+The collector needs two things of each layer's attention, both summed over the queries of a few
+groups (image, instruction, last position): the weight each key receives per head, and the
+head-summed norm ||sum_h alpha_hij f_h(x_j)|| each key receives. Both are sums over queries, so the
+pattern can be recomputed block by block from q and k (softmax of one block of rows at a time) and
+reduced on the spot: peak memory O(block x keys) instead of O(queries x keys) per head, and the
+model's own forward is free to use a fused attention kernel (sdpa, flash) that never writes alpha.
+
+:func:`attention_group_sums` does that in PyTorch on any device; on CUDA it calls a Triton kernel
+(:mod:`hooked_vllm.kernels.attention_lenses`) with the same inputs and results when Triton is
+importable, and falls back to PyTorch otherwise.
+
+Example:
+    >>> q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    >>> gram = torch.eye(4).expand(1, 6, 4, 4)  # head Gram of each key (head_gram(v, W_O))
+    >>> groups = torch.ones(1, 1, 6)
+    >>> norm_rows, alpha_rows = attention_group_sums(q, k, gram, groups, scaling=8**-0.5)
+    >>> alpha_rows.sum(-1)  # every query row of alpha sums to 1; six queries in the group
+    tensor([[[6.],
+             [6.],
+             [6.],
+             [6.]]])
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Bool, Float
+
+from hooked_vllm.analysis.norm_attention import gram_factor
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def attention_group_sums(
+    q: Float[torch.Tensor, "batch head query d_head"],
+    k: Float[torch.Tensor, "batch kv_head key d_head"],
+    gram: Float[torch.Tensor, "batch key head head"],
+    query_groups: Float[torch.Tensor, "batch group query"],
+    key_mask: Bool[torch.Tensor, "batch key"] | None = None,
+    *,
+    scaling: float,
+    causal: bool = True,
+    query_block: int = 64,
+    backend: str = "auto",
+) -> tuple[Float[torch.Tensor, "batch group key"], Float[torch.Tensor, "batch head group key"]]:
+    """Per query group: the head-summed norm each key receives and the attention weight per head.
+
+    alpha_h = softmax(scaling * q_h k_h^T) over the keys a query may see (key <= query when
+    ``causal``, and ``key_mask`` True), with query head h reading key head h // (H / H_kv). Returns
+    ``norm_rows[b, g, j] = sum_i group[b, g, i] * sqrt(alpha_:ij^T G_j alpha_:ij)`` (the head-summed
+    norm ||sum_h alpha_hij f_h(x_j)||, G_j the head Gram of key j) and
+    ``alpha_rows[b, h, g, j] = sum_i group[b, g, i] * alpha_hij``, in float32. A query that may see
+    no key at all (a left-padding row) has alpha = 0. Queries are the last ``query`` of the ``key``
+    positions (equal counts in a plain forward).
+
+    ``backend``: "torch", "triton" (CUDA tensors, Triton installed) or "auto" (Triton where it can run).
+    The PyTorch path evaluates the quadratic form with G directly; the kernel with a factor
+    G_j = L_j L_j^T, as ||L_j^T alpha_:ij|| (it accumulates over heads one at a time).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}.")
+    n_heads, n_kv = q.shape[1], k.shape[1]
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads cannot share {n_kv} key heads evenly.")
+    if key_mask is None:
+        key_mask = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+    if backend == "auto":
+        from hooked_vllm.kernels import attention_lenses as kernel
+
+        backend = "triton" if kernel.can_run(q) else "torch"
+    if backend == "triton":
+        from hooked_vllm.kernels import attention_lenses as kernel
+
+        return kernel.attention_group_sums(
+            q, k, gram_factor(gram), query_groups, key_mask, scaling=scaling, causal=causal
+        )
+    return _attention_group_sums_torch(
+        q, k, gram, query_groups, key_mask, scaling=scaling, causal=causal, query_block=query_block
+    )
+
+
+def _attention_group_sums_torch(q, k, gram, query_groups, key_mask, *, scaling, causal, query_block):
+    batch, n_heads, queries, _ = q.shape
+    keys = k.shape[2]
+    offset = keys - queries  # query i sits at key position offset + i
+    k = k.float().repeat_interleave(n_heads // k.shape[1], dim=1)
+    gram, query_groups = gram.float(), query_groups.float()
+    norm_rows = q.new_zeros(batch, query_groups.shape[1], keys, dtype=torch.float32)
+    alpha_rows = q.new_zeros(batch, n_heads, query_groups.shape[1], keys, dtype=torch.float32)
+    key_positions = torch.arange(keys, device=q.device)
+    for q0 in range(0, queries, query_block):
+        q1 = min(q0 + query_block, queries)
+        seen = offset + q1 if causal else keys  # keys any query of the block may see
+        scores = torch.matmul(q[:, :, q0:q1].float(), k[:, :, :seen].transpose(-1, -2)) * scaling
+        allowed = key_mask[:, None, None, :seen]
+        if causal:
+            query_positions = torch.arange(offset + q0, offset + q1, device=q.device)
+            allowed = allowed & (key_positions[:seen] <= query_positions[:, None])
+        alpha = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        alpha = alpha.nan_to_num_(0.0)  # rows that see no key
+        groups = query_groups[:, :, q0:q1]
+        alpha_rows[..., :seen] += torch.einsum("bgq,bhqk->bhgk", groups, alpha)
+        # alpha_:ij^T G_j alpha_:ij as one batched product per key: [query, head] @ [head, head].
+        key_major = alpha.permute(0, 3, 2, 1).contiguous().view(batch * seen, q1 - q0, n_heads)
+        weighted = torch.bmm(key_major, gram[:, :seen].reshape(batch * seen, n_heads, n_heads))
+        norms = weighted.mul_(key_major).sum(-1).clamp_min_(0).sqrt_().view(batch, seen, q1 - q0)
+        norm_rows[..., :seen] += torch.einsum("bgq,bkq->bgk", groups, norms)
+    return norm_rows, alpha_rows

@@ -1,0 +1,221 @@
+"""Triton kernels for :func:`hooked_vllm.analysis.attention_lenses.attention_group_sums`.
+
+Two passes over q and k, neither writing the attention pattern:
+
+1. ``_row_logsumexp``: per (item, head, block of queries), the softmax normaliser of every query
+   row, streamed over key blocks (online max and sum, as flash attention does).
+2. ``_group_sums``: per (item, block of keys), loop over query blocks and heads; recompute each
+   head's alpha block from q, k and the normaliser, add it to that head's query-group sums, and
+   accumulate y[i, j, :] = sum_h alpha_hij L_j[h, :] (L_j the head-Gram factor of key j); then
+   ||y[i, j]|| is the head-summed norm, summed into the query groups.
+
+Scores are computed from the inputs' dtype with float32 accumulation (IEEE float32 products for
+float32 inputs, no TF32); everything after is float32. In a process started with TRITON_INTERPRET=1
+the same kernels run in Triton's interpreter on CPU tensors: that is how CI checks them on a machine
+without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Triton ships with CUDA builds of torch on Linux
+    triton = tl = None
+
+QUERY_BLOCK = 16
+KEY_BLOCK = 32
+
+
+def available() -> bool:
+    """Whether Triton can be imported here."""
+    return triton is not None
+
+
+def can_run(tensor: torch.Tensor) -> bool:
+    """Whether the compiled kernels can run on ``tensor``'s device (CUDA and Triton)."""
+    return available() and (tensor.is_cuda or interpreting())
+
+
+def _row_logsumexp(
+    q_ptr, k_ptr, key_mask_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_mb, stride_mn,
+    n_heads, group_size, n_queries, n_keys, offset, d_head, scaling,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    rq = pid_q * BQ + tl.arange(0, BQ)
+    rd = tl.arange(0, D)
+    q = tl.load(
+        q_ptr + b * stride_qb + h * stride_qh + rq[:, None] * stride_qn + rd[None, :] * stride_qd,
+        mask=(rq[:, None] < n_queries) & (rd[None, :] < d_head),
+        other=0.0,
+    )
+    running_max = tl.full([BQ], float("-inf"), tl.float32)
+    running_sum = tl.full([BQ], 0.0, tl.float32)
+    key_end = n_keys
+    if CAUSAL:
+        key_end = tl.minimum(n_keys, offset + (pid_q + 1) * BQ)
+    for k0 in range(0, key_end, BK):
+        rk = k0 + tl.arange(0, BK)
+        k = tl.load(
+            k_ptr
+            + b * stride_kb
+            + (h // group_size) * stride_kh
+            + rk[:, None] * stride_kn
+            + rd[None, :] * stride_kd,
+            mask=(rk[:, None] < n_keys) & (rd[None, :] < d_head),
+            other=0.0,
+        )
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
+        seen = tl.load(key_mask_ptr + b * stride_mb + rk * stride_mn, mask=rk < n_keys, other=0) != 0
+        allowed = seen[None, :] & (rq[:, None] < n_queries)
+        if CAUSAL:
+            allowed = allowed & (rk[None, :] <= offset + rq[:, None])
+        scores = tl.where(allowed, scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(
+            tl.exp(scores - safe_max[:, None]), 1
+        )
+        running_max = new_max
+    # A row that sees no key gets +inf, so that exp(score - lse) = 0 in the second pass.
+    lse = tl.where(
+        running_sum > 0, running_max + tl.log(tl.where(running_sum > 0, running_sum, 1.0)), float("inf")
+    )
+    tl.store(lse_ptr + pid_bh * n_queries + rq, lse, mask=rq < n_queries)
+
+
+def _group_sums(
+    q_ptr, k_ptr, factor_ptr, groups_ptr, key_mask_ptr, lse_ptr, norm_ptr, alpha_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_fb, stride_fn, stride_fh, stride_fr,
+    stride_gb, stride_gg, stride_gn,
+    stride_mb, stride_mn,
+    n_heads, group_size, n_groups, rank, n_queries, n_keys, offset, d_head, scaling,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, D: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
+    HP: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rk = pid_k * BK + tl.arange(0, BK)
+    rd = tl.arange(0, D)
+    rr = tl.arange(0, R)
+    rg = tl.arange(0, G)
+    rh = tl.arange(0, HP)
+    key_valid = rk < n_keys
+    seen = tl.load(key_mask_ptr + b * stride_mb + rk * stride_mn, mask=key_valid, other=0) != 0
+    norm_acc = tl.zeros([G, BK], tl.float32)
+    alpha_acc = tl.zeros([HP, G, BK], tl.float32)
+    query_start = 0
+    if CAUSAL:  # queries before the block's first key see none of it
+        query_start = (tl.maximum(pid_k * BK - offset, 0) // BQ) * BQ
+    for q0 in range(query_start, n_queries, BQ):
+        rq = q0 + tl.arange(0, BQ)
+        allowed = seen[None, :] & (rq[:, None] < n_queries)
+        if CAUSAL:
+            allowed = allowed & (rk[None, :] <= offset + rq[:, None])
+        groups = tl.load(
+            groups_ptr + b * stride_gb + rg[:, None] * stride_gg + rq[None, :] * stride_gn,
+            mask=(rg[:, None] < n_groups) & (rq[None, :] < n_queries),
+            other=0.0,
+        )
+        projected = tl.zeros([BQ, BK, R], tl.float32)
+        for h in range(0, n_heads):
+            q = tl.load(
+                q_ptr + b * stride_qb + h * stride_qh + rq[:, None] * stride_qn + rd[None, :] * stride_qd,
+                mask=(rq[:, None] < n_queries) & (rd[None, :] < d_head),
+                other=0.0,
+            )
+            k = tl.load(
+                k_ptr
+                + b * stride_kb
+                + (h // group_size) * stride_kh
+                + rk[:, None] * stride_kn
+                + rd[None, :] * stride_kd,
+                mask=key_valid[:, None] & (rd[None, :] < d_head),
+                other=0.0,
+            )
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
+            lse = tl.load(lse_ptr + (b * n_heads + h) * n_queries + rq, mask=rq < n_queries, other=0.0)
+            alpha = tl.where(allowed, tl.exp(scores - lse[:, None]), 0.0)
+            head_rows = tl.sum(groups[:, :, None] * alpha[None, :, :], axis=1)  # [G, BK]
+            alpha_acc += tl.where(rh[:, None, None] == h, head_rows[None, :, :], 0.0)
+            factor = tl.load(
+                factor_ptr
+                + b * stride_fb
+                + rk[:, None] * stride_fn
+                + h * stride_fh
+                + rr[None, :] * stride_fr,
+                mask=key_valid[:, None] & (rr[None, :] < rank),
+                other=0.0,
+            )
+            projected += alpha[:, :, None] * factor[None, :, :]
+        norms = tl.sqrt(tl.sum(projected * projected, axis=2))  # [BQ, BK]
+        norm_acc += tl.sum(groups[:, :, None] * norms[None, :, :], axis=1)
+    out_mask = (rg[:, None] < n_groups) & key_valid[None, :]
+    tl.store(norm_ptr + (b * n_groups + rg[:, None]) * n_keys + rk[None, :], norm_acc, mask=out_mask)
+    alpha_offsets = ((b * n_heads + rh[:, None, None]) * n_groups + rg[None, :, None]) * n_keys + rk[
+        None, None, :
+    ]
+    tl.store(alpha_ptr + alpha_offsets, alpha_acc, mask=(rh[:, None, None] < n_heads) & out_mask[None])
+
+
+@functools.cache
+def _compiled():
+    """The two kernels, jitted on first use (for the GPU, or for Triton's CPU interpreter when the
+    process started with TRITON_INTERPRET=1)."""
+    return triton.jit(_row_logsumexp), triton.jit(_group_sums)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 when Triton was imported)."""
+    return available() and bool(triton.knobs.runtime.interpret)
+
+
+def _pow2(n: int, at_least: int = 1) -> int:
+    return max(at_least, triton.next_power_of_2(n))
+
+
+def attention_group_sums(q, k, factor, query_groups, key_mask, *, scaling, causal=True):
+    """Same inputs and results as :func:`hooked_vllm.analysis.attention_lenses.attention_group_sums`."""
+    if not available():
+        raise RuntimeError("Triton is not installed; use backend='torch'.")
+    row_logsumexp, group_sums = _compiled()
+    batch, n_heads, n_queries, d_head = q.shape
+    n_keys = k.shape[2]
+    n_groups, rank = query_groups.shape[1], factor.shape[-1]
+    factor = factor.float()
+    query_groups = query_groups.float()
+    key_mask = key_mask.to(torch.int8)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # half inputs: plain products
+    if q.dtype != k.dtype:
+        k = k.to(q.dtype)
+    lse = torch.empty(batch, n_heads, n_queries, device=q.device, dtype=torch.float32)
+    norm_rows = torch.empty(batch, n_groups, n_keys, device=q.device, dtype=torch.float32)
+    alpha_rows = torch.empty(batch, n_heads, n_groups, n_keys, device=q.device, dtype=torch.float32)
+    common = dict(CAUSAL=causal, PRECISION=precision, BQ=QUERY_BLOCK, BK=KEY_BLOCK, D=_pow2(d_head, 16))
+    row_logsumexp[(batch * n_heads, triton.cdiv(n_queries, QUERY_BLOCK))](
+        q, k, key_mask, lse, *q.stride(), *k.stride(), *key_mask.stride(),
+        n_heads, n_heads // k.shape[1], n_queries, n_keys, n_keys - n_queries, d_head, scaling,
+        **common,
+    )  # fmt: skip
+    group_sums[(batch, triton.cdiv(n_keys, KEY_BLOCK))](
+        q, k, factor, query_groups, key_mask, lse, norm_rows, alpha_rows,
+        *q.stride(), *k.stride(), *factor.stride(), *query_groups.stride(), *key_mask.stride(),
+        n_heads, n_heads // k.shape[1], n_groups, rank, n_queries, n_keys, n_keys - n_queries, d_head,
+        scaling, R=_pow2(rank), G=_pow2(n_groups), HP=_pow2(n_heads), **common,
+    )  # fmt: skip
+    return norm_rows, alpha_rows

@@ -1,0 +1,140 @@
+"""Norm-based attention from q and k (no pattern): PyTorch path against the definition, the Triton
+kernel against the PyTorch path (Triton's CPU interpreter here, compiled wherever a GPU is), and the
+observed-sdpa forward that feeds them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hooked_vllm.analysis import collect
+from hooked_vllm.analysis.attention_lenses import attention_group_sums
+from hooked_vllm.analysis.norm_attention import head_gram
+from hooked_vllm.analysis.observed_attention import observed_sdpa_attention
+from tests.conftest import INSTRUCTIONS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random_case(
+    *, device="cpu", dtype=torch.float32, batch=3, heads=4, kv_heads=2, queries=45, keys=45, seed=0
+):
+    """q, k, head Gram, query groups and a key mask with left padding (item 1's first queries see
+    no key at all) and a padded key in the middle of item 2."""
+    gen = torch.Generator().manual_seed(seed)
+    d_head, d_model = 16, 24
+    q = torch.randn(batch, heads, queries, d_head, generator=gen)
+    k = torch.randn(batch, kv_heads, keys, d_head, generator=gen)
+    v = torch.randn(batch, keys, kv_heads, d_head, generator=gen)
+    w_o = torch.randn(heads, d_head, d_model, generator=gen) / 4
+    groups = (torch.rand(batch, 3, queries, generator=gen) > 0.5).float()
+    key_mask = torch.ones(batch, keys, dtype=torch.bool)
+    key_mask[1, :7] = False
+    key_mask[2, keys // 2] = False
+    gram = head_gram(v, w_o)
+    to = dict(device=device)
+    return q.to(dtype=dtype, **to), k.to(dtype=dtype, **to), gram.to(**to), groups.to(**to), key_mask.to(**to)
+
+
+def reference(q, k, gram, groups, key_mask, *, scaling, causal):
+    """The definition, in float64: the full pattern, then sqrt(alpha^T G alpha) per (query, key)."""
+    q, k, gram, groups = q.double(), k.double(), gram.double(), groups.double()
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    queries, keys = q.shape[2], k.shape[2]
+    allowed = key_mask[:, None, None, :].expand(-1, 1, queries, -1)
+    if causal:
+        positions = torch.arange(keys - queries, keys)
+        allowed = allowed & (torch.arange(keys)[None, :] <= positions[:, None])
+    scores = (q @ k.transpose(-1, -2) * scaling).masked_fill(~allowed, float("-inf"))
+    alpha = torch.softmax(scores, -1).nan_to_num(0.0)  # [batch, head, query, key]
+    summed = torch.einsum("bhqk,bkhg,bgqk->bqk", alpha, gram, alpha).clamp_min(0).sqrt()
+    return torch.einsum("bgq,bqk->bgk", groups, summed), torch.einsum("bgq,bhqk->bhgk", groups, alpha)
+
+
+def relative_error(a, b):
+    return float((a.double().cpu() - b.double().cpu()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [dict(), dict(queries=20, keys=45), dict(kv_heads=4)])
+def test_group_sums_match_the_definition(causal, shape):
+    q, k, gram, groups, key_mask = random_case(**shape)
+    expected = reference(q, k, gram, groups, key_mask, scaling=0.25, causal=causal)
+    assert expected[1][1, :, :, :7].abs().max() == 0  # masked keys receive nothing
+    for block in (7, 64):
+        got = attention_group_sums(
+            q, k, gram, groups, key_mask, scaling=0.25, causal=causal, query_block=block, backend="torch"
+        )
+        assert relative_error(got[0], expected[0]) <= 1e-5
+        assert relative_error(got[1], expected[1]) <= 1e-5
+    # A different mask gives different numbers (the mask is used, not assumed).
+    unmasked = attention_group_sums(q, k, gram, groups, scaling=0.25, causal=causal, backend="torch")
+    assert relative_error(unmasked[1], expected[1]) > 1e-3
+
+
+def compare_backends(device: str, dtype: torch.dtype = torch.float32) -> float:
+    """Largest relative difference between the Triton kernel and the PyTorch path over a few cases."""
+    worst = 0.0
+    for shape in (dict(), dict(queries=20, keys=45), dict(kv_heads=4, keys=70, queries=70)):
+        for causal in (True, False):
+            case = random_case(device=device, dtype=dtype, **shape)
+            kwargs = dict(scaling=0.25, causal=causal)
+            fused = attention_group_sums(*case, backend="triton", **kwargs)
+            plain = attention_group_sums(*case, backend="torch", **kwargs)
+            worst = max(worst, *(relative_error(a, b) for a, b in zip(fused, plain, strict=True)))
+    return worst
+
+
+def test_triton_kernel_matches_pytorch_in_the_interpreter():
+    """The kernel's code, run by Triton's CPU interpreter (the env var must be set before Triton is
+    imported, hence a fresh process)."""
+    pytest.importorskip("triton")
+    script = "from tests.test_attention_lenses import compare_backends; print(compare_backends('cpu'))"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip().splitlines()[-1]) <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_kernel_matches_pytorch_on_the_gpu(dtype):
+    pytest.importorskip("triton")
+    assert compare_backends("cuda", dtype) <= 1e-3
+
+
+# ---------------------------------------------------------------- the observed sdpa forward
+def test_observed_sdpa_forward_keeps_the_logits_and_restores_the_bridge(family, images):
+    vlm = family.vlm
+    batch = vlm.prepare(images, INSTRUCTIONS)  # padded: the mask is passed to sdpa
+    expected = vlm(batch)
+    seen = {}
+
+    def observer(layer, q, k, v, scaling):
+        seen[layer] = (q.shape, k.shape, v.shape, scaling)
+
+    with observed_sdpa_attention(vlm, observer):
+        logits = vlm(batch)
+    assert (logits - expected).abs().max() <= 1e-5
+    assert sorted(seen) == list(range(vlm.cfg.n_layers))
+    n_pos = batch.input_ids.shape[1]
+    assert seen[0][0] == (len(batch), vlm.cfg.n_heads, n_pos, vlm.cfg.d_head)
+    # After the block, and after an error inside one, the pattern hook fires again.
+    with pytest.raises(RuntimeError, match="inside"):
+        with observed_sdpa_attention(vlm, observer):
+            raise RuntimeError("inside")
+    _, cache = vlm.run_with_cache(batch, names_filter="blocks.0.attn.hook_pattern")
+    assert cache["blocks.0.attn.hook_pattern"].shape[-1] == n_pos
+    assert (vlm(batch) - expected).abs().max() == 0
+
+
+def test_collector_refuses_an_unknown_attention_path(llava, images):
+    with pytest.raises(ValueError, match="attention="):
+        collect(llava.vlm, llava.vlm.prepare(images[:1], INSTRUCTIONS[:1]), attention="flash")
