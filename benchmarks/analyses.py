@@ -62,6 +62,7 @@ def main() -> None:
         {
             "hf_forward": lambda: reference(**hf_inputs),
             "collect (3 lenses, 1 pass)": lambda: collect(vlm, batch),
+            "collect, pattern hooks": lambda: collect(vlm, batch, attention="pattern"),
             "run_with_cache(all)": lambda: vlm.run_with_cache(batch),
             "norm attention, ours (1 layer)": ours,
             "norm attention, naive (1 layer)": lambda: naive_norm_attention(pattern, v, w_o),
@@ -71,6 +72,7 @@ def main() -> None:
     memory = {
         "hf_forward": peak_memory_mb(lambda: reference(**hf_inputs)),
         "collect (3 lenses, 1 pass)": peak_memory_mb(lambda: collect(vlm, batch)),
+        "collect, pattern hooks": peak_memory_mb(lambda: collect(vlm, batch, attention="pattern")),
         "run_with_cache(all)": peak_memory_mb(lambda: vlm.run_with_cache(batch)),
         "norm attention, ours (1 layer)": peak_memory_mb(ours),
         "norm attention, naive (1 layer)": peak_memory_mb(lambda: naive_norm_attention(pattern, v, w_o)),

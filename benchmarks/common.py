@@ -7,11 +7,13 @@ import gc
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from hooked_vllm.data.datasets import DatasetItem, DatasetSample
 from hooked_vllm.testing import TinyTextConfig, tiny_llava
 
 MID_TEXT = TinyTextConfig(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_mlp=1376, n_ctx=2048)
@@ -26,6 +28,16 @@ def mid_llava(seed: int = 0):
 def sample_images(n: int, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray((rng.random((336, 336, 3)) * 255).astype("uint8")) for _ in range(n)]
+
+
+def image_folder(n: int, directory: Path) -> DatasetSample:
+    """``n`` synthetic 336-px JPEGs written to ``directory``, as a dataset sample."""
+    items = []
+    for i, image in enumerate(sample_images(n, seed=1)):
+        path = directory / f"img-{i:05d}.jpg"
+        image.save(path)
+        items.append(DatasetItem(f"item-{i:05d}", path, "Describe the image in one sentence."))
+    return DatasetSample("synthetic", items)
 
 
 def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:

@@ -16,21 +16,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import mid_llava, peak_memory_mb, sample_images  # noqa: E402
+from common import image_folder, mid_llava, peak_memory_mb  # noqa: E402
 
 from hooked_vllm import HookedVLM  # noqa: E402
-from hooked_vllm.data.datasets import DatasetItem, DatasetSample  # noqa: E402
 from hooked_vllm.experiment import run_phase_diagram  # noqa: E402
 from hooked_vllm.testing import TinyTextConfig, tiny_llava  # noqa: E402
-
-
-def image_folder(n: int, directory: Path) -> DatasetSample:
-    items = []
-    for i, image in enumerate(sample_images(n, seed=1)):
-        path = directory / f"img-{i:05d}.jpg"
-        image.save(path)
-        items.append(DatasetItem(f"item-{i:05d}", path, "Describe the image in one sentence."))
-    return DatasetSample("synthetic", items)
 
 
 def measure(vlm, sizes: list[int], label: str) -> None:

@@ -3,12 +3,16 @@ directly on the device with random weights (no download), side by side with a pl
 
     python benchmarks/gpu.py --size 7b --family llava --batches 1 8 32 --dtype float16   # on a GPU
     python benchmarks/gpu.py --size mid --batches 1 4 --device cpu                       # anywhere
+    python benchmarks/gpu.py --size 7b --dtype float16 --batches 8 --pipeline 256        # dataset run
 
 For each batch size it prints, measured round-robin in one run: HF forward with sdpa attention (the
 baseline), HF eager, the hooked forward, `run_with_cache` of resid_post, and the one-pass collector
 (contextualization + norm-based attention per head and head-summed + logit lens at the last
 position, every layer), with peak memory (CUDA: max allocated; CPU: resident high-water mark) and
-items/s.
+items/s. ``--pipeline N`` then runs the dataset path the CLI runs (`run_phase_diagram`: N synthetic
+JPEGs on disk, decoding and the processor in DataLoader workers, the collector with image
+verbalization, per-batch Parquet writes, aggregation) and times the HF sdpa forward alone on the
+same batches, prepared beforehand on the device.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,14 +36,18 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROMPT, peak_memory_mb, sample_images  # noqa: E402
+from common import PROMPT, image_folder, peak_memory_mb, sample_images  # noqa: E402
 
 from hooked_vllm import HookedVLM  # noqa: E402
 from hooked_vllm.analysis import collect  # noqa: E402
+from hooked_vllm.experiment import run_phase_diagram  # noqa: E402
+from hooked_vllm.images import load_image  # noqa: E402
 from hooked_vllm.testing import TinyTextConfig, tiny_instructblip, tiny_llava  # noqa: E402
 
 # LLaMA-7B / Vicuna-7B text backbone with CLIP ViT-L/14-336 or EVA ViT-g/14 + Q-Former ("full"
-# vision), or a mid-size one with a small vision side.
+# vision), or a mid-size one with a small vision side. The 7B shapes keep the real vocabularies
+# (LLaVA-1.5: 32064, InstructBLIP-Vicuna: 32001): the unembedding and the logit lens scale with it.
+REAL_VOCAB = {"llava": 32064, "instructblip": 32001}
 SIZES = {
     "7b": (
         TinyTextConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_mlp=11008, n_ctx=4096),
@@ -63,6 +72,11 @@ def build(family: str, size_name: str, device: str, dtype: torch.dtype):
     """A random model of the requested shape, built on ``device`` in ``dtype``, with a tiny
     in-process tokenizer/processor of the right image geometry."""
     text, full = SIZES[size_name]
+
+    def text_config(tokenizer):
+        vocab = max(len(tokenizer), REAL_VOCAB[family] if full else 0)
+        return text.llama_config(vocab, tokenizer)
+
     if family == "llava":
         _, processor = tiny_llava(image_size=336, patch_size=14)
         vision = CLIPVisionConfig(
@@ -74,7 +88,7 @@ def build(family: str, size_name: str, device: str, dtype: torch.dtype):
         tokenizer = processor.tokenizer
         config = LlavaConfig(
             vision_config=vision,
-            text_config=text.llama_config(len(tokenizer), tokenizer),
+            text_config=text_config(tokenizer),
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
             vision_feature_layer=-2,
             vision_feature_select_strategy="default",
@@ -99,7 +113,7 @@ def build(family: str, size_name: str, device: str, dtype: torch.dtype):
         config = InstructBlipConfig(
             vision_config=vision.to_dict(),
             qformer_config=qformer.to_dict(),
-            text_config=text.llama_config(len(tokenizer), tokenizer).to_dict(),
+            text_config=text_config(tokenizer).to_dict(),
             num_query_tokens=32,
             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         )
@@ -139,6 +153,46 @@ def timed(fns: dict, device: str, repeats: int) -> dict[str, float]:
     return best
 
 
+def pipeline(vlm, sdpa_model, n: int, batch_size: int, device: str, workers: int) -> None:
+    """Items/s of `run_phase_diagram` over ``n`` images against the HF sdpa forward alone."""
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sample = image_folder(n, Path(tmp))
+        prepared = []
+        for start in range(0, n, batch_size):
+            items = sample.items[start : start + batch_size]
+            images = [load_image(item.image_path) for item in items]
+            batch = vlm.prepare(images, [item.instruction for item in items]).to(device)
+            prepared.append({**batch.inputs, "position_ids": batch.position_ids})
+        sdpa_model(**prepared[0])  # warm-up
+        sync()
+        start = time.perf_counter()
+        for inputs in prepared:
+            sdpa_model(**inputs)
+        sync()
+        forward_s = time.perf_counter() - start
+        run_phase_diagram(
+            vlm, sample, Path(tmp) / "warm-up", batch_size=batch_size, progress=False, max_batches=1
+        )
+        sync()
+        start = time.perf_counter()
+        run_phase_diagram(
+            vlm, sample, Path(tmp) / "out", batch_size=batch_size, workers=workers, progress=False
+        )
+        sync()
+        run_s = time.perf_counter() - start
+    print(f"dataset path, {n} images, batch {batch_size}, {workers} DataLoader workers")
+    print(f"  HF sdpa forward alone (batches prepared beforehand)  {n / forward_s:7.2f} items/s")
+    print(
+        f"  run_phase_diagram (decode + processor + collector + Parquet + aggregates)  "
+        f"{n / run_s:7.2f} items/s  ({run_s / forward_s:.2f}x the forward's time)"
+    )
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -150,6 +204,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--pipeline", type=int, default=0, metavar="N", help="also run the dataset path on N images"
+    )
+    parser.add_argument("--pipeline-batch", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers for --pipeline")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
 
@@ -185,6 +244,8 @@ def main() -> None:
                 f"  {name:28s} {seconds * 1000:9.1f} ms  {seconds / base:5.2f}x  "
                 f"{batch_size / seconds:7.2f} items/s  peak +{memory[name]:8.0f} MiB"
             )
+    if args.pipeline:
+        pipeline(vlm, sdpa_model, args.pipeline, args.pipeline_batch, args.device, args.workers)
 
 
 if __name__ == "__main__":
