@@ -153,6 +153,15 @@ def timed(fns: dict, device: str, repeats: int) -> dict[str, float]:
     return best
 
 
+def sdpa_on(vlm, fn):
+    """``fn()`` with ``vlm.use_sdpa`` switched on."""
+    vlm.use_sdpa = True
+    try:
+        return fn()
+    finally:
+        vlm.use_sdpa = False
+
+
 def pipeline(vlm, sdpa_model, n: int, batch_size: int, device: str, workers: int) -> None:
     """Items/s of `run_phase_diagram` over ``n`` images against the HF sdpa forward alone."""
 
@@ -229,6 +238,10 @@ def main() -> None:
             "HF eager": lambda inputs=inputs: eager_model(**inputs),
             "hooked forward": lambda batch=batch: vlm(batch),
             "run_with_cache(resid_post)": lambda batch=batch: vlm.run_with_cache(batch, names_filter=resid),
+            "hooked forward, use_sdpa": lambda batch=batch: sdpa_on(vlm, lambda: vlm(batch)),
+            "run_with_cache(resid_post), use_sdpa": lambda batch=batch: sdpa_on(
+                vlm, lambda: vlm.run_with_cache(batch, names_filter=resid)
+            ),
             "collect, pattern hooks": lambda batch=batch: collect(vlm, batch, attention="pattern"),
             "collect (3 lenses)": lambda batch=batch: collect(vlm, batch),
         }
@@ -241,7 +254,7 @@ def main() -> None:
         )
         for name, seconds in times.items():
             print(
-                f"  {name:28s} {seconds * 1000:9.1f} ms  {seconds / base:5.2f}x  "
+                f"  {name:38s} {seconds * 1000:9.1f} ms  {seconds / base:5.2f}x  "
                 f"{batch_size / seconds:7.2f} items/s  peak +{memory[name]:8.0f} MiB"
             )
     if args.pipeline:

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -35,6 +36,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.sources.transformers.source import boot
 
+from hooked_vllm import observed_attention
 from hooked_vllm.adapters import VLMAdapter, adapter_class_for
 from hooked_vllm.errors import (
     BatchFormatError,
@@ -80,6 +82,9 @@ class HookedVLM:
             self._extra_hook_points[name] = point
             module.register_forward_hook(_route_output_through(point), prepend=True)
         self._register_hook_points()
+        #: run attention as HF sdpa where no step-by-step-only hook needs the bridge's path (opt-in:
+        #: see :meth:`forward`)
+        self.use_sdpa = False
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -258,17 +263,38 @@ class HookedVLM:
     def forward(
         self, batch: BatchLike, return_type: str | None = "logits"
     ) -> Float[torch.Tensor, "batch pos d_vocab"] | None:
-        """Run the model on a batch; returns logits like ``HookedTransformer.forward``."""
+        """Run the model on a batch; returns logits like ``HookedTransformer.forward``.
+
+        By default every layer runs transformer-lens' step-by-step attention, so a run with hooks
+        and one without compute the same numbers bit for bit. With ``vlm.use_sdpa = True`` (faster:
+        1.5x at batch 4 on CPU), a layer whose attention carries no hook on a point that only the
+        step-by-step path fires (``hook_pattern``, ``hook_attn_scores``, ``hook_rot_q``,
+        ``hook_attn_out``...) runs HF's fused sdpa instead; ``hook_q/k/v/z`` and block-level hooks
+        fire either way. Logits then differ from the step-by-step path by float rounding (~1e-6 in
+        float32): compare clean and patched runs made with the same setting.
+        """
         batch = self.to_batch(batch)
         self._check_length(batch)
         embeds = self.embed(batch)
         device = embeds.device
-        return self.bridge(
-            embeds,
-            attention_mask=batch.attention_mask.to(device),
-            position_ids=batch.position_ids.to(device),
-            return_type=return_type,
-        )
+        with self._fused_attention(batch):
+            return self.bridge(
+                embeds,
+                attention_mask=batch.attention_mask.to(device),
+                position_ids=batch.position_ids.to(device),
+                return_type=return_type,
+            )
+
+    def _fused_attention(self, batch: VLMBatch) -> AbstractContextManager:
+        if not self.use_sdpa or not observed_attention.supported(self):
+            return contextlib.nullcontext()
+        layers = [
+            layer
+            for layer, block in enumerate(self.blocks)
+            if not observed_attention.needs_step_by_step(block.attn)
+        ]
+        causal_only = bool(batch.attention_mask.bool().all())
+        return observed_attention.observed_sdpa_attention(self, causal_only=causal_only, layers=layers)
 
     __call__ = forward
 

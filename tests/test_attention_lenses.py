@@ -15,7 +15,7 @@ import torch
 from hooked_vllm.analysis import collect
 from hooked_vllm.analysis.attention_lenses import attention_group_sums
 from hooked_vllm.analysis.norm_attention import head_gram
-from hooked_vllm.analysis.observed_attention import observed_sdpa_attention
+from hooked_vllm.observed_attention import observed_sdpa_attention
 from tests.conftest import INSTRUCTIONS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,3 +138,63 @@ def test_observed_sdpa_forward_keeps_the_logits_and_restores_the_bridge(family, 
 def test_collector_refuses_an_unknown_attention_path(llava, images):
     with pytest.raises(ValueError, match="attention="):
         collect(llava.vlm, llava.vlm.prepare(images[:1], INSTRUCTIONS[:1]), attention="flash")
+
+
+def test_use_sdpa_switches_only_layers_without_step_by_step_hooks(family, images, monkeypatch):
+    """``vlm.use_sdpa``: layers run HF sdpa unless a hook needs the bridge's step-by-step attention
+    (counted by patching that forward); the numbers match the step-by-step run to float rounding."""
+    from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
+        PositionEmbeddingsAttentionBridge as StepByStep,
+    )
+
+    from hooked_vllm.interventions import knockout
+
+    vlm = family.vlm
+    batch = vlm.prepare(images, INSTRUCTIONS)
+    expected = vlm(batch)
+    with knockout(vlm, batch, edges=[("image", "last")], layers=[1]):
+        expected_knockout = vlm(batch)
+    step_by_step = StepByStep.forward
+    calls = []
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return step_by_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(StepByStep, "forward", counted)
+    vlm.use_sdpa = True
+    try:
+        assert (vlm(batch) - expected).abs().max() <= 1e-5
+        assert calls == []
+        patterns = []
+        vlm.run_with_hooks(
+            batch, fwd_hooks=[("blocks.1.attn.hook_pattern", lambda x, hook: patterns.append(x))]
+        )
+        assert calls == [vlm.blocks[1].attn] and len(patterns) == 1
+        calls.clear()
+        with knockout(vlm, batch, edges=[("image", "last")], layers=[1]):
+            knocked_out = vlm(batch)
+        assert calls == [vlm.blocks[1].attn]
+        assert (knocked_out - expected_knockout).abs().max() <= 1e-5
+        assert (knocked_out - expected).abs().max() > 1e-3  # the knockout did something
+    finally:
+        vlm.use_sdpa = False
+    calls.clear()
+    assert torch.equal(vlm(batch), expected) and len(calls) == vlm.cfg.n_layers
+
+
+def test_bridge_settings_that_change_attention_keep_the_step_by_step_path(llava, images):
+    """With ``use_attn_result`` the bridge computes per-head results itself: the collector's "auto"
+    falls back to the pattern hooks (same numbers), and "fused" says why it cannot run."""
+    vlm = llava.vlm
+    batch = vlm.prepare(images[:2], INSTRUCTIONS[:2])
+    fused = collect(vlm, batch, attention="fused")
+    vlm.cfg.use_attn_result = True
+    try:
+        fallback = collect(vlm, batch)
+        with pytest.raises(NotImplementedError, match="attention='pattern'"):
+            collect(vlm, batch, attention="fused")
+    finally:
+        vlm.cfg.use_attn_result = False
+    for pair, value in fused.attention.norm.items():
+        assert relative_error(fallback.attention.norm[pair].nan_to_num(), value.nan_to_num()) <= 1e-5

@@ -18,8 +18,8 @@ from hooked_vllm.analysis.norm_attention import (
     saliency_received,
     transformed_values,
 )
-from hooked_vllm.analysis.observed_attention import observed_sdpa_attention
 from hooked_vllm.analysis.phases import PhaseReport, detect_phases
+from hooked_vllm.observed_attention import observed_sdpa_attention
 
 __all__ = [
     "ANALYSES",

@@ -28,7 +28,7 @@ from hooked_vllm.analysis.norm_attention import (
     head_summed_norms_from_gram,
     modality_pairs,
 )
-from hooked_vllm.analysis.observed_attention import observed_sdpa_attention, supported
+from hooked_vllm.observed_attention import observed_sdpa_attention, supported
 
 ANALYSES = ("contextualization", "norm_attention", "logit_lens")
 
@@ -248,7 +248,7 @@ def collect(
     """Run ``batch`` once and reduce every layer on the fly (see the module docstring).
 
     ``attention``: "fused" runs each layer's attention as HF sdpa and recomputes alpha from q and k
-    block by block for the norm-based lens (:mod:`~hooked_vllm.analysis.observed_attention`,
+    block by block for the norm-based lens (:mod:`~hooked_vllm.observed_attention`,
     :func:`~hooked_vllm.analysis.attention_lenses.attention_group_sums`; a Triton kernel on CUDA);
     "pattern" hooks ``hook_pattern`` of the bridge's step-by-step attention; "auto" is "fused"
     where the backbone supports it. Both give the same numbers (to float rounding).
