@@ -83,6 +83,17 @@ print("norm-based share of the last position on image tokens:",
 result = collect(vlm, batch)
 for pair, values in result.attention.norm.items():
     print(f"{pair:14s}", values.nanmean(-1).numpy().round(3))"""),
+        new_markdown_cell(
+            "`collect` never builds a pattern: attention runs as HF's fused sdpa and alpha is recomputed "
+            "from the queries and keys 64 rows at a time (a Triton kernel on a GPU). The bridge's "
+            "`hook_pattern` path gives the same numbers, to float rounding (sdpa and the step-by-step "
+            "attention round differently, and the difference travels up the residual stream):"
+        ),
+        new_code_cell("""import torch
+from_patterns = collect(vlm, batch, attention="pattern")
+for pair in result.attention.norm:
+    assert torch.allclose(result.attention.norm[pair], from_patterns.attention.norm[pair], rtol=1e-4, atol=1e-5, equal_nan=True)
+print("fused and pattern paths agree on", len(result.attention.norm), "modality pairs")"""),
         new_code_cell("""# Which image patches does the answer read? (the 4 x 4 patch grid of the demo model)
 saliency = result.attention.image_saliency_from_last[:, 0]   # [layer, n_image]
 side = int(saliency.shape[-1] ** 0.5)
