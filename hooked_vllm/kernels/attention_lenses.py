@@ -41,6 +41,19 @@ def can_run(tensor: torch.Tensor) -> bool:
     return available() and (tensor.is_cuda or interpreting())
 
 
+def _load_tile(base, rows, n_rows, cols, n_cols, stride_row, stride_col):
+    """base[rows, cols] as a [len(rows), len(cols)] tile, zero outside n_rows x n_cols."""
+    return tl.load(
+        base + rows[:, None] * stride_row + cols[None, :] * stride_col,
+        mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols),
+        other=0.0,
+    )
+
+
+if triton is not None:  # a helper the kernels call must be jitted before they compile
+    _load_tile = triton.jit(_load_tile)
+
+
 def _row_logsumexp(
     q_ptr, k_ptr, key_mask_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -56,11 +69,7 @@ def _row_logsumexp(
     h = pid_bh % n_heads
     rq = pid_q * BQ + tl.arange(0, BQ)
     rd = tl.arange(0, D)
-    q = tl.load(
-        q_ptr + b * stride_qb + h * stride_qh + rq[:, None] * stride_qn + rd[None, :] * stride_qd,
-        mask=(rq[:, None] < n_queries) & (rd[None, :] < d_head),
-        other=0.0,
-    )
+    q = _load_tile(q_ptr + b * stride_qb + h * stride_qh, rq, n_queries, rd, d_head, stride_qn, stride_qd)
     running_max = tl.full([BQ], float("-inf"), tl.float32)
     running_sum = tl.full([BQ], 0.0, tl.float32)
     key_end = n_keys
@@ -68,15 +77,8 @@ def _row_logsumexp(
         key_end = tl.minimum(n_keys, offset + (pid_q + 1) * BQ)
     for k0 in range(0, key_end, BK):
         rk = k0 + tl.arange(0, BK)
-        k = tl.load(
-            k_ptr
-            + b * stride_kb
-            + (h // group_size) * stride_kh
-            + rk[:, None] * stride_kn
-            + rd[None, :] * stride_kd,
-            mask=(rk[:, None] < n_keys) & (rd[None, :] < d_head),
-            other=0.0,
-        )
+        k_head = k_ptr + b * stride_kb + (h // group_size) * stride_kh
+        k = _load_tile(k_head, rk, n_keys, rd, d_head, stride_kn, stride_kd)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
         seen = tl.load(key_mask_ptr + b * stride_mb + rk * stride_mn, mask=rk < n_keys, other=0) != 0
         allowed = seen[None, :] & (rq[:, None] < n_queries)
@@ -127,49 +129,27 @@ def _group_sums(
         allowed = seen[None, :] & (rq[:, None] < n_queries)
         if CAUSAL:
             allowed = allowed & (rk[None, :] <= offset + rq[:, None])
-        groups = tl.load(
-            groups_ptr + b * stride_gb + rg[:, None] * stride_gg + rq[None, :] * stride_gn,
-            mask=(rg[:, None] < n_groups) & (rq[None, :] < n_queries),
-            other=0.0,
-        )
+        groups = _load_tile(groups_ptr + b * stride_gb, rg, n_groups, rq, n_queries, stride_gg, stride_gn)
         projected = tl.zeros([BQ, BK, R], tl.float32)
         for h in range(0, n_heads):
-            q = tl.load(
-                q_ptr + b * stride_qb + h * stride_qh + rq[:, None] * stride_qn + rd[None, :] * stride_qd,
-                mask=(rq[:, None] < n_queries) & (rd[None, :] < d_head),
-                other=0.0,
-            )
-            k = tl.load(
-                k_ptr
-                + b * stride_kb
-                + (h // group_size) * stride_kh
-                + rk[:, None] * stride_kn
-                + rd[None, :] * stride_kd,
-                mask=key_valid[:, None] & (rd[None, :] < d_head),
-                other=0.0,
-            )
+            q_head = q_ptr + b * stride_qb + h * stride_qh
+            q = _load_tile(q_head, rq, n_queries, rd, d_head, stride_qn, stride_qd)
+            k_head = k_ptr + b * stride_kb + (h // group_size) * stride_kh
+            k = _load_tile(k_head, rk, n_keys, rd, d_head, stride_kn, stride_kd)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
             lse = tl.load(lse_ptr + (b * n_heads + h) * n_queries + rq, mask=rq < n_queries, other=0.0)
             alpha = tl.where(allowed, tl.exp(scores - lse[:, None]), 0.0)
             head_rows = tl.sum(groups[:, :, None] * alpha[None, :, :], axis=1)  # [G, BK]
             alpha_acc += tl.where(rh[:, None, None] == h, head_rows[None, :, :], 0.0)
-            factor = tl.load(
-                factor_ptr
-                + b * stride_fb
-                + rk[:, None] * stride_fn
-                + h * stride_fh
-                + rr[None, :] * stride_fr,
-                mask=key_valid[:, None] & (rr[None, :] < rank),
-                other=0.0,
-            )
+            factor_head = factor_ptr + b * stride_fb + h * stride_fh
+            factor = _load_tile(factor_head, rk, n_keys, rr, rank, stride_fn, stride_fr)
             projected += alpha[:, :, None] * factor[None, :, :]
         norms = tl.sqrt(tl.sum(projected * projected, axis=2))  # [BQ, BK]
         norm_acc += tl.sum(groups[:, :, None] * norms[None, :, :], axis=1)
     out_mask = (rg[:, None] < n_groups) & key_valid[None, :]
     tl.store(norm_ptr + (b * n_groups + rg[:, None]) * n_keys + rk[None, :], norm_acc, mask=out_mask)
-    alpha_offsets = ((b * n_heads + rh[:, None, None]) * n_groups + rg[None, :, None]) * n_keys + rk[
-        None, None, :
-    ]
+    alpha_rows = (b * n_heads + rh[:, None, None]) * n_groups + rg[None, :, None]
+    alpha_offsets = alpha_rows * n_keys + rk[None, None, :]
     tl.store(alpha_ptr + alpha_offsets, alpha_acc, mask=(rh[:, None, None] < n_heads) & out_mask[None])
 
 
