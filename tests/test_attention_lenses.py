@@ -198,3 +198,29 @@ def test_bridge_settings_that_change_attention_keep_the_step_by_step_path(llava,
         vlm.cfg.use_attn_result = False
     for pair, value in fused.attention.norm.items():
         assert relative_error(fallback.attention.norm[pair].nan_to_num(), value.nan_to_num()) <= 1e-5
+
+
+def test_auto_backend_falls_back_to_pytorch_when_the_kernel_fails(monkeypatch):
+    """A kernel that cannot compile on some GPU must not stop a dataset run under "auto": one
+    warning, the PyTorch result, and PyTorch from then on. An explicit backend="triton" raises."""
+    from hooked_vllm.analysis import attention_lenses
+    from hooked_vllm.kernels import attention_lenses as kernel
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(kernel, "can_run", lambda tensor: True)
+    monkeypatch.setattr(kernel, "attention_group_sums", broken)
+    monkeypatch.setattr(attention_lenses, "_triton_failed", False)
+    case = random_case()
+    expected = attention_group_sums(*case, scaling=0.25, backend="torch")
+    with pytest.warns(RuntimeWarning, match="PassManager::run failed"):
+        got = attention_group_sums(*case, scaling=0.25)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    attention_group_sums(*case, scaling=0.25)  # no second try
+    assert calls == [1]
+    with pytest.raises(RuntimeError, match="PassManager"):
+        attention_group_sums(*case, scaling=0.25, backend="triton")

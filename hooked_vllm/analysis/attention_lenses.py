@@ -25,10 +25,13 @@ Example:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from jaxtyping import Bool, Float
 
 from hooked_vllm.analysis.norm_attention import gram_factor
+from hooked_vllm.kernels import attention_lenses as kernel
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -64,20 +67,36 @@ def attention_group_sums(
     n_heads, n_kv = q.shape[1], k.shape[1]
     if n_heads % n_kv:
         raise ValueError(f"{n_heads} query heads cannot share {n_kv} key heads evenly.")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(
+            f"{q.shape[2]} queries but {k.shape[2]} keys: queries must be the last key positions."
+        )
     if key_mask is None:
         key_mask = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
-    if backend == "auto":
-        from hooked_vllm.kernels import attention_lenses as kernel
+    kwargs = dict(scaling=scaling, causal=causal)
+    if backend == "triton" or (backend == "auto" and kernel.can_run(q) and not _triton_failed):
+        try:
+            return kernel.attention_group_sums(q, k, gram_factor(gram), query_groups, key_mask, **kwargs)
+        except Exception as error:  # noqa: BLE001 - "auto" must keep a run going on any GPU
+            if backend == "triton":
+                raise
+            _give_up_on_triton(error)
+    return _attention_group_sums_torch(q, k, gram, query_groups, key_mask, query_block=query_block, **kwargs)
 
-        backend = "triton" if kernel.can_run(q) else "torch"
-    if backend == "triton":
-        from hooked_vllm.kernels import attention_lenses as kernel
 
-        return kernel.attention_group_sums(
-            q, k, gram_factor(gram), query_groups, key_mask, scaling=scaling, causal=causal
-        )
-    return _attention_group_sums_torch(
-        q, k, gram, query_groups, key_mask, scaling=scaling, causal=causal, query_block=query_block
+_triton_failed = False
+
+
+def _give_up_on_triton(error: Exception) -> None:
+    """The kernel failed to compile or run here: say so once, and use PyTorch from now on."""
+    global _triton_failed
+    _triton_failed = True
+    warnings.warn(
+        f"The Triton kernel for norm-based attention failed ({type(error).__name__}: {error}); "
+        "using the PyTorch path (same results, slower) for the rest of this session. "
+        "Please report it with `python benchmarks/kernel.py` output.",
+        RuntimeWarning,
+        stacklevel=3,
     )
 
 
