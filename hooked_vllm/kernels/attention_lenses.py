@@ -4,10 +4,11 @@ Two passes over q and k, neither writing the attention pattern:
 
 1. ``_row_logsumexp``: per (item, head, block of queries), the softmax normaliser of every query
    row, streamed over key blocks (online max and sum, as flash attention does).
-2. ``_group_sums``: per (item, block of keys), loop over query blocks and heads; recompute each
-   head's alpha block from q, k and the normaliser, add it to that head's query-group sums, and
-   accumulate y[i, j, :] = sum_h alpha_hij L_j[h, :] (L_j the head-Gram factor of key j); then
-   ||y[i, j]|| is the head-summed norm, summed into the query groups.
+2. ``_group_sums``: per (item, block of keys, share of the query blocks), loop over the query
+   blocks and heads (the shares are added atomically: at batch 1 there are too few key blocks to
+   fill a GPU); recompute each head's alpha block from q, k and the normaliser, add it to that
+   head's query-group sums, and accumulate y[i, j, :] = sum_h alpha_hij L_j[h, :] (L_j the
+   head-Gram factor of key j); then ||y[i, j]|| is the head-summed norm, summed into the query groups.
 
 Scores are computed from the inputs' dtype with float32 accumulation (IEEE float32 products for
 float32 inputs, no TF32); everything after is float32. In a process started with TRITON_INTERPRET=1
@@ -112,6 +113,8 @@ def _group_sums(
 ):  # fmt: skip
     b = tl.program_id(0)
     pid_k = tl.program_id(1)
+    split = tl.program_id(2)  # this program takes every n_splits-th query block
+    n_splits = tl.num_programs(2)
     rk = pid_k * BK + tl.arange(0, BK)
     rd = tl.arange(0, D)
     rr = tl.arange(0, R)
@@ -124,7 +127,7 @@ def _group_sums(
     query_start = 0
     if CAUSAL:  # queries before the block's first key see none of it
         query_start = (tl.maximum(pid_k * BK - offset, 0) // BQ) * BQ
-    for q0 in range(query_start, n_queries, BQ):
+    for q0 in range(query_start + split * BQ, n_queries, n_splits * BQ):
         rq = q0 + tl.arange(0, BQ)
         allowed = seen[None, :] & (rq[:, None] < n_queries)
         if CAUSAL:
@@ -146,11 +149,12 @@ def _group_sums(
             projected += alpha[:, :, None] * factor[None, :, :]
         norms = tl.sqrt(tl.sum(projected * projected, axis=2))  # [BQ, BK]
         norm_acc += tl.sum(groups[:, :, None] * norms[None, :, :], axis=1)
+    # Programs of the same key block (other query splits) add into the same outputs.
     out_mask = (rg[:, None] < n_groups) & key_valid[None, :]
-    tl.store(norm_ptr + (b * n_groups + rg[:, None]) * n_keys + rk[None, :], norm_acc, mask=out_mask)
+    tl.atomic_add(norm_ptr + (b * n_groups + rg[:, None]) * n_keys + rk[None, :], norm_acc, mask=out_mask)
     alpha_rows = (b * n_heads + rh[:, None, None]) * n_groups + rg[None, :, None]
     alpha_offsets = alpha_rows * n_keys + rk[None, None, :]
-    tl.store(alpha_ptr + alpha_offsets, alpha_acc, mask=(rh[:, None, None] < n_heads) & out_mask[None])
+    tl.atomic_add(alpha_ptr + alpha_offsets, alpha_acc, mask=(rh[:, None, None] < n_heads) & out_mask[None])
 
 
 @functools.cache
@@ -163,6 +167,17 @@ def _compiled():
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 when Triton was imported)."""
     return available() and bool(triton.knobs.runtime.interpret)
+
+
+def _query_splits(q: torch.Tensor, programs: int, query_blocks: int) -> int:
+    """How many programs share one key block's query blocks: enough for ~4 programs per
+    multiprocessor (batch 1 has only n / KEY_BLOCK key blocks: 19 at 607 positions, on 132 SMs).
+    Two in the interpreter, so that CI runs the split path."""
+    if q.is_cuda:
+        wanted = -(-4 * torch.cuda.get_device_properties(q.device).multi_processor_count // programs)
+    else:
+        wanted = 2
+    return max(1, min(wanted, query_blocks))
 
 
 def _pow2(n: int, at_least: int = 1) -> int:
@@ -184,15 +199,17 @@ def attention_group_sums(q, k, factor, query_groups, key_mask, *, scaling, causa
     if q.dtype != k.dtype:
         k = k.to(q.dtype)
     lse = torch.empty(batch, n_heads, n_queries, device=q.device, dtype=torch.float32)
-    norm_rows = torch.empty(batch, n_groups, n_keys, device=q.device, dtype=torch.float32)
-    alpha_rows = torch.empty(batch, n_heads, n_groups, n_keys, device=q.device, dtype=torch.float32)
+    norm_rows = torch.zeros(batch, n_groups, n_keys, device=q.device, dtype=torch.float32)
+    alpha_rows = torch.zeros(batch, n_heads, n_groups, n_keys, device=q.device, dtype=torch.float32)
     common = dict(CAUSAL=causal, PRECISION=precision, BQ=QUERY_BLOCK, BK=KEY_BLOCK, D=_pow2(d_head, 16))
     row_logsumexp[(batch * n_heads, triton.cdiv(n_queries, QUERY_BLOCK))](
         q, k, key_mask, lse, *q.stride(), *k.stride(), *key_mask.stride(),
         n_heads, n_heads // k.shape[1], n_queries, n_keys, n_keys - n_queries, d_head, scaling,
         **common,
     )  # fmt: skip
-    group_sums[(batch, triton.cdiv(n_keys, KEY_BLOCK))](
+    key_blocks = triton.cdiv(n_keys, KEY_BLOCK)
+    splits = _query_splits(q, batch * key_blocks, triton.cdiv(n_queries, QUERY_BLOCK))
+    group_sums[(batch, key_blocks, splits)](
         q, k, factor, query_groups, key_mask, lse, norm_rows, alpha_rows,
         *q.stride(), *k.stride(), *factor.stride(), *query_groups.stride(), *key_mask.stride(),
         n_heads, n_heads // k.shape[1], n_groups, rank, n_queries, n_keys, n_keys - n_queries, d_head,
