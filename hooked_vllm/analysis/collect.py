@@ -99,25 +99,38 @@ class BatchReducer:
         self.lens_positions = lens_positions if lens_positions is not None else batch.last_positions[:, None]
         self.top_k = top_k
         self.verbalize_images = verbalize_images and self.same_image_count
-        self.W_O = vlm.W_O
+        if self.same_image_count:  # [batch, n_image]: gathered, not boolean-indexed (no device sync)
+            self.image_positions = self.image.nonzero()[:, 1].view(len(counts), -1)
+        self._blocks = vlm.blocks  # W_O read per layer: vlm.W_O would stack all (1 GiB at 7B)
+        self._on_device: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._resid: list[tuple] = []
         self._lens_resid: list[torch.Tensor] = []
         self._image_top1: list[torch.Tensor] = []
         self._attention: list[dict] = []
 
+    def _at(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The batch's masks and indices on ``device``, copied once: a host-to-device copy per
+        layer would make every layer wait for the GPU to finish the previous one."""
+        if device not in self._on_device:
+            names = ("image", "text", "key_mask", "query_matrix", "key_matrix", "pair_query_index")
+            names += ("pair_counts", "lens_positions") + (
+                ("image_positions",) if self.same_image_count else ()
+            )
+            self._on_device[device] = {name: getattr(self, name).to(device) for name in names}
+        return self._on_device[device]
+
     # -- per layer
     def on_resid(self, hidden: Float[torch.Tensor, "batch pos d_model"]) -> None:
         """Residual stream of the next layer (the embedding first)."""
+        here = self._at(hidden.device)
         if "contextualization" in self.analyses:
-            image, text = self.image.to(hidden.device), self.text.to(hidden.device)
-            self._resid.append(tuple(_to_cpu(part) for part in layer_sums(hidden, image, text)))
+            sums = layer_sums(hidden, here["image"], here["text"])
+            self._resid.append(tuple(_detached(part) for part in sums))
         if self.lens is not None:
-            self._lens_resid.append(gather_positions(hidden, self.lens_positions).detach())
+            self._lens_resid.append(gather_positions(hidden, here["lens_positions"]).detach())
             if self.verbalize_images:
-                image_hidden = hidden[self.image.to(hidden.device)].reshape(
-                    hidden.shape[0], -1, hidden.shape[-1]
-                )
-                self._image_top1.append(self.lens.logits(image_hidden).argmax(-1).cpu())
+                image_hidden = gather_positions(hidden, here["image_positions"])
+                self._image_top1.append(self.lens.logits(image_hidden).argmax(-1))
 
     def on_attention(
         self,
@@ -129,9 +142,9 @@ class BatchReducer:
         if "norm_attention" not in self.analyses:
             return
         device = pattern.device
-        gram = head_gram(v, self.W_O[layer].to(device))  # [batch, key, head, head]
+        gram = head_gram(v, self._w_o(layer, device))  # [batch, key, head, head]
         summed = head_summed_norms_from_gram(pattern, gram, causal=True)  # [batch, query, key]: decoder
-        queries = self.query_matrix.to(device)  # [batch, group, query]
+        queries = self._at(device)["query_matrix"]  # [batch, group, query]
         norm_rows = torch.einsum("bgq,bqk->bgk", queries, summed)
         alpha_rows = grouped_query_sums(queries, pattern, causal=True)
         self._summarise(norm_rows, alpha_rows, gram)
@@ -149,15 +162,10 @@ class BatchReducer:
         if "norm_attention" not in self.analyses:
             return
         device = q.device
-        gram = head_gram(v.transpose(1, 2), self.W_O[layer].to(device))
+        gram = head_gram(v.transpose(1, 2), self._w_o(layer, device))
+        here = self._at(device)
         norm_rows, alpha_rows = attention_group_sums(
-            q,
-            k,
-            gram,
-            self.query_matrix.to(device),
-            self.key_mask.to(device),
-            scaling=scaling,
-            causal=True,
+            q, k, gram, here["query_matrix"], here["key_mask"], scaling=scaling, causal=True
         )
         self._summarise(norm_rows, alpha_rows, gram)
 
@@ -168,58 +176,64 @@ class BatchReducer:
         gram: Float[torch.Tensor, "batch key head head"],
     ) -> None:
         """Block means by modality pair from the query-group sums of one layer."""
-        device = norm_rows.device
+        here = self._at(norm_rows.device)
         f_norm = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().transpose(1, 2)  # ||f_h(x_j)||
-        keys = self.key_matrix.to(device)  # [batch, pair, key]
-        g = self.pair_query_index.to(device)  # [pair]
+        keys = here["key_matrix"]  # [batch, pair, key]
+        g = here["pair_query_index"]  # [pair]
         alpha_rows = alpha_rows[:, :, g]  # [batch, head, pair, key]
-        count = self.pair_counts.to(device)  # [batch, pair]
+        count = here["pair_counts"]  # [batch, pair]
         norm_blocks = (norm_rows[:, g] * keys).sum(-1) / count
         head_blocks = (alpha_rows * f_norm[:, :, None, :] * keys[:, None]).sum(-1) / count[:, None]
         weight_blocks = (alpha_rows * keys[:, None]).sum(-1).mean(1) / count
-        norm_blocks, head_blocks, weight_blocks = norm_blocks.cpu(), head_blocks.cpu(), weight_blocks.cpu()
         out: dict = {
             "norm": {name: norm_blocks[:, i] for i, name in enumerate(self.pair_names)},
             "weight": {name: weight_blocks[:, i] for i, name in enumerate(self.pair_names)},
             "head_norm": {name: head_blocks[:, :, i].T for i, name in enumerate(self.pair_names)},
         }
         if self.same_image_count:
-            image = self.image.to(device)
-            n_img = int(self.image[0].sum())
             for key, query_name in (("from_text", "text"), ("from_last", "last")):
                 received = norm_rows[:, self.group_names.index(query_name)]
-                out[key] = received[image].reshape(len(received), n_img).cpu()
+                out[key] = received.gather(1, here["image_positions"])
         self._attention.append(out)
+
+    def _w_o(self, layer: int, device: torch.device) -> Float[torch.Tensor, "head d_head d_model"]:
+        return self._blocks[layer].attn.W_O.to(device)
 
     # -- all layers
     def finish(self) -> BatchAnalysis:
+        """Stack the layers and bring them to the CPU: per-layer results stay on the model's device
+        until here, so that no layer waits for the GPU (a .cpu() per layer would)."""
         result = BatchAnalysis()
         if self._resid:
-            result.contextualization = stack_layer_sums(self._resid)
+            result.contextualization = stack_layer_sums(
+                [tuple(_to_cpu(part) for part in parts) for parts in self._resid]
+            )
         if self._attention:
             summary = AttentionSummary()
             for kind in ("norm", "weight", "head_norm"):
                 for name in self._attention[0][kind]:
-                    getattr(summary, kind)[name] = torch.stack(
-                        [layer[kind][name] for layer in self._attention]
-                    )
+                    getattr(summary, kind)[name] = _stacked(layer[kind][name] for layer in self._attention)
             if "from_text" in self._attention[0]:
-                summary.image_saliency_from_text = torch.stack(
-                    [layer["from_text"] for layer in self._attention]
-                )
-                summary.image_saliency_from_last = torch.stack(
-                    [layer["from_last"] for layer in self._attention]
-                )
+                summary.image_saliency_from_text = _stacked(layer["from_text"] for layer in self._attention)
+                summary.image_saliency_from_last = _stacked(layer["from_last"] for layer in self._attention)
             result.attention = summary
         if self._lens_resid:
             result.lens = self.lens.summarize(torch.stack(self._lens_resid), k=self.top_k)
             if self._image_top1:
-                result.image_verbalization = torch.stack(self._image_top1)
+                result.image_verbalization = _stacked(self._image_top1)
         return result
 
 
+def _stacked(tensors) -> torch.Tensor:
+    return torch.stack(list(tensors)).cpu()
+
+
+def _detached(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in part.items()}
+
+
 def _to_cpu(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in part.items()}
+    return {k: v.cpu() for k, v in part.items()}
 
 
 def hook_names(n_layers: int, analyses: tuple[str, ...]) -> list[str]:

@@ -46,7 +46,7 @@ def select_image_tokens(
         _, cache = vlm.run_with_cache(batch, names_filter=names)
         pattern = cache[names[0]]
         scores = (
-            head_summed_norms(pattern, cache[names[1]], vlm.W_O[source])
+            head_summed_norms(pattern, cache[names[1]], vlm.blocks[source].attn.W_O)
             if method == "norm"
             else pattern.mean(1)
         )
