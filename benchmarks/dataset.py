@@ -24,18 +24,18 @@ from hooked_vllm.testing import TinyTextConfig, tiny_llava  # noqa: E402
 
 
 def measure(vlm, sizes: list[int], label: str) -> None:
+    """Time one run, then measure the peak of a second (the memory probe slows allocation)."""
     for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             sample = image_folder(n, Path(tmp))
-            timing: dict[str, float] = {}
-
-            def run(sample=sample, out=Path(tmp) / "out", timing=timing):
-                start = time.perf_counter()
-                run_phase_diagram(vlm, sample, out, batch_size=8, progress=False)
-                timing["s"] = time.perf_counter() - start
-
-            peak = peak_memory_mb(run)
-        seconds = timing["s"]
+            start = time.perf_counter()
+            run_phase_diagram(vlm, sample, Path(tmp) / "timed", batch_size=8, progress=False)
+            seconds = time.perf_counter() - start
+            peak = peak_memory_mb(
+                lambda sample=sample, out=Path(tmp) / "measured": run_phase_diagram(
+                    vlm, sample, out, batch_size=8, progress=False
+                )
+            )
         print(f"{label:10s} N={n:4d}  {seconds:7.1f} s  {n / seconds:6.2f} items/s  peak +{peak:6.0f} MiB")
 
 

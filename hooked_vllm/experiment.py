@@ -243,8 +243,16 @@ class _Images(torch.utils.data.Dataset):
         return self.items[index], load_image(self.items[index].image_path)
 
 
-def _collate(pairs):
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+class _Prepare:
+    """``collate_fn``: the processor (resize, normalise, tokenise, modality masks) runs where the
+    images were decoded, in the DataLoader workers, so the main process only feeds the model."""
+
+    def __init__(self, vlm) -> None:
+        self.prepare = vlm.prepare
+
+    def __call__(self, pairs):
+        items = [item for item, _ in pairs]
+        return items, self.prepare([image for _, image in pairs], [item.instruction for item in items])
 
 
 def run_phase_diagram(
@@ -276,15 +284,15 @@ def run_phase_diagram(
         _Images(mine),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=_Prepare(vlm),
         pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers > 0 else None,
     )
     bar = tqdm(total=len(mine), disable=not progress, desc=f"rank {rank}" if world_size > 1 else "items")
     with torch.inference_mode():
-        for n_batch, (items, images) in enumerate(loader):
+        for n_batch, (items, batch) in enumerate(loader):
             if max_batches is not None and n_batch >= max_batches:
                 break
-            batch = vlm.prepare(images, [item.instruction for item in items])
             analysis = collect(vlm, batch, verbalize_images=verbalize_images)
             store.write(*batch_rows(vlm, items, analysis, batch))
             bar.update(len(items))

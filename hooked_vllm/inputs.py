@@ -113,6 +113,12 @@ class VLMBatch:
             position_ids=self.position_ids.to(device),
         )
 
+    def pin_memory(self) -> VLMBatch:
+        """The processor's tensors in page-locked memory (DataLoader calls this with
+        ``pin_memory=True``), for faster host-to-GPU copies; the masks stay as they are."""
+        pinned = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
+        return replace(self, inputs=pinned)
+
     def select(self, index: slice | Sequence[int]) -> VLMBatch:
         """The sub-batch of items ``index`` (one image per item)."""
         idx = list(range(len(self)))[index] if isinstance(index, slice) else list(index)

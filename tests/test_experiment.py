@@ -271,3 +271,31 @@ def test_two_gloo_processes_equal_one_process(tmp_path, model_dir):
     for pair, stats in single.aggregates["norm_attention"].items():
         np.testing.assert_allclose(merged["norm_attention"][pair]["mean"], stats["mean"], rtol=1e-9)
     assert merged["phases"] == single.aggregates["phases"]
+
+
+def test_processor_runs_in_the_dataloader_workers(tmp_path, model_dir):
+    """With workers, decoding and the processor happen in the worker processes (the main process
+    only feeds the model) and the results are the same as without."""
+    from hooked_vllm import HookedVLM
+    from hooked_vllm.experiment import run_phase_diagram
+
+    data = load_coco(make_coco(tmp_path / "coco", n_images=6), n=6)
+    results, main_process_calls = {}, {}
+    for workers in (0, 2):
+        vlm = HookedVLM.from_pretrained(str(model_dir))
+        prepare, calls = vlm.prepare, []
+
+        def counted(*args, prepare=prepare, calls=calls, **kwargs):
+            calls.append(os.getpid())
+            return prepare(*args, **kwargs)
+
+        vlm.prepare = counted
+        results[workers] = run_phase_diagram(
+            vlm, data, tmp_path / f"workers-{workers}", batch_size=4, workers=workers, progress=False
+        )
+        main_process_calls[workers] = len(calls)
+    assert main_process_calls == {0: 2, 2: 0}
+    for group, stats in results[0].aggregates["contextualization"].items():
+        np.testing.assert_allclose(results[2].aggregates["contextualization"][group]["mean"], stats["mean"])
+    for pair, stats in results[0].aggregates["norm_attention"].items():
+        np.testing.assert_allclose(results[2].aggregates["norm_attention"][pair]["mean"], stats["mean"])
