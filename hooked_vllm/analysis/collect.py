@@ -1,9 +1,12 @@
 """One forward pass, three lenses, O(one layer) of activations kept.
 
-:func:`collect` hooks the residual stream, the values and the attention pattern of every layer and
-reduces each as it goes (contextualization sums, norm-based attention aggregates, logit lens at the
-chosen positions); nothing of a layer outlives its reduction. :func:`reduce_cache` applies the same
-:class:`BatchReducer` to a full ``ActivationCache``, so the two agree exactly.
+:func:`collect` hooks the residual stream of every layer and taps each layer's queries, keys and
+values (attention runs as HF sdpa, see :mod:`hooked_vllm.observed_attention`), and reduces each as
+it goes (contextualization sums, norm-based attention aggregates from alpha recomputed block by
+block, logit lens at the chosen positions); nothing of a layer outlives its reduction, and no
+attention pattern is ever stored. ``attention="pattern"`` hooks the bridge's ``hook_pattern``
+instead. :func:`reduce_cache` applies the same :class:`BatchReducer` to a full ``ActivationCache``:
+it agrees exactly with the pattern path and to float rounding with the fused one.
 
 Example:
     >>> result = collect(vlm, batch)  # doctest: +SKIP
