@@ -126,6 +126,12 @@ def test_observed_sdpa_forward_keeps_the_logits_and_restores_the_bridge(family, 
     assert sorted(seen) == list(range(vlm.cfg.n_layers))
     n_pos = batch.input_ids.shape[1]
     assert seen[0][0] == (len(batch), vlm.cfg.n_heads, n_pos, vlm.cfg.d_head)
+    # Without padding sdpa runs its causal kernel (no mask): the same logits.
+    single = vlm.prepare(images[:1], INSTRUCTIONS[:1])
+    assert bool(single.attention_mask.bool().all())
+    expected_single = vlm(single)
+    with observed_sdpa_attention(vlm, observer, causal_only=True):
+        assert (vlm(single) - expected_single).abs().max() <= 1e-5
     # After the block, and after an error inside one, the pattern hook fires again.
     with pytest.raises(RuntimeError, match="inside"):
         with observed_sdpa_attention(vlm, observer):
