@@ -28,6 +28,8 @@ try:
 except ImportError:  # pragma: no cover - Triton ships with CUDA builds of torch on Linux
     triton = tl = None
 
+# Untuned (no GPU has run these yet): the group-sums kernel keeps a [16, 32, rank] float32
+# accumulator per program (rank 32 at 7B), hence eight warps.
 QUERY_BLOCK = 16
 KEY_BLOCK = 32
 
@@ -213,6 +215,6 @@ def attention_group_sums(q, k, factor, query_groups, key_mask, *, scaling, causa
         q, k, factor, query_groups, key_mask, lse, norm_rows, alpha_rows,
         *q.stride(), *k.stride(), *factor.stride(), *query_groups.stride(), *key_mask.stride(),
         n_heads, n_heads // k.shape[1], n_groups, rank, n_queries, n_keys, n_keys - n_queries, d_head,
-        scaling, R=_pow2(rank), G=_pow2(n_groups), HP=_pow2(n_heads), **common,
+        scaling, R=_pow2(rank), G=_pow2(n_groups), HP=_pow2(n_heads), num_warps=8, **common,
     )  # fmt: skip
     return norm_rows, alpha_rows
