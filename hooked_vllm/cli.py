@@ -21,6 +21,8 @@ import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEMO = "demo"
+#: settings added after runs were made with earlier versions: their value in those runs
+ADDED_SETTINGS = {"no_verbalize_images": "False"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     run.add_argument("--device-map", default=None, help="split one model over GPUs, e.g. 'auto'")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
+    run.add_argument(
+        "--workers", type=int, default=0, help="DataLoader workers (image decoding and the processor)"
+    )
+    run.add_argument(
+        "--no-verbalize-images",
+        action="store_true",
+        help="skip the logit lens of every image position at every layer (the verbalization table): "
+        "at 7B it costs about half a forward pass",
+    )
     run.add_argument("--skip-bad", action="store_true", help="skip missing/corrupt images and list them")
     run.add_argument("--no-progress", action="store_true")
     return parser
@@ -95,7 +105,7 @@ def phase_diagram(args) -> int:
     manifest = {k: str(v) for k, v in vars(args).items() if k not in ("no_progress", "command", "workers")}
     manifest_path = args.out / "run.json"
     if manifest_path.is_file() and (args.out / "items").is_dir():
-        previous = json.loads(manifest_path.read_text())
+        previous = {**ADDED_SETTINGS, **json.loads(manifest_path.read_text())}
         if previous != manifest:
             changed = sorted(k for k in manifest if previous.get(k) != manifest[k])
             print(
@@ -115,7 +125,13 @@ def phase_diagram(args) -> int:
     if rank == 0:
         manifest_path.write_text(json.dumps(manifest, indent=1))
     result = run_phase_diagram(
-        vlm, sample, args.out, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress
+        vlm,
+        sample,
+        args.out,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        verbalize_images=not args.no_verbalize_images,
+        progress=not args.no_progress,
     )
     if result is None:
         return 0

@@ -299,3 +299,31 @@ def test_processor_runs_in_the_dataloader_workers(tmp_path, model_dir):
         np.testing.assert_allclose(results[2].aggregates["contextualization"][group]["mean"], stats["mean"])
     for pair, stats in results[0].aggregates["norm_attention"].items():
         np.testing.assert_allclose(results[2].aggregates["norm_attention"][pair]["mean"], stats["mean"])
+
+
+def test_cli_without_image_verbalization_and_resuming_older_runs(tmp_path, model_dir):
+    """--no-verbalize-images drops the per-image logit lens (and the report's table); it is a
+    setting of the run, so resuming with the other value is refused, while a run.json written
+    before the setting existed resumes as the default it had."""
+    from hooked_vllm.experiment import ResultStore
+
+    data = make_coco(tmp_path / "coco", n_images=4)
+    common = ["--model", str(model_dir), "--dataset", "coco", "--data-dir", str(data), "--n", "4"]
+    lean = tmp_path / "lean"
+    done = cli(*common, "--out", str(lean), "--no-verbalize-images")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows, _ = ResultStore(lean).read()
+    assert len(rows) == 4 and all("image_verbalization" not in row for row in rows)
+    assert "Verbalization" not in (lean / "report.html").read_text()
+    refused = cli(*common, "--out", str(lean))
+    assert refused.returncode == 2 and "no_verbalize_images" in refused.stderr
+
+    full = tmp_path / "full"
+    assert cli(*common, "--out", str(full)).returncode == 0
+    rows, _ = ResultStore(full).read()
+    assert all(len(row["image_verbalization"]) > 0 for row in rows)
+    assert "Verbalization" in (full / "report.html").read_text()
+    manifest = json.loads((full / "run.json").read_text())
+    del manifest["no_verbalize_images"]  # as the previous version wrote it
+    (full / "run.json").write_text(json.dumps(manifest))
+    assert cli(*common, "--out", str(full)).returncode == 0
