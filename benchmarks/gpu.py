@@ -187,19 +187,29 @@ def pipeline(vlm, sdpa_model, n: int, batch_size: int, device: str, workers: int
         run_phase_diagram(
             vlm, sample, Path(tmp) / "warm-up", batch_size=batch_size, progress=False, max_batches=1
         )
-        sync()
-        start = time.perf_counter()
-        run_phase_diagram(
-            vlm, sample, Path(tmp) / "out", batch_size=batch_size, workers=workers, progress=False
-        )
-        sync()
-        run_s = time.perf_counter() - start
+        run_s = {}
+        for verbalize in (True, False):
+            sync()
+            start = time.perf_counter()
+            run_phase_diagram(
+                vlm,
+                sample,
+                Path(tmp) / f"out-{verbalize}",
+                batch_size=batch_size,
+                workers=workers,
+                verbalize_images=verbalize,
+                progress=False,
+            )
+            sync()
+            run_s[verbalize] = time.perf_counter() - start
     print(f"dataset path, {n} images, batch {batch_size}, {workers} DataLoader workers")
     print(f"  HF sdpa forward alone (batches prepared beforehand)  {n / forward_s:7.2f} items/s")
-    print(
-        f"  run_phase_diagram (decode + processor + collector + Parquet + aggregates)  "
-        f"{n / run_s:7.2f} items/s  ({run_s / forward_s:.2f}x the forward's time)"
-    )
+    for verbalize, seconds in run_s.items():
+        label = "with image verbalization" if verbalize else "--no-verbalize-images"
+        print(
+            f"  run_phase_diagram, {label:25s} (decode + processor + collector + Parquet + aggregates)"
+            f"  {n / seconds:7.2f} items/s  ({seconds / forward_s:.2f}x the forward's time)"
+        )
 
 
 @torch.inference_mode()
