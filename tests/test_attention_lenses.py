@@ -250,3 +250,31 @@ def test_collector_makes_no_host_sync_per_layer():
             collect(vlm, batch, verbalize_images=True, attention="fused")
         counts.append(sum(event.name in syncing for event in prof.events()))
     assert counts[0] == counts[1], counts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_collector_on_the_gpu_matches_the_cpu(images, monkeypatch):
+    """End to end where a GPU is: the fused collector (Triton kernel, no warning) on a CUDA copy of
+    a tiny model gives the CPU numbers (TF32 off, as on the CPU)."""
+    import copy
+    import warnings
+
+    from hooked_vllm import HookedVLM
+    from hooked_vllm.testing import tiny_llava
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    hf_model, processor = tiny_llava(seed=0)
+    on_cpu = HookedVLM.from_hf(copy.deepcopy(hf_model), processor)
+    on_gpu = HookedVLM.from_hf(hf_model.to("cuda"), processor)
+    batch = on_cpu.prepare(images, INSTRUCTIONS)
+    expected = collect(on_cpu, batch, verbalize_images=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the kernel must not fall back
+        got = collect(on_gpu, batch, verbalize_images=True)
+    for pair, value in expected.attention.norm.items():
+        assert relative_error(got.attention.norm[pair].nan_to_num(), value.nan_to_num()) <= 1e-4, pair
+    for name, value in expected.contextualization.per_item().items():
+        assert (got.contextualization.per_item()[name] - value).abs().max() <= 1e-4, name
+    agree = (got.image_verbalization.cpu() == expected.image_verbalization).float().mean()
+    assert agree >= 0.99  # top-1 words; a near-tie may flip
