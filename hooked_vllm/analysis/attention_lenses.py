@@ -30,7 +30,7 @@ import warnings
 import torch
 from jaxtyping import Bool, Float
 
-from hooked_vllm.analysis.norm_attention import gram_factor
+from hooked_vllm.analysis.norm_attention import gram_factor, summed_norms_key_major
 from hooked_vllm.kernels import attention_lenses as kernel
 
 BACKENDS = ("auto", "torch", "triton")
@@ -59,7 +59,8 @@ def attention_group_sums(
     positions (equal counts in a plain forward).
 
     ``backend``: "torch", "triton" (CUDA tensors, Triton installed) or "auto" (Triton where it can run).
-    The PyTorch path evaluates the quadratic form with G directly; the kernel with a factor
+    The PyTorch path evaluates the quadratic form with G directly (as the pattern path does,
+    :func:`~hooked_vllm.analysis.norm_attention.summed_norms_key_major`); the kernel with a factor
     G_j = L_j L_j^T, as ||L_j^T alpha_:ij|| (it accumulates over heads one at a time).
     """
     if backend not in BACKENDS:
@@ -105,7 +106,7 @@ def _attention_group_sums_torch(q, k, gram, query_groups, key_mask, *, scaling, 
     keys = k.shape[2]
     offset = keys - queries  # query i sits at key position offset + i
     k = k.float().repeat_interleave(n_heads // k.shape[1], dim=1)
-    gram, query_groups = gram.float(), query_groups.float()
+    query_groups = query_groups.float()
     norm_rows = q.new_zeros(batch, query_groups.shape[1], keys, dtype=torch.float32)
     alpha_rows = q.new_zeros(batch, n_heads, query_groups.shape[1], keys, dtype=torch.float32)
     key_positions = torch.arange(keys, device=q.device)
@@ -121,9 +122,6 @@ def _attention_group_sums_torch(q, k, gram, query_groups, key_mask, *, scaling, 
         alpha = alpha.nan_to_num_(0.0)  # rows that see no key
         groups = query_groups[:, :, q0:q1]
         alpha_rows[..., :seen] += torch.einsum("bgq,bhqk->bhgk", groups, alpha)
-        # alpha_:ij^T G_j alpha_:ij as one batched product per key: [query, head] @ [head, head].
-        key_major = alpha.permute(0, 3, 2, 1).contiguous().view(batch * seen, q1 - q0, n_heads)
-        weighted = torch.bmm(key_major, gram[:, :seen].reshape(batch * seen, n_heads, n_heads))
-        norms = weighted.mul_(key_major).sum(-1).clamp_min_(0).sqrt_().view(batch, seen, q1 - q0)
+        norms = summed_norms_key_major(alpha, gram[:, :seen])  # [batch, key, query]
         norm_rows[..., :seen] += torch.einsum("bgq,bkq->bgk", groups, norms)
     return norm_rows, alpha_rows

@@ -6,7 +6,7 @@ The attention output at query i is sum_h sum_j alpha_hij f_h(x_j), with f_h(x) =
 - per head: ||alpha_hij f_h(x_j)|| = alpha_hij ||f_h(x_j)||;
 - per layer (heads summed): ||sum_h alpha_hij f_h(x_j)||, computed exactly from the per-position
   head Gram matrix G_j[h, g] = f_h(x_j) . f_g(x_j):  ||.||^2 = sum_{h,g} alpha_hij alpha_gij G_j[h, g],
-  evaluated through a factor G_j = L_j L_j^T. Cost O(n^2 H^2 + n H^2 d) and no [n, n, d] tensor.
+  evaluated as one batched product per key. Cost O(n^2 H^2 + n H^2 d) and no [n, n, d] tensor.
 
 Grouped-query attention: query head h reads key/value head h // (H / H_kv).
 Accumulation is in float32.
@@ -67,7 +67,7 @@ def gram_factor(
     gram: Float[torch.Tensor, "batch key head head"],
 ) -> Float[torch.Tensor, "batch key head rank"]:
     """L_j with G_j = L_j L_j^T for every key (eigendecomposition; G is positive semi-definite), so
-    that alpha^T G_j alpha = ||L_j^T alpha||^2."""
+    that alpha^T G_j alpha = ||L_j^T alpha||^2: the form the Triton kernel accumulates head by head."""
     eigenvalues, eigenvectors = torch.linalg.eigh(gram.float())
     return eigenvectors * eigenvalues.clamp_min(0).sqrt()[..., None, :]
 
@@ -89,31 +89,35 @@ def head_summed_norms_from_gram(
     causal: bool = False,
     key_block: int = 128,
 ) -> Float[torch.Tensor, "batch query key"]:
-    """The head Gram matrix of key j factors as G_j = L_j L_j^T (eigendecomposition of an H x H
-    matrix per key), so ||sum_h alpha_hij f_h(x_j)||^2 = alpha_:ij^T G_j alpha_:ij = ||L_j^T alpha_:ij||^2:
-    one contraction over heads, O(n^2 H^2) given G.
+    """||sum_h alpha_hij f_h(x_j)||^2 = alpha_:ij^T G_j alpha_:ij: one contraction over heads,
+    O(n^2 H^2) given G (:func:`summed_norms_key_major`, ``key_block`` keys at a time).
 
-    The contraction runs as batched matrix products over keys ([query, head] @ [head, rank]) on a
-    key-major copy of the pattern, ``key_block`` keys at a time. With ``causal=True`` (promise that
-    alpha is zero for key > query, as in a decoder) each block starts at its first key's query, which
-    skips the zero half of the pattern: about 1.7x faster on CPU than one four-index einsum followed
-    by square/sum/sqrt. Leave it False for bidirectional attention (vision tower, Q-Former).
-    Padding query rows of a decoder attend anywhere (fully masked); with ``causal=True`` their keys
-    after the query read as zero. They belong to no modality group, so the collector's aggregates
-    are unaffected.
+    With ``causal=True`` (promise that alpha is zero for key > query, as in a decoder) each block
+    starts at its first key's query, which skips the zero half of the pattern: about 1.7x faster on
+    CPU than one four-index einsum followed by square/sum/sqrt. Leave it False for bidirectional
+    attention (vision tower, Q-Former). Padding query rows of a decoder attend anywhere (fully
+    masked); with ``causal=True`` their keys after the query read as zero. They belong to no
+    modality group, so the collector's aggregates are unaffected.
     """
-    factor = gram_factor(gram)  # [batch, key, head, rank]
     batch, heads, queries, keys = pattern.shape
-    out = factor.new_zeros(batch, keys, queries)  # key-major
+    out = gram.new_zeros(batch, keys, queries, dtype=torch.float32)  # key-major
     for k0, k1, q0 in _key_blocks(queries, keys, key_block, causal):
-        # contiguous() first: with batch 1, reshape would return a strided view, and bmm then
-        # copies every key's [query, head] slice separately (~3x slower).
-        block = pattern[:, :, q0:, k0:k1].float().permute(0, 3, 2, 1).contiguous()
-        block = block.view(batch * (k1 - k0), queries - q0, heads)
-        rank_factor = factor[:, k0:k1].reshape(batch * (k1 - k0), heads, -1)
-        projected = torch.bmm(block, rank_factor)  # [batch * block keys, query, rank]
-        out[:, k0:k1, q0:] = torch.linalg.vector_norm(projected, dim=-1).view(batch, k1 - k0, queries - q0)
+        out[:, k0:k1, q0:] = summed_norms_key_major(pattern[:, :, q0:, k0:k1], gram[:, k0:k1])
     return out.transpose(1, 2)
+
+
+def summed_norms_key_major(
+    alpha: Float[torch.Tensor, "batch head query key"],
+    gram: Float[torch.Tensor, "batch key head head"],
+) -> Float[torch.Tensor, "batch key query"]:
+    """sqrt(alpha_:ij^T G_j alpha_:ij) for every (query, key) of a block, key-major, in float32: one
+    batched product per key ([query, head] @ [head, head]) on a key-major copy of the block."""
+    batch, heads, queries, keys = alpha.shape
+    # contiguous() first: with batch 1, reshape would return a strided view, and bmm then copies
+    # every key's [query, head] slice separately (~3x slower).
+    key_major = alpha.float().permute(0, 3, 2, 1).contiguous().view(batch * keys, queries, heads)
+    weighted = torch.bmm(key_major, gram.float().reshape(batch * keys, heads, heads))
+    return weighted.mul_(key_major).sum(-1).clamp_min_(0).sqrt_().view(batch, keys, queries)
 
 
 def grouped_query_sums(
