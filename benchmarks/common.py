@@ -53,16 +53,27 @@ def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> fl
     return min(times)
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 5) -> dict[str, float]:
-    """Best time of each function, measured round-robin so machine noise hits all alike."""
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; nothing to do on the CPU)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], repeats: int = 5, device: str | torch.device = "cpu"
+) -> dict[str, float]:
+    """Best time of each function, measured round-robin so machine noise hits all alike (on CUDA,
+    from an idle device to the end of the call's GPU work)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             gc.collect()
+            synchronize(device)
             start = time.perf_counter()
             fn()
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: min(ts) for name, ts in times.items()}
 

@@ -36,7 +36,14 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROMPT, image_folder, peak_memory_mb, sample_images  # noqa: E402
+from common import (  # noqa: E402
+    PROMPT,
+    image_folder,
+    interleaved_times,
+    peak_memory_mb,
+    sample_images,
+    synchronize,
+)
 
 from hooked_vllm import HookedVLM  # noqa: E402
 from hooked_vllm.analysis import collect  # noqa: E402
@@ -126,31 +133,13 @@ def build(family: str, size_name: str, device: str, dtype: torch.dtype):
 
 def peak(fn, device: str) -> float:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fn()
-        torch.cuda.synchronize()
+        synchronize(device)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     return peak_memory_mb(fn)
-
-
-def timed(fns: dict, device: str, repeats: int) -> dict[str, float]:
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def sdpa_on(vlm, fn):
@@ -164,11 +153,6 @@ def sdpa_on(vlm, fn):
 
 def pipeline(vlm, sdpa_model, n: int, batch_size: int, device: str, workers: int) -> None:
     """Items/s of `run_phase_diagram` over ``n`` images against the HF sdpa forward alone."""
-
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     with tempfile.TemporaryDirectory() as tmp:
         sample = image_folder(n, Path(tmp))
         prepared = []
@@ -178,18 +162,18 @@ def pipeline(vlm, sdpa_model, n: int, batch_size: int, device: str, workers: int
             batch = vlm.prepare(images, [item.instruction for item in items]).to(device)
             prepared.append({**batch.inputs, "position_ids": batch.position_ids})
         sdpa_model(**prepared[0])  # warm-up
-        sync()
+        synchronize(device)
         start = time.perf_counter()
         for inputs in prepared:
             sdpa_model(**inputs)
-        sync()
+        synchronize(device)
         forward_s = time.perf_counter() - start
         run_phase_diagram(
             vlm, sample, Path(tmp) / "warm-up", batch_size=batch_size, progress=False, max_batches=1
         )
         run_s = {}
         for verbalize in (True, False):
-            sync()
+            synchronize(device)
             start = time.perf_counter()
             run_phase_diagram(
                 vlm,
@@ -200,7 +184,7 @@ def pipeline(vlm, sdpa_model, n: int, batch_size: int, device: str, workers: int
                 verbalize_images=verbalize,
                 progress=False,
             )
-            sync()
+            synchronize(device)
             run_s[verbalize] = time.perf_counter() - start
     print(f"dataset path, {n} images, batch {batch_size}, {workers} DataLoader workers")
     print(f"  HF sdpa forward alone (batches prepared beforehand)  {n / forward_s:7.2f} items/s")
@@ -255,7 +239,7 @@ def main() -> None:
             "collect, pattern hooks": lambda batch=batch: collect(vlm, batch, attention="pattern"),
             "collect (3 lenses)": lambda batch=batch: collect(vlm, batch),
         }
-        times = timed(fns, args.device, args.repeats)
+        times = interleaved_times(fns, args.repeats, args.device)
         memory = {name: peak(fn, args.device) for name, fn in fns.items()}
         base = times["HF sdpa"]
         print(

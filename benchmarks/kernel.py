@@ -1,5 +1,5 @@
 """The norm-based attention reduction of one layer from q and k: Triton kernel against the PyTorch
-path, at real shapes, side by side in one run.
+path, at real shapes, side by side in one run (round-robin).
 
     python benchmarks/kernel.py --shape 7b --batch 8 --dtype float16     # on a GPU: both paths
     python benchmarks/kernel.py --shape mid --batch 1 --device cpu       # PyTorch path only
@@ -13,13 +13,17 @@ them for scale.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from hooked_vllm.analysis.attention_lenses import attention_group_sums
-from hooked_vllm.analysis.norm_attention import head_gram
-from hooked_vllm.kernels import attention_lenses as kernel
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleaved_times  # noqa: E402
+
+from hooked_vllm.analysis.attention_lenses import attention_group_sums  # noqa: E402
+from hooked_vllm.analysis.norm_attention import head_gram  # noqa: E402
+from hooked_vllm.kernels import attention_lenses as kernel  # noqa: E402
 
 SHAPES = {"7b": (32, 128, 4096), "mid": (8, 64, 512)}  # heads, d_head, d_model
 POSITIONS, IMAGE = 607, range(5, 581)  # LLaVA-1.5: template, 576 image tokens, instruction
@@ -37,22 +41,6 @@ def inputs(shape: str, batch: int, device: str, dtype: torch.dtype):
     groups[:, 1, IMAGE.stop : POSITIONS - 5] = 1  # instruction
     groups[:, 2, POSITIONS - 1] = 1  # last position
     return q, k, v, head_gram(v, w_o), groups
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 @torch.inference_mode()
@@ -80,13 +68,16 @@ def main() -> None:
         f"{args.shape}: batch {args.batch}, {q.shape[1]} heads x {q.shape[-1]}, {POSITIONS} positions, "
         f"{args.device}, {args.dtype}, torch {torch.__version__}"
     )
-    base = timed(attention, args.device, args.repeats)
+    times = interleaved_times(
+        {"sdpa attention (for scale)": attention, **{f"group sums, {n}": fn for n, fn in paths.items()}},
+        args.repeats,
+        args.device,
+    )
+    base = times.pop("sdpa attention (for scale)")
     print(f"  {'sdpa attention (for scale)':30s} {base * 1000:8.2f} ms")
-    results = {}
-    for name, fn in paths.items():
-        seconds = timed(fn, args.device, args.repeats)
-        results[name] = fn()
-        print(f"  {'group sums, ' + name:30s} {seconds * 1000:8.2f} ms  {seconds / base:6.2f}x sdpa")
+    for name, seconds in times.items():
+        print(f"  {name:30s} {seconds * 1000:8.2f} ms  {seconds / base:6.2f}x sdpa")
+    results = {name: fn() for name, fn in paths.items()}
     if "triton" in results:
         worst = max(
             float((a - b).abs().max() / b.abs().max())
