@@ -8,8 +8,18 @@ Example:
     3
 """
 
-from hooked_vllm.errors import (
+import logging as _logging
+
+# transformer-lens sets the `transformers` logger to ERROR when it is imported; keep the level the
+# user had (HF's loading reports and warnings stay visible).
+import transformers as _transformers  # noqa: E402,F401  (configures its logger first)
+
+_transformers_log_level = _logging.getLogger("transformers").level
+
+from hooked_vllm.errors import (  # noqa: E402
     BatchFormatError,
+    CheckpointError,
+    GenerationArgumentError,
     HookedVLMError,
     ImageCountError,
     ImageLoadError,
@@ -17,13 +27,17 @@ from hooked_vllm.errors import (
     SequenceTooLongError,
     UnsupportedModelError,
 )
-from hooked_vllm.inputs import VLMBatch, build_batch, positions_from_mask
-from hooked_vllm.model import HookedVLM
+from hooked_vllm.inputs import VLMBatch, build_batch, positions_from_mask  # noqa: E402
+from hooked_vllm.model import HookedVLM  # noqa: E402
+
+_logging.getLogger("transformers").setLevel(_transformers_log_level)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchFormatError",
+    "CheckpointError",
+    "GenerationArgumentError",
     "HookedVLM",
     "HookedVLMError",
     "ImageCountError",

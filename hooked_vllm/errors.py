@@ -27,3 +27,11 @@ class ImageLoadError(HookedVLMError):
 
 class BatchFormatError(HookedVLMError):
     """A batch lacks a field or has one of the wrong shape."""
+
+
+class CheckpointError(HookedVLMError):
+    """A checkpoint's tensors do not match the model: missing, unexpected or of the wrong shape."""
+
+
+class GenerationArgumentError(HookedVLMError):
+    """``generate`` was given settings it cannot honour (e.g. a negative length, temperature 0)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -40,6 +41,8 @@ from hooked_vllm import observed_attention
 from hooked_vllm.adapters import VLMAdapter, adapter_class_for
 from hooked_vllm.errors import (
     BatchFormatError,
+    CheckpointError,
+    GenerationArgumentError,
     ImageCountError,
     MissingImageError,
     SequenceTooLongError,
@@ -97,12 +100,17 @@ class HookedVLM:
         device_map: str | dict[str, Any] | None = None,
         trust_remote_code: bool = False,
         use_safetensors: bool = True,
+        strict: bool = True,
         **model_kwargs: Any,
     ) -> HookedVLM:
         """Load model and processor from a hub id or a local directory, as HF does.
 
         The architecture is checked from the config before any weight is read. Weights load with
         eager attention (patterns are observable) and from safetensors unless ``use_safetensors=False``.
+        Every tensor the model expects must come from the checkpoint with its shape: missing,
+        unexpected or mis-shaped tensors raise :class:`~hooked_vllm.errors.CheckpointError` naming
+        them (HF would leave missing ones at random initialisation). ``strict=False`` loads anyway
+        and only warns.
 
         Example:
             >>> vlm = HookedVLM.from_pretrained("Salesforce/instructblip-vicuna-7b",
@@ -111,15 +119,21 @@ class HookedVLM:
         config = transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         adapter_class_for(config)  # refuse unsupported models before loading weights
         model_class = getattr(transformers, config.architectures[0])
-        hf_model = model_class.from_pretrained(
-            name_or_path,
-            dtype=dtype,
-            attn_implementation="eager",
-            device_map=device_map,
-            use_safetensors=use_safetensors,
-            trust_remote_code=trust_remote_code,
-            **model_kwargs,
-        )
+        try:
+            hf_model, loading_info = model_class.from_pretrained(
+                name_or_path,
+                dtype=dtype,
+                attn_implementation="eager",
+                device_map=device_map,
+                use_safetensors=use_safetensors,
+                trust_remote_code=trust_remote_code,
+                ignore_mismatched_sizes=True,  # reported below, by name, with the shapes
+                output_loading_info=True,
+                **model_kwargs,
+            )
+        except RuntimeError as exc:  # HF's own state-dict errors (e.g. a conversion failure)
+            raise CheckpointError(f"Could not load the weights of {name_or_path}: {exc}") from exc
+        check_loading_info(loading_info, name_or_path, strict=strict)
         if device is not None and device_map is None:
             hf_model = hf_model.to(device)
         processor = transformers.AutoProcessor.from_pretrained(
@@ -171,6 +185,10 @@ class HookedVLM:
             prompts = [prompts]
         if not isinstance(images, (list, tuple)):
             images = [images]
+        if len(prompts) == 0:
+            raise BatchFormatError(
+                "No prompts were given (an empty batch). Pass at least one prompt and its image(s)."
+            )
         if len(images) != len(prompts):
             raise ImageCountError(
                 f"Got {len(images)} image entries for {len(prompts)} prompts. Pass one entry per "
@@ -408,29 +426,40 @@ class HookedVLM:
     ) -> Int[torch.Tensor, "batch new"] | list[str]:
         """Greedy (or sampled) continuation with the KV cache; hooks in effect fire at every step.
 
-        Finished items are padded with the pad token, as HF's ``generate`` does. Returns the new
-        tokens, or their decoded strings with ``return_str=True``.
+        The prompt runs as the batch is laid out, whatever its padding side, so hooks and
+        interventions keyed to the batch's positions (``knockout``, ``prune``, patching, your own)
+        act on the prompt exactly as in :meth:`forward`; decoding steps then see one new position
+        per item. Finished items are padded with the pad token, as HF's ``generate`` does. Returns
+        the new tokens ``[batch, new]`` (``[batch, 0]`` for ``max_new_tokens=0``: nothing runs), or
+        their decoded strings with ``return_str=True``.
         """
-        batch = self.to_batch(batch).left_padded()
+        _check_generation_arguments(max_new_tokens, do_sample, temperature)
+        batch = self.to_batch(batch)
         self._check_length(batch, extra_tokens=max_new_tokens)
         tokenizer = self.tokenizer
+        if max_new_tokens == 0:
+            empty = torch.zeros(len(batch), 0, dtype=torch.long)
+            return tokenizer.batch_decode(empty) if return_str else empty
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         embeds = self.embed(batch)
         device = embeds.device
+        rows = torch.arange(len(batch), device=device)
+        last = batch.last_positions.to(device)
         mask = batch.attention_mask.to(device)
-        positions = batch.position_ids.to(device)
         logits, past = self.bridge(
             embeds,
             attention_mask=mask,
-            position_ids=positions,
+            position_ids=batch.position_ids.to(device),
             return_type="logits_and_cache",
             use_cache=True,
         )
+        next_logits = logits[rows, last]
+        positions = batch.position_ids.to(device)[rows, last].unsqueeze(-1)
         finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
         new_tokens = []
         for _ in range(max_new_tokens):
-            next_logits = logits[:, -1, :].float()
+            next_logits = next_logits.float()
             if do_sample:
                 probs = torch.softmax(next_logits / temperature, dim=-1)
                 token = torch.multinomial(probs, 1).squeeze(-1)
@@ -440,10 +469,12 @@ class HookedVLM:
             new_tokens.append(token)
             if eos is not None:
                 finished |= token == eos
-            if bool(finished.all()):
+            if len(new_tokens) == max_new_tokens or bool(finished.all()):
                 break
+            # Appended after the batch's last column: a right-padded item's padding stays a masked
+            # hole in the cache, and its positions continue from its last real token.
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
+            positions = positions + 1
             logits, past = self.bridge(
                 token.unsqueeze(-1),
                 attention_mask=mask,
@@ -451,6 +482,7 @@ class HookedVLM:
                 past_key_values=past,
                 return_type="logits_and_cache",
             )
+            next_logits = logits[:, -1]
         tokens = torch.stack(new_tokens, dim=1)
         if return_str:
             return tokenizer.batch_decode(tokens, skip_special_tokens=True)
@@ -479,6 +511,51 @@ class HookedVLM:
                 out.append(self.tokenizer.decode([token]))
             previous_image = bool(is_image and is_real)
         return out
+
+
+def _check_generation_arguments(max_new_tokens: Any, do_sample: bool, temperature: Any) -> None:
+    """Refuse generation settings HF's ``GenerationConfig`` refuses (and ones it would turn into NaN)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise GenerationArgumentError(
+            f"max_new_tokens must be a non-negative integer; got {max_new_tokens!r}."
+        )
+    if do_sample and (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not temperature > 0
+        or temperature == float("inf")
+    ):
+        raise GenerationArgumentError(
+            f"temperature (={temperature!r}) has to be a strictly positive finite float when "
+            "do_sample=True. For greedy decoding set do_sample=False."
+        )
+
+
+def check_loading_info(loading_info: Mapping[str, Any], source: str, *, strict: bool = True) -> None:
+    """Raise :class:`CheckpointError` (or warn, with ``strict=False``) when HF's loading info lists
+    missing, unexpected or mis-shaped tensors, naming them."""
+    problems = []
+    listed = {
+        "missing (left at random initialisation)": sorted(loading_info.get("missing_keys", ())),
+        "unexpected (in the checkpoint, not in the model)": sorted(loading_info.get("unexpected_keys", ())),
+        "of the wrong shape (checkpoint vs model)": sorted(
+            f"{key} {tuple(ckpt)} vs {tuple(model)}"
+            for key, ckpt, model in loading_info.get("mismatched_keys", ())
+        ),
+    }
+    for what, keys in listed.items():
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else "")
+            problems.append(f"{len(keys)} tensor(s) {what}: {shown}")
+    problems += [str(message) for message in loading_info.get("error_msgs", ())]
+    if not problems:
+        return
+    message = f"The checkpoint at {source} does not match its config: " + "; ".join(problems)
+    if strict:
+        raise CheckpointError(
+            f"{message}. Fix or re-download the checkpoint, or pass strict=False to load it anyway."
+        )
+    warnings.warn(f"{message} (loaded anyway: strict=False)", stacklevel=3)
 
 
 def _route_output_through(point: HookPoint) -> Callable:
