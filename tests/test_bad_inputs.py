@@ -79,7 +79,7 @@ def test_image_modes_are_converted():
     sixteen = Image.fromarray(np.full((4, 4), 257 * 200, dtype=np.uint16))
     assert sixteen.mode.startswith("I;16")
     assert to_rgb(sixteen).getpixel((0, 0)) == (200, 200, 200)
-    floats = np.full((4, 4, 3), 0.5, dtype=np.float32)
+    floats = np.full((5, 6, 3), 0.5, dtype=np.float32)  # (4, 4, 3) would be ambiguous
     assert to_rgb(floats).getpixel((0, 0)) == (128, 128, 128)
     with pytest.raises(ImageLoadError, match="shape"):
         to_rgb(np.zeros((5, 6, 7)))
