@@ -64,9 +64,15 @@ class PatchingResult:
 def patch_hook(
     source: torch.Tensor, positions: torch.Tensor, head: int | None = None
 ) -> Callable[[torch.Tensor, object], torch.Tensor]:
-    """A hook replacing the activation at ``positions`` ([batch, pos] mask) with ``source``'s."""
+    """A hook replacing the activation at ``positions`` ([batch, pos] mask) with ``source``'s.
+
+    It acts on forwards over the prompt; decoding steps of cached generation (one new position,
+    not among ``positions``) pass unchanged.
+    """
 
     def hook(activation: torch.Tensor, hook) -> torch.Tensor:
+        if activation.shape[1] != positions.shape[1]:
+            return activation
         mask = positions.to(activation.device)
         patched = activation.clone()
         if head is None:
