@@ -1,10 +1,10 @@
 """The phase-diagram experiment at dataset scale: dataset -> batches -> one-pass collector -> a
 resumable results store -> aggregates -> phases.
 
-Results are written per batch as ``items/part-r{rank}-{n}.parquet`` (one row per item) plus the
-batch's unit-vector sums (``.npz``, for the cross-input baseline). A part is written to a temporary
-name and renamed when complete, so a killed run leaves only whole parts; a restarted run skips the
-items those parts hold and removes leftovers. Nothing is lost or counted twice.
+Results go to a :class:`~hooked_vllm.run_store.ResultStore` (per-batch Parquet parts, written
+atomically, verified on resume, one writer per folder, settings stored with the results): a killed
+run leaves only whole parts and a restarted run skips the items they hold. Nothing is lost, counted
+twice or mixed with results of other settings.
 
 Data parallel: under ``torchrun``/``accelerate launch`` (``RANK``/``WORLD_SIZE``) each rank takes
 ``items[rank::world]`` and writes its own parts; rank 0 aggregates once all ranks are done (gloo or
@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
@@ -33,6 +35,9 @@ from hooked_vllm.analysis.collect import collect
 from hooked_vllm.analysis.phases import detect_phases
 from hooked_vllm.data.datasets import DatasetSample
 from hooked_vllm.images import load_image
+from hooked_vllm.run_store import ResultStore, RunStoreError
+
+__all__ = ["ResultStore", "RunResult", "aggregate", "batch_rows", "run_phase_diagram"]
 
 GROUPS = ("intra_image", "intra_text", "inter", "all")
 
@@ -42,60 +47,13 @@ class RunResult:
     out_dir: Path
     aggregates: dict
     n_items: int
+    #: items found already done in the store when the run started
+    n_resumed: int = 0
 
 
 def shard_of_environment() -> tuple[int, int]:
     """``(rank, world_size)`` from torchrun/accelerate variables; ``(0, 1)`` when run alone."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-# ---------------------------------------------------------------- the store
-class ResultStore:
-    """Per-batch Parquet parts under ``out_dir/items``; see the module docstring."""
-
-    def __init__(self, out_dir: str | Path, rank: int = 0) -> None:
-        self.dir = Path(out_dir) / "items"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.rank = rank
-        for leftover in self.dir.glob(f"*.r{rank}.tmp*"):
-            leftover.unlink()  # a part interrupted mid-write
-
-    def parts(self) -> list[Path]:
-        return sorted(self.dir.glob("part-*.parquet"))
-
-    def done_ids(self) -> set[str]:
-        done: set[str] = set()
-        for part in self.parts():
-            done.update(pq.read_table(part, columns=["item_id"]).column("item_id").to_pylist())
-        return done
-
-    def write(self, rows: list[dict], vectors: dict[str, np.ndarray]) -> Path:
-        seq = len(list(self.dir.glob(f"part-r{self.rank}-*.parquet")))
-        name = f"part-r{self.rank}-{seq:06d}"
-        while (self.dir / f"{name}.parquet").exists():
-            seq += 1
-            name = f"part-r{self.rank}-{seq:06d}"
-        tmp_npz = self.dir / f"{name}.r{self.rank}.tmp.npz"
-        tmp_parquet = self.dir / f"{name}.r{self.rank}.tmp.parquet"
-        np.savez(tmp_npz, **vectors)
-        pq.write_table(pa.Table.from_pylist(rows), tmp_parquet)
-        os.replace(tmp_npz, self.dir / f"{name}.npz")
-        os.replace(tmp_parquet, self.dir / f"{name}.parquet")  # the part exists only once complete
-        return self.dir / f"{name}.parquet"
-
-    def read(self) -> tuple[list[dict], dict[str, np.ndarray]]:
-        rows: list[dict] = []
-        sums: dict[str, np.ndarray] = {}
-        for part in self.parts():
-            rows.extend(pq.read_table(part).to_pylist())
-            with np.load(part.with_suffix(".npz")) as vectors:
-                for key in vectors.files:
-                    sums[key] = sums.get(key, 0) + vectors[key].astype(np.float64)
-        rows.sort(key=lambda row: row["item_id"])
-        ids = [row["item_id"] for row in rows]
-        if len(set(ids)) != len(ids):
-            raise RuntimeError(f"Duplicate items in {self.dir}: the store was written by two runs at once.")
-        return rows, sums
 
 
 # ---------------------------------------------------------------- one batch -> rows
@@ -233,14 +191,15 @@ def write_aggregates(out_dir: Path, aggregates: dict) -> None:
 class _Images(torch.utils.data.Dataset):
     """Decodes images in DataLoader workers, so the model never waits on JPEG decoding."""
 
-    def __init__(self, items) -> None:
+    def __init__(self, items, max_pixels: int | None = None) -> None:
         self.items = items
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int):
-        return self.items[index], load_image(self.items[index].image_path)
+        return self.items[index], load_image(self.items[index].image_path, max_pixels=self.max_pixels)
 
 
 class _Prepare:
@@ -255,10 +214,61 @@ class _Prepare:
         return items, self.prepare([image for _, image in pairs], [item.instruction for item in items])
 
 
+def default_settings(vlm, sample: DatasetSample, verbalize_images: bool) -> dict[str, Any]:
+    """What identifies a run's results when the caller gives no settings: the model, its dtype and
+    device, the dataset and its items, and the analyses run."""
+    first = next(vlm.hf_model.parameters())
+    return {
+        "model": getattr(vlm.hf_model.config, "_name_or_path", "") or type(vlm.hf_model).__name__,
+        "dtype": str(first.dtype).removeprefix("torch."),
+        "device": str(first.device),
+        "dataset": sample.name,
+        "n_items": len(sample.items),
+        "verbalize_images": verbalize_images,
+    }
+
+
+def open_run_store(
+    out_dir: str | Path,
+    rank: int,
+    world_size: int,
+    settings: Mapping[str, Any] | None,
+    *,
+    repair: bool = False,
+    upgrade: Callable[[dict], dict] | None = None,
+) -> ResultStore:
+    """Open (lock, check, verify) rank ``rank``'s store. In a distributed run rank 0 goes first and
+    alone repairs; the other ranks open once it has, or raise the error it met."""
+    distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed:
+        return ResultStore(out_dir, rank, settings, repair=repair, upgrade=upgrade).open()
+    outcome: list[Any] = [None]
+    store = None
+    if rank == 0:
+        try:
+            store = ResultStore(out_dir, rank, settings, repair=repair, upgrade=upgrade).open()
+        except RunStoreError as exc:
+            outcome[0] = exc
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise outcome[0]
+    return store if store is not None else ResultStore(out_dir, rank, settings).open()
+
+
+def _check_unique_ids(sample: DatasetSample) -> None:
+    doubled = sorted(item_id for item_id, n in Counter(i.item_id for i in sample.items).items() if n > 1)
+    if doubled:
+        raise RunStoreError(
+            f"The {sample.name} sample repeats item id(s) {', '.join(doubled[:5])}"
+            f"{' ...' if len(doubled) > 5 else ''}: each item must have its own id. Fix the dataset "
+            "(e.g. a duplicated image entry in the annotation file)."
+        )
+
+
 def run_phase_diagram(
     vlm,
     sample: DatasetSample,
-    out_dir: str | Path,
+    out_dir: str | Path | ResultStore,
     *,
     batch_size: int = 8,
     rank: int | None = None,
@@ -267,21 +277,49 @@ def run_phase_diagram(
     verbalize_images: bool = True,
     progress: bool = True,
     max_batches: int | None = None,
+    settings: Mapping[str, Any] | None = None,
+    repair: bool = False,
 ) -> RunResult | None:
     """Analyse every item of ``sample`` not yet in ``out_dir`` and aggregate.
 
     Returns the aggregates on rank 0 (``None`` on other ranks). ``max_batches`` stops early (for
-    tests and quick looks); a later call resumes.
+    tests and quick looks); a later call resumes. ``settings`` identify the run's results (default:
+    :func:`default_settings`); a folder holding results of other settings is refused. ``repair``
+    sets corrupt or doubled parts aside and recomputes their items (see :mod:`hooked_vllm.run_store`).
+    ``out_dir`` may be an open :class:`ResultStore` (the CLI opens it before loading the model).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise RunStoreError(f"batch_size must be a positive integer; got {batch_size!r}.")
+    _check_unique_ids(sample)
     env_rank, env_world = shard_of_environment()
     rank = env_rank if rank is None else rank
     world_size = env_world if world_size is None else world_size
-    out_dir = Path(out_dir)
-    store = ResultStore(out_dir, rank)
+    if isinstance(out_dir, ResultStore):
+        store, owned = out_dir, False
+    else:
+        if settings is None:
+            settings = default_settings(vlm, sample, verbalize_images)
+        store, owned = open_run_store(out_dir, rank, world_size, settings, repair=repair), True
+    try:
+        return _run(
+            vlm, sample, store, batch_size, rank, world_size, workers, verbalize_images, progress, max_batches
+        )
+    finally:
+        if owned:
+            store.close()
+
+
+def _run(vlm, sample, store, batch_size, rank, world_size, workers, verbalize_images, progress, max_batches):
     done = store.done_ids()
     mine = [item for item in sample.items[rank::world_size] if item.item_id not in done]
+    n_resumed = sum(item.item_id in done for item in sample.items)
+    if n_resumed and progress:
+        print(
+            f"resuming {store.out_dir}: {n_resumed} of {len(sample.items)} items already done",
+            file=sys.stderr,
+        )
     loader = torch.utils.data.DataLoader(
-        _Images(mine),
+        _Images(mine, getattr(sample, "max_pixels", None)),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_Prepare(vlm),
@@ -304,5 +342,5 @@ def run_phase_diagram(
     rows, sums = store.read()
     aggregates = aggregate(rows, sums)
     aggregates["skipped"] = sample.skipped
-    write_aggregates(out_dir, aggregates)
-    return RunResult(out_dir, aggregates, len(rows))
+    write_aggregates(store.out_dir, aggregates)
+    return RunResult(store.out_dir, aggregates, len(rows), n_resumed)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +16,8 @@ from PIL import Image
 
 from hooked_vllm import HookedVLM
 from hooked_vllm.testing import tiny_instructblip, tiny_llava
+
+ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_grad_enabled(False)
 
@@ -48,3 +55,64 @@ def random_images(n: int, seed: int = 0) -> list[Image.Image]:
 @pytest.fixture(scope="session")
 def images() -> list[Image.Image]:
     return random_images(3)
+
+
+# ---------------------------------------------------------------- fixture datasets
+def make_coco(root: Path, n_images: int = 6, year: int = 2014) -> Path:
+    (root / "annotations").mkdir(parents=True)
+    (root / f"val{year}").mkdir()
+    images, annotations = [], []
+    for i, image in enumerate(random_images(n_images, seed=5)):
+        name = f"COCO_val{year}_{i:012d}.jpg"
+        image.save(root / f"val{year}" / name)
+        images.append({"id": 100 + i, "file_name": name, "width": image.width, "height": image.height})
+        annotations.append({"id": i, "image_id": 100 + i, "caption": f"a test picture number {i}"})
+    data = {"images": images, "annotations": annotations}
+    (root / "annotations" / f"captions_val{year}.json").write_text(json.dumps(data))
+    return root
+
+
+def make_winoground(root: Path, n_examples: int = 3) -> Path:
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for i in range(n_examples):
+        for j, image in enumerate(random_images(2, seed=10 + i)):
+            image.save(root / "images" / f"ex_{i}_img_{j}.png")
+        lines.append(
+            json.dumps(
+                {
+                    "id": i,
+                    "image_0": f"ex_{i}_img_0",
+                    "image_1": f"ex_{i}_img_1",
+                    "caption_0": "the cat is on the mat",
+                    "caption_1": "the mat is on the cat",
+                    "tag": "Object",
+                    "secondary_tag": "",
+                    "num_main_preds": 1,
+                    "collapsed_tag": "Object",
+                }
+            )
+        )
+    (root / "examples.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("saved-tiny-llava")
+    hf_model, processor = tiny_llava(seed=2, directory=directory / "build")
+    hf_model.save_pretrained(directory / "model")
+    processor.save_pretrained(directory / "model")
+    return directory / "model"
+
+
+def cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "hooked_vllm.cli", "phase-diagram", "--no-progress", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

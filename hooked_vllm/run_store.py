@@ -1,0 +1,371 @@
+"""The results store of a dataset run, kept as a database keeps its tables.
+
+A run's folder holds ``run.json`` (its settings, types kept) and ``items/``: one Parquet part per
+finished batch (``part-r{rank}-{n:06d}.parquet``, one row per item) beside the batch's unit-vector
+sums (``.npz``, for the cross-input baseline). The rules:
+
+- **Atomic parts.** A part is written under a ``tmp-`` name and renamed when complete (the ``.npz``
+  first, the ``.parquet`` last: the Parquet file's appearance commits the part). Temp files are never
+  read as parts; a rank removes only its own leftovers.
+- **Settings are part of the store.** Every part carries the run's settings in its Parquet metadata
+  and ``run.json`` holds them too. Resuming with other settings is refused, as is resuming a store
+  whose ``run.json`` is gone while parts remain (``repair=True`` rewrites it when every part agrees
+  with the settings given). Settings compare as values: paths resolved, devices resolved.
+- **One writer.** Each rank of a run holds an exclusive lock on ``.lock-r{rank}`` in the run folder
+  (``fcntl.flock``: released by the OS when the process dies, even by ``kill -9``). A second run on the
+  same folder is refused and told who holds it.
+- **Verified on resume.** Every part is read back (Parquet and ``.npz``) and its item ids checked
+  against the others before anything is computed. A corrupt part or one repeating another's items is
+  reported; with ``repair=True`` it is moved to ``items/quarantine/`` (never deleted) and its items
+  are computed again. Nothing corrupt or doubled is ever aggregated.
+
+Example:
+    >>> with ResultStore("out", settings={"model": "demo"}) as store:  # doctest: +SKIP
+    ...     done = store.done_ids()
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hooked_vllm.errors import HookedVLMError
+
+PART_NAME = re.compile(r"^part-r(\d+)-(\d{6})\.parquet$")
+SETTINGS_KEY = b"hooked_vllm.settings"
+VECTOR_KEYS = ("sum_image", "sum_text")
+#: keys an older run.json held that are not settings of the results (where the store was, ...)
+NOT_SETTINGS = frozenset({"out", "workers", "no_progress", "command", "debug", "repair"})
+
+
+class RunStoreError(HookedVLMError):
+    """A run folder cannot be resumed as it is: corrupt or doubled parts, missing settings."""
+
+
+class RunLockedError(RunStoreError):
+    """Another process is writing the same run folder."""
+
+
+class SettingsMismatchError(RunStoreError):
+    """A run folder holds results made with other settings."""
+
+
+@dataclass
+class PartProblem:
+    part: Path
+    reason: str
+
+
+def settings_differences(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Names of the settings whose values differ (keys in :data:`NOT_SETTINGS` ignored).
+
+    A ``run.json`` written by an older version holds every value as a string (``"16"``, ``"None"``):
+    such a value equals the current value whose ``str`` it is.
+    """
+
+    def same(old: Any, new: Any) -> bool:
+        return old == new or (isinstance(old, str) and not isinstance(new, str) and old == str(new))
+
+    keys = (set(previous) | set(current)) - NOT_SETTINGS
+    return sorted(key for key in keys if not same(previous.get(key), current.get(key)))
+
+
+class ResultStore:
+    """The store of one rank of a run in ``out_dir``; see the module docstring.
+
+    Use it as a context manager (or call :meth:`open` / :meth:`close`) to hold the rank's lock while
+    writing. ``ResultStore(out_dir).read()`` reads a finished store without locking.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        rank: int = 0,
+        settings: Mapping[str, Any] | None = None,
+        *,
+        repair: bool = False,
+        upgrade: Callable[[dict], dict] | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.upgrade = upgrade  # maps a run.json of an earlier version to the settings it meant
+        self.dir = self.out_dir / "items"
+        self.rank = rank
+        self.settings = dict(settings) if settings is not None else None
+        self.repair = repair
+        self._lock_fd: int | None = None
+        self._verified: list[Path] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(self) -> ResultStore:
+        """Take the rank's lock, check the settings, verify every part and remove own leftovers."""
+        self._ensure_writable_folder()
+        self._lock()
+        try:
+            for leftover in self.dir.glob(f"tmp-part-r{self.rank}-*"):
+                leftover.unlink()  # a part interrupted mid-write: ours, since we hold our lock
+            if self.rank == 0:
+                self._check_settings()
+            self.verify()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> ResultStore:
+        return self if self._lock_fd is not None else self.open()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def _ensure_writable_folder(self) -> None:
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise RunStoreError(f"--out {self.out_dir} is a file, not a folder. Name a folder to write into.")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunStoreError(
+                f"Cannot create the run folder {self.dir}: {exc.strerror}. Choose an --out you can write to."
+            ) from exc
+        if not os.access(self.dir, os.W_OK | os.X_OK):
+            raise RunStoreError(
+                f"The run folder {self.dir} is not writable. Choose an --out you can write to."
+            )
+
+    def _lock(self) -> None:
+        path = self.out_dir / f".lock-r{self.rank}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "an unknown process"
+            os.close(fd)
+            raise RunLockedError(
+                f"{self.out_dir} is being written by another run ({holder}). Wait for it to finish "
+                "(then run again to resume), or use another --out."
+            ) from None
+        os.ftruncate(fd, 0)
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        os.write(
+            fd, f"pid {os.getpid()} on {socket.gethostname()}, rank {self.rank}, since {started}".encode()
+        )
+        self._lock_fd = fd
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def settings_path(self) -> Path:
+        return self.out_dir / "run.json"
+
+    def _check_settings(self) -> None:
+        if self.settings is None:
+            return
+        parts = self.parts()
+        if self.settings_path.is_file():
+            try:
+                previous = json.loads(self.settings_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise RunStoreError(
+                    f"{self.settings_path} is not valid JSON ({exc}). Restore it, or use another --out."
+                ) from exc
+            if not isinstance(previous, dict):
+                raise RunStoreError(
+                    f"{self.settings_path} does not hold settings. Restore it, or use another --out."
+                )
+            if self.upgrade is not None:
+                previous = self.upgrade(previous)
+            changed = settings_differences(previous, self.settings)
+            if changed and parts:
+                raise SettingsMismatchError(
+                    f"{self.out_dir} holds a run with other settings ({', '.join(changed)} differ). "
+                    "Use another --out, or the same settings to resume it."
+                )
+        elif parts:
+            unknown_or_other = [
+                p.name
+                for p in parts
+                if not (found := self._part_settings(p)) or settings_differences(found, self.settings)
+            ]
+            if not self.repair or unknown_or_other:
+                found = (
+                    f"; {len(unknown_or_other)} part(s) carry other or no settings"
+                    if unknown_or_other
+                    else ""
+                )
+                raise RunStoreError(
+                    f"{self.out_dir} holds {len(parts)} result part(s) but no run.json, so their settings "
+                    f"cannot be checked{found}. Use another --out"
+                    + (
+                        ""
+                        if unknown_or_other
+                        else ", or --repair to rewrite run.json from the parts' settings"
+                    )
+                    + "."
+                )
+        self._write_json(self.settings_path, self.settings)
+
+    def _part_settings(self, part: Path) -> dict:
+        """The settings a part was written with ({} for parts of older versions, or unreadable ones:
+        :meth:`verify` reports those)."""
+        try:
+            metadata = pq.read_schema(part).metadata or {}
+            return json.loads(metadata[SETTINGS_KEY]) if SETTINGS_KEY in metadata else {}
+        except (OSError, pa.ArrowException, ValueError):
+            return {}
+
+    @staticmethod
+    def _write_json(path: Path, value: Any) -> None:
+        tmp = path.with_name(f"tmp-{path.name}")
+        tmp.write_text(json.dumps(value, indent=1))
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ parts
+    def parts(self) -> list[Path]:
+        """The committed parts, in name order (temp files and anything else excluded)."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if PART_NAME.match(p.name))
+
+    def verify(self) -> list[PartProblem]:
+        """Read every part back; report (or, with ``repair``, quarantine) corrupt and doubled parts.
+
+        Returns the problems found. Raises :class:`RunStoreError` listing them unless ``repair``.
+        """
+        problems: list[PartProblem] = []
+        seen: dict[str, str] = {}
+        good: list[Path] = []
+        for part in self.parts():
+            reason = self._part_problem(part)
+            ids: list[str] = []
+            if reason is None:
+                ids = pq.read_table(part, columns=["item_id"]).column("item_id").to_pylist()
+                counts = Counter(ids)
+                doubled = sorted(i for i in counts if i in seen or counts[i] > 1)
+                if doubled:
+                    where = seen.get(doubled[0], part.name)
+                    reason = f"repeats item(s) {', '.join(doubled[:3])} (also in {where})"
+            if reason is not None:
+                problems.append(PartProblem(part, reason))
+                continue
+            seen.update({item: part.name for item in ids})
+            good.append(part)
+        if problems and not self.repair:
+            listed = "; ".join(f"{p.part.name}: {p.reason}" for p in problems[:5])
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise RunStoreError(
+                f"{self.dir} has {len(problems)} bad part(s): {listed}{more}. Run again with --repair "
+                "(repair=True) to set them aside in items/quarantine/ and recompute their items."
+            )
+        for problem in problems:
+            self._quarantine(problem.part)
+            print(f"repair: set aside {problem.part.name} ({problem.reason})", file=sys.stderr)
+        self._verified = good
+        return problems
+
+    def _part_problem(self, part: Path) -> str | None:
+        """Why ``part`` cannot be used, or None."""
+        try:
+            table = pq.read_table(part)
+        except (OSError, pa.ArrowException) as exc:
+            return f"unreadable Parquet ({type(exc).__name__}: {str(exc)[:80]})"
+        if "item_id" not in table.column_names:
+            return "no item_id column"
+        if self.settings is not None:
+            part_settings = self._part_settings(part)
+            changed = settings_differences(part_settings, self.settings) if part_settings else []
+            if changed:
+                raise SettingsMismatchError(
+                    f"{part} was made with other settings ({', '.join(changed)} differ). Use another --out, "
+                    "or the same settings to resume it."
+                )
+        vectors = part.with_suffix(".npz")
+        try:
+            with np.load(vectors) as data:
+                missing = [key for key in VECTOR_KEYS if key not in data.files]
+                if missing:
+                    return f"{vectors.name} lacks {missing}"
+                for key in VECTOR_KEYS:
+                    data[key]  # noqa: B018  (reads and checks the array's zip entry)
+        except FileNotFoundError:
+            return f"no {vectors.name} beside it"
+        except Exception as exc:  # zipfile.BadZipFile, ValueError, EOFError, OSError...
+            return f"unreadable {vectors.name} ({type(exc).__name__}: {str(exc)[:80]})"
+        return None
+
+    def _quarantine(self, part: Path) -> None:
+        folder = self.dir / "quarantine"
+        folder.mkdir(exist_ok=True)
+        for path in (part, part.with_suffix(".npz")):
+            if path.exists():
+                target = folder / path.name
+                n = 1
+                while target.exists():
+                    target, n = folder / f"{path.stem}.{n}{path.suffix}", n + 1
+                shutil.move(str(path), target)
+
+    def done_ids(self) -> set[str]:
+        """Item ids of the verified parts (every part, if :meth:`verify` has not run)."""
+        done: set[str] = set()
+        for part in self._verified if self._verified is not None else self.parts():
+            done.update(pq.read_table(part, columns=["item_id"]).column("item_id").to_pylist())
+        return done
+
+    def write(self, rows: list[dict], vectors: dict[str, np.ndarray]) -> Path:
+        """Write one batch's rows and vectors as a new part (atomically; see the module docstring)."""
+        if self._lock_fd is None:
+            raise RunStoreError("Open the store (ResultStore.open() or a with-block) before writing to it.")
+        taken = [
+            int(m.group(2))
+            for p in self.dir.iterdir()
+            if (m := PART_NAME.match(p.name)) and int(m.group(1)) == self.rank
+        ]
+        seq = max(taken, default=-1) + 1
+        name = f"part-r{self.rank}-{seq:06d}"
+        while (self.dir / f"{name}.parquet").exists():
+            seq += 1
+            name = f"part-r{self.rank}-{seq:06d}"
+        tmp_npz = self.dir / f"tmp-{name}.npz"
+        tmp_parquet = self.dir / f"tmp-{name}.parquet"
+        np.savez(tmp_npz, **vectors)
+        table = pa.Table.from_pylist(rows)
+        if self.settings is not None:
+            table = table.replace_schema_metadata({SETTINGS_KEY: json.dumps(self.settings).encode()})
+        pq.write_table(table, tmp_parquet)
+        os.replace(tmp_npz, self.dir / f"{name}.npz")
+        os.replace(tmp_parquet, self.dir / f"{name}.parquet")  # the part exists only once complete
+        if self._verified is not None:
+            self._verified.append(self.dir / f"{name}.parquet")
+        return self.dir / f"{name}.parquet"
+
+    def read(self) -> tuple[list[dict], dict[str, np.ndarray]]:
+        """All rows (sorted by item id) and the summed vectors, from verified parts only (every part
+        is verified again here: other ranks may have written parts since this store opened)."""
+        self.verify()
+        rows: list[dict] = []
+        sums: dict[str, np.ndarray] = {}
+        for part in sorted(self._verified or []):
+            rows.extend(pq.read_table(part).to_pylist())
+            with np.load(part.with_suffix(".npz")) as vectors:
+                for key in vectors.files:
+                    sums[key] = sums.get(key, 0) + vectors[key].astype(np.float64)
+        rows.sort(key=lambda row: row["item_id"])
+        return rows, sums
