@@ -268,7 +268,7 @@ def _load_data(args, settings):
 
 
 def phase_diagram(args) -> int:
-    from hooked_vllm.experiment import ResultStore, open_run_store, run_phase_diagram
+    from hooked_vllm.experiment import open_run_store, run_phase_diagram
     from hooked_vllm.report.html import write_report
 
     settings = settings_of(args)
@@ -290,11 +290,11 @@ def phase_diagram(args) -> int:
             verbalize_images=not args.no_verbalize_images,
             progress=not args.no_progress,
         )
-    if result is None:
-        return 0
-    rows, _ = ResultStore(args.out).read()
-    title = f"{args.model} on {sample.name} ({result.n_items} items)"
-    report = write_report(args.out, result.aggregates, rows, vlm.tokenizer, title=title, warning=warning)
+        if result is None:
+            return 0
+        rows, _ = store.read()
+        title = f"{args.model} on {sample.name} ({result.n_items} items)"
+        report = write_report(args.out, result.aggregates, rows, vlm.tokenizer, title=title, warning=warning)
     if result.n_resumed:
         print(f"  resumed: {result.n_resumed} of {len(sample.items)} items were already done in {args.out}")
     for phase in result.aggregates["phases"]:
