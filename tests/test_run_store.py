@@ -273,13 +273,14 @@ def test_a_subprocess_error_is_one_line_on_stderr(tmp_path):
 
 
 # ---------------------------------------------------------------- faults
+@pytest.mark.slow
 def test_two_processes_on_one_out_killed_at_random_points_then_resumed(tmp_path, model_dir):
     """Two runs start on one --out; at random moments one is killed (kill -9), then the other; N
     rounds; then a resume. The loser of the lock always says who holds it; the store never holds a
     bad or doubled part; the final result equals a clean run (1e-9), every round."""
     seed = int(os.environ.get("HOOKED_VLLM_FAULT_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
-    data = make_coco(tmp_path / "coco", n_images=40)
+    data = make_coco(tmp_path / "coco", n_images=60)
     common = ["--model", str(model_dir), "--dataset", "coco", "--data-dir", str(data), "--batch-size", "1"]
     clean = cli(*common, "--out", str(tmp_path / "clean"))
     assert clean.returncode == 0, clean.stderr[-2000:]
@@ -288,6 +289,7 @@ def test_two_processes_on_one_out_killed_at_random_points_then_resumed(tmp_path,
     out = tmp_path / "contended"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "hooked_vllm.cli", "phase-diagram", "--no-progress", *common]
+    parts = lambda: len(list((out / "items").glob("part-*.parquet"))) if (out / "items").is_dir() else 0  # noqa: E731
     for round_ in range(3):
         procs = [
             subprocess.Popen(
@@ -295,20 +297,27 @@ def test_two_processes_on_one_out_killed_at_random_points_then_resumed(tmp_path,
             )
             for _ in range(2)
         ]
-        order = rng.sample(procs, 2)
-        for proc in order:
-            time.sleep(rng.uniform(0.5, 6.0))
+        target, deadline = parts() + rng.randint(1, 8), time.time() + 120
+        while time.time() < deadline and any(p.poll() is None for p in procs):
+            loser_out = any(p.poll() is not None for p in procs) or time.time() > deadline - 100
+            if parts() >= target and loser_out:
+                break
+            time.sleep(0.005)
+        for proc in rng.sample(procs, 2):  # one at a random point mid-run, then the other
+            time.sleep(rng.uniform(0.0, 0.3))
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
+        codes = []
         for proc in procs:
             proc.wait()
             err = proc.stderr.read()
+            codes.append(proc.returncode)
             assert proc.returncode in (0, 2, -signal.SIGKILL), (seed, round_, err[-2000:])
             if proc.returncode == 2:
                 assert "being written by another run (pid" in err, (seed, round_, err)
-        if (out / "items").is_dir():
-            with ResultStore(out) as store:  # verifies every part: raises on a bad or doubled one
-                assert len(store.done_ids()) <= 40
+        assert codes.count(2) <= 1, (seed, round_, codes)  # never both refused
+        with ResultStore(out) as store:  # verifies every part: raises on a bad or doubled one
+            assert len(store.done_ids()) <= 60
     resumed = cli(*common, "--out", str(out))
     assert resumed.returncode == 0, (seed, resumed.stderr[-2000:])
     _assert_same_aggregates(json.loads((out / "aggregates.json").read_text()), want)
