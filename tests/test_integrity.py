@@ -68,7 +68,9 @@ def test_importing_hooked_vllm_keeps_the_transformers_log_level(level):
         "import hooked_vllm\n"
         "print(logging.getLevelName(logging.getLogger('transformers').level))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     assert done.stdout.strip() == level
 
 
