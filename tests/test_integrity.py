@@ -89,31 +89,31 @@ def _prompt_pass_equals_forward(vlm, batch, context_factory, layer=2):
     return (seen[0] - seen[1])[real].abs().max().item()
 
 
-def test_generate_under_interventions_equals_a_forward_on_both_padding_sides(family):
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("intervention", ["knockout", "prune", "patch", "user hook"])
+def test_generate_under_interventions_equals_a_forward_on_both_padding_sides(family, intervention, side):
     vlm = family.vlm
-    images = random_images(3)
-    for side in ("left", "right"):
-        batch = vlm.prepare(images, INSTRUCTIONS, padding_side=side)
+    batch = vlm.prepare(random_images(3), INSTRUCTIONS, padding_side=side)
+    if intervention == "knockout":
+        context = lambda: knockout(vlm, batch, [("image", "last"), ("image", "text")])  # noqa: E731
+    elif intervention == "prune":
         keep = select_image_tokens(vlm, batch, k=3, method="first", layer=1)
-        shift = torch.randn(vlm.cfg.d_model, generator=torch.Generator().manual_seed(0))
-        at_text = batch.text_mask
-
-        def text_shift(resid, hook, at_text=at_text, shift=shift):
-            if resid.shape[1] != at_text.shape[1]:
-                return resid  # a decoding step: the hook is keyed to the prompt's positions
-            return resid + at_text[..., None].to(resid.dtype) * shift
-
+        context = lambda: prune(vlm, batch, keep, from_layer=1)  # noqa: E731
+    elif intervention == "patch":
         source = vlm.prepare(random_images(3, seed=9), INSTRUCTIONS, padding_side=side)
         _, source_cache = vlm.run_with_cache(source, names_filter="blocks.1.hook_resid_post")
         image_patch = patch_hook(source_cache["blocks.1.hook_resid_post"], batch.image_mask)
-        contexts = {
-            "knockout": lambda batch=batch: knockout(vlm, batch, [("image", "last"), ("image", "text")]),
-            "prune": lambda batch=batch, keep=keep: prune(vlm, batch, keep, from_layer=1),
-            "patch": lambda image_patch=image_patch: vlm.hooks([("blocks.1.hook_resid_post", image_patch)]),
-            "user hook": lambda text_shift=text_shift: vlm.hooks([("blocks.0.hook_resid_post", text_shift)]),
-        }
-        for name, context in contexts.items():
-            assert _prompt_pass_equals_forward(vlm, batch, context) == 0.0, (side, name)
+        context = lambda: vlm.hooks([("blocks.1.hook_resid_post", image_patch)])  # noqa: E731
+    else:
+        shift = torch.randn(vlm.cfg.d_model, generator=torch.Generator().manual_seed(0))
+
+        def text_shift(resid, hook):
+            if resid.shape[1] != batch.text_mask.shape[1]:
+                return resid  # a decoding step: this hook is keyed to the prompt's positions
+            return resid + batch.text_mask[..., None].to(resid.dtype) * shift
+
+        context = lambda: vlm.hooks([("blocks.0.hook_resid_post", text_shift)])  # noqa: E731
+    assert _prompt_pass_equals_forward(vlm, batch, context) == 0.0
 
 
 def test_generate_under_knockout_does_not_depend_on_the_padding_side(family):
@@ -122,7 +122,7 @@ def test_generate_under_knockout_does_not_depend_on_the_padding_side(family):
     tokens = {}
     for side in ("left", "right"):
         batch = vlm.prepare(images, INSTRUCTIONS, padding_side=side)
-        with knockout(vlm, batch, [("image", "last")], layers=range(1, 3)):
+        with knockout(vlm, batch, [("image", "last"), ("text", "last"), ("special", "last")]):
             tokens[side] = vlm.generate(batch, max_new_tokens=8, eos_token_id=-1)
     assert torch.equal(tokens["left"], tokens["right"])
 
