@@ -254,6 +254,24 @@ def test_the_same_run_named_differently_resumes(tmp_path, model_dir, capsys, mon
     assert "seed differ" in _one_line_error(code, err)
 
 
+def test_a_deleted_run_json_never_lets_a_resume_mix_settings(tmp_path, model_dir, capsys):
+    data = make_coco(tmp_path / "coco", n_images=3)
+    out = tmp_path / "o"
+    common = ["--model", str(model_dir), "--dataset", "coco", "--data-dir", str(data), "--out", str(out)]
+    assert run_cli(capsys, *common)[0] == 0
+    before = json.loads((out / "aggregates.json").read_text())
+    (out / "run.json").unlink()
+    for other in (["--seed", "2"], ["--dtype", "bfloat16"], ["--no-verbalize-images"]):
+        code, _, err = run_cli(capsys, *common, *other)
+        assert "no run.json" in _one_line_error(code, err) and "carry other or no settings" in err, other
+    code, _, err = run_cli(capsys, *common)
+    assert "--repair" in _one_line_error(code, err)
+    code, stdout, err = run_cli(capsys, *common, "--repair")
+    assert code == 0, err
+    assert "resumed: 3 of 3" in stdout
+    assert json.loads((out / "aggregates.json").read_text()) == before
+
+
 def test_torchrun_passes_the_readme_command_through(capsys):
     from torch.distributed.run import get_args_parser
 
