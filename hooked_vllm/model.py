@@ -317,6 +317,23 @@ class HookedVLM:
     __call__ = forward
 
     # ------------------------------------------------------------------ hooks
+    def add_hook_point(self, name: str, point: HookPoint | None = None) -> HookPoint:
+        """Register a hook point of your own (e.g. an SAE's features) under ``name``, so that
+        ``run_with_cache``, ``run_with_hooks``, ``hooks`` and ``hook_dict`` know it. Returns it."""
+        if name in self.hook_dict and self._extra_hook_points.get(name) is not point:
+            raise KeyError(f"A hook point named {name!r} exists already; remove it or pick another name.")
+        point = point if point is not None else HookPoint()
+        self._extra_hook_points[name] = point
+        self._register_hook_points()
+        return point
+
+    def remove_hook_point(self, name: str) -> None:
+        """Unregister a hook point added with :meth:`add_hook_point` (its hooks are removed)."""
+        point = self._extra_hook_points.pop(name)
+        point.remove_hooks(including_permanent=True)
+        if self.bridge._hook_registry.get(name) is point:
+            del self.bridge._hook_registry[name]
+
     def _register_hook_points(self) -> None:
         registry = self.bridge._hook_registry
         for name, point in self._extra_hook_points.items():
