@@ -75,6 +75,25 @@ class VLMBatch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    # Where TransformerLens code treats its input as a token tensor (``transformer_lens.patching``,
+    # ``tokens.shape[-1]``, ``tokens[:2]``), a batch answers as its ``input_ids`` would.
+    @property
+    def shape(self) -> torch.Size:
+        """``input_ids``'s shape, ``[batch, pos]``."""
+        return self.input_ids.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    def __getitem__(self, index: int | slice | Sequence[int]) -> VLMBatch:
+        """Items ``index`` as a batch (an int keeps its batch dimension, as ``tokens[i:i+1]``)."""
+        if isinstance(index, int):
+            index = [range(len(self))[index]]
+        elif isinstance(index, torch.Tensor):
+            index = index.tolist()
+        return self.select(index)
+
     def mask(self, modality: Modality) -> Bool[torch.Tensor, "batch pos"]:
         """The boolean mask of ``"image"``, ``"text"`` or ``"special"`` positions."""
         masks = {"image": self.image_mask, "text": self.text_mask, "special": self.special_mask}

@@ -33,6 +33,7 @@ import torch
 import transformers
 from jaxtyping import Float, Int
 from transformer_lens import ActivationCache
+from transformer_lens import utilities as utils
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.sources.transformers.source import boot
@@ -52,6 +53,8 @@ from hooked_vllm.inputs import VLMBatch, build_batch
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 BatchLike = VLMBatch | Mapping[str, torch.Tensor]
+#: what the model runs on: image + text batches, or text alone as TransformerLens takes it
+ModelInput = VLMBatch | Mapping[str, torch.Tensor] | str | list[str] | torch.Tensor
 
 
 class HookedVLM:
@@ -215,16 +218,128 @@ class HookedVLM:
         self._check_length(batch)
         return batch
 
-    def to_batch(self, batch: BatchLike) -> VLMBatch:
-        """A :class:`VLMBatch` from a VLMBatch or raw processor output (``BatchFeature``/dict)."""
-        if isinstance(batch, VLMBatch):
-            return batch
-        if isinstance(batch, Mapping):
-            return build_batch(self.adapter, dict(batch))
+    def to_batch(
+        self,
+        input: ModelInput,
+        *,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> VLMBatch:
+        """A :class:`VLMBatch` from any input the model takes.
+
+        - a :class:`VLMBatch` (from :meth:`prepare`): image + text, returned as is;
+        - a processor output (``BatchFeature``/dict of tensors);
+        - text only, as TransformerLens takes it: a string, a list of strings (tokenized as
+          :meth:`to_tokens` does, ``prepend_bos`` and ``padding_side`` as there) or a token tensor
+          ``[batch, pos]`` / ``[pos]`` (every position real unless ``attention_mask`` says otherwise).
+
+        Text holding an image placeholder is refused: images come only through :meth:`prepare`.
+        """
+        if isinstance(input, VLMBatch):
+            return input
+        if isinstance(input, Mapping):
+            return build_batch(self.adapter, dict(input))
+        if isinstance(input, str) or (
+            isinstance(input, (list, tuple)) and input and all(isinstance(x, str) for x in input)
+        ):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+            if attention_mask is None:
+                attention_mask = utils.get_attention_mask(
+                    self.bridge.tokenizer,
+                    tokens,
+                    self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos,
+                    padding_side,
+                )
+            input = tokens
+        if isinstance(input, torch.Tensor) and not input.is_floating_point() and input.dim() in (1, 2):
+            tokens = input.unsqueeze(0) if input.dim() == 1 else input
+            mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.reshape(tokens.shape)
+            return build_batch(self.adapter, {"input_ids": tokens.cpu(), "attention_mask": mask.long().cpu()})
+        got = type(input).__name__
+        if isinstance(input, torch.Tensor):
+            got += f" of shape {tuple(input.shape)} and dtype {input.dtype}"
         raise BatchFormatError(
-            f"Expected a VLMBatch or a processor output (dict/BatchFeature); got {type(batch).__name__}. "
-            "Build one with vlm.prepare(images=..., prompts=...)."
+            "Expected a VLMBatch, a processor output, a string, a list of strings or a [batch, pos] "
+            f"token tensor; got {got}. For image + text use vlm.prepare(images=..., prompts=...)."
         )
+
+    # ------------------------------------------------------------------ tokens, as TransformerLens has them
+    def to_tokens(
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> Int[torch.Tensor, "batch pos"]:
+        """Text to tokens, as ``HookedTransformer.to_tokens`` (text only: an image placeholder in
+        the text is an error; images go through :meth:`prepare`)."""
+        tokens = self.bridge.to_tokens(
+            input,
+            prepend_bos=prepend_bos,
+            padding_side=padding_side,
+            move_to_device=move_to_device,
+            truncate=truncate,
+        )
+        self._refuse_placeholders(tokens, input)
+        return tokens
+
+    def _refuse_placeholders(self, tokens: torch.Tensor, text: Any) -> None:
+        if bool((tokens == self.adapter.image_token_id).any()):
+            placeholder = self.tokenizer.convert_ids_to_tokens(self.adapter.image_token_id)
+            raise MissingImageError(
+                f"The text {text!r} holds the image placeholder {placeholder!r} but no image was given, "
+                "and the placeholder alone would be read as a word. Pass images with "
+                "vlm.prepare(images=..., prompts=...), or remove the placeholder."
+            )
+
+    def to_string(self, tokens: torch.Tensor | list[int] | int) -> str | list[str]:
+        """Tokens to text, as ``HookedTransformer.to_string`` (a list of strings for ``[batch, pos]``)."""
+        if isinstance(tokens, int):
+            tokens = [tokens]
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() == 2:
+            return self.tokenizer.batch_decode(tokens, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(tokens, clean_up_tokenization_spaces=False)
+
+    def to_single_token(self, string: str) -> int:
+        """The id of ``string``, which must be exactly one token, as ``HookedTransformer.to_single_token``."""
+        tokens = self.to_tokens(string, prepend_bos=False).squeeze(0)
+        if tokens.numel() != 1:
+            raise BatchFormatError(
+                f"{string!r} is {tokens.numel()} tokens, not one: {self.to_str_tokens(tokens)}."
+            )
+        return int(tokens)
+
+    def get_token_position(
+        self,
+        single_token: str | int,
+        input: ModelInput,
+        mode: str = "first",
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+    ) -> int:
+        """The position of ``single_token`` in ``input`` (one item), as
+        ``HookedTransformer.get_token_position``: ``mode="first"`` or ``"last"``."""
+        if isinstance(input, VLMBatch) or isinstance(input, Mapping):
+            batch = self.to_batch(input)
+            if len(batch) != 1:
+                raise BatchFormatError(f"get_token_position takes one item; the batch has {len(batch)}.")
+            tokens = batch.input_ids[0][batch.attention_mask[0].bool()]
+            offset = int(torch.nonzero(batch.attention_mask[0])[0])
+        else:
+            tokens = self.to_batch(input, prepend_bos=prepend_bos, padding_side=padding_side).input_ids
+            if tokens.shape[0] != 1:
+                raise BatchFormatError(f"get_token_position takes one item; got {tokens.shape[0]}.")
+            tokens, offset = tokens[0], 0
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        where = torch.nonzero(tokens == token).flatten()
+        if where.numel() == 0:
+            raise BatchFormatError(f"Token {single_token!r} ({token}) does not occur in the input.")
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
+        return int(where[0 if mode == "first" else -1]) + offset
 
     def _check_length(self, batch: VLMBatch, extra_tokens: int = 0) -> None:
         longest = int(batch.attention_mask.sum(-1).max()) + extra_tokens
@@ -239,14 +354,17 @@ class HookedVLM:
     def embed(self, batch: BatchLike) -> Float[torch.Tensor, "batch pos d_model"]:
         """The language model's input embeddings, built as HF builds them.
 
-        Text tokens go through the bridge's embedding (``hook_embed``); the vision side runs through
-        HF's own functions (``vision.*`` hooks), its output through ``hook_visual_prefix``, and is
-        scattered into the image-placeholder positions.
+        Text tokens go through the language model's embedding; the vision side runs through HF's
+        own functions (``vision.*`` hooks), its output through ``hook_visual_prefix``, and is
+        scattered into the image-placeholder positions. ``hook_embed`` sees the result: what the
+        residual stream starts from, the visual prefix at image positions (so residual
+        decompositions and direct logit attribution are exact there too).
         """
         batch = self.to_batch(batch)
         device = self.bridge.cfg.device
-        input_ids = batch.input_ids.to(device)
-        embeds = self.bridge.embed(input_ids)
+        embedding = self.bridge.embed
+        input_ids = embedding.hook_in(batch.input_ids.to(device))
+        embeds = embedding.original_component(input_ids)
         placeholders = (input_ids == self.adapter.image_token_id).unsqueeze(-1)
         n_slots = int(placeholders.sum())
         if batch.pixel_values is None:
@@ -255,7 +373,7 @@ class HookedVLM:
                     f"The batch has {n_slots} image placeholder positions but no 'pixel_values'. "
                     "Pass the images through vlm.prepare(images=..., prompts=...) or the processor."
                 )
-            return embeds
+            return embedding.hook_out(embeds)
         if n_slots == 0:
             raise MissingImageError(
                 "The batch has 'pixel_values' but no image placeholder tokens in 'input_ids', so the "
@@ -276,12 +394,21 @@ class HookedVLM:
                 f"but 'input_ids' has {n_slots} image placeholder positions. Give one image per "
                 "placeholder (vlm.prepare checks this for you)."
             )
-        return embeds.masked_scatter(placeholders, prefix.to(embeds.device, embeds.dtype))
+        return embedding.hook_out(embeds.masked_scatter(placeholders, prefix.to(embeds.device, embeds.dtype)))
 
     def forward(
-        self, batch: BatchLike, return_type: str | None = "logits"
+        self,
+        batch: ModelInput,
+        return_type: str | None = "logits",
+        *,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> Float[torch.Tensor, "batch pos d_vocab"] | None:
-        """Run the model on a batch; returns logits like ``HookedTransformer.forward``.
+        """Run the model; returns logits like ``HookedTransformer.forward``.
+
+        ``batch`` is anything :meth:`to_batch` takes: a :class:`VLMBatch` for image + text, or, as in
+        TransformerLens, a string, a list of strings or a token tensor for text alone.
 
         By default every layer runs transformer-lens' step-by-step attention, so a run with hooks
         and one without compute the same numbers bit for bit. With ``vlm.use_sdpa = True`` (faster:
@@ -291,7 +418,9 @@ class HookedVLM:
         fire either way. Logits then differ from the step-by-step path by float rounding (~1e-6 in
         float32): compare clean and patched runs made with the same setting.
         """
-        batch = self.to_batch(batch)
+        batch = self.to_batch(
+            batch, prepend_bos=prepend_bos, padding_side=padding_side, attention_mask=attention_mask
+        )
         self._check_length(batch)
         embeds = self.embed(batch)
         device = embeds.device
@@ -506,28 +635,66 @@ class HookedVLM:
         return tokens
 
     # ------------------------------------------------------------------ display
-    def to_str_tokens(self, batch: BatchLike, index: int = 0) -> list[str]:
-        """Item ``index``'s tokens as strings; image positions read ``<img0:k>`` (image 0, patch k)
-        and padding ``<pad>``."""
-        batch = self.to_batch(batch)
-        out: list[str] = []
+    def to_str_tokens(
+        self,
+        input: ModelInput,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        *,
+        index: int | None = None,
+    ) -> list[str] | list[list[str]]:
+        """Tokens as strings, as ``HookedTransformer.to_str_tokens``: each token's text as it reads
+        in context, leading space included (``' is'``). A :class:`VLMBatch` item reads its image
+        positions as ``<img{i}:{k}>`` (image i, patch k) and padding as ``<pad>``; a batch of
+        several items (or a list of strings) gives a list per item unless ``index`` picks one.
+        """
+        if isinstance(input, list) and all(isinstance(x, str) for x in input):
+            return [self.to_str_tokens(item, prepend_bos, padding_side) for item in input]
+        batch = self.to_batch(input, prepend_bos=prepend_bos, padding_side=padding_side)
+        if index is None and len(batch) > 1:
+            return [self._item_str_tokens(batch, i) for i in range(len(batch))]
+        return self._item_str_tokens(batch, 0 if index is None else index)
+
+    def _item_str_tokens(self, batch: VLMBatch, index: int) -> list[str]:
         ids = batch.input_ids[index].tolist()
         image_row = batch.image_mask[index].tolist()
         real = batch.attention_mask[index].tolist()
-        image_no, patch = -1, 0
-        previous_image = False
+        out: list[str] = []
+        run: list[int] = []  # the text tokens since the last image or padding: decoded in context
+
+        def flush() -> None:
+            out.extend(_tokens_in_context(self.tokenizer, run))
+            run.clear()
+
+        image_no, patch, previous_image = -1, 0, False
         for token, is_image, is_real in zip(ids, image_row, real):
+            if is_real and not is_image:
+                run.append(token)
+                previous_image = False
+                continue
+            flush()
             if not is_real:
                 out.append("<pad>")
-            elif is_image:
+            else:
                 if not previous_image:
                     image_no, patch = image_no + 1, 0
                 out.append(f"<img{image_no}:{patch}>")
                 patch += 1
-            else:
-                out.append(self.tokenizer.decode([token]))
             previous_image = bool(is_image and is_real)
+        flush()
         return out
+
+
+def _tokens_in_context(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token's text as it reads after the tokens before it (leading spaces kept)."""
+    pieces, previous = [], ""
+    for end in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:end], clean_up_tokenization_spaces=False)
+        pieces.append(
+            text[len(previous) :] if text.startswith(previous) else tokenizer.decode(ids[end - 1 : end])
+        )
+        previous = text
+    return pieces
 
 
 def _check_generation_arguments(max_new_tokens: Any, do_sample: bool, temperature: Any) -> None:

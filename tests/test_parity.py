@@ -54,7 +54,11 @@ def test_layer_by_layer_parity_with_hf(family, images, padding_side):
 
     assert (logits - out.logits)[real].abs().max() <= TOL
     token_embeds = family.reference.get_input_embeddings()(batch.input_ids)
-    assert torch.equal(cache["hook_embed"], token_embeds)
+    text = ~batch.image_mask
+    assert torch.equal(cache["hook_embed"][text], token_embeds[text])
+    # hook_embed is where the stream starts: the visual prefix at image positions
+    assert torch.equal(cache["hook_embed"][batch.image_mask], cache["hook_visual_prefix"].flatten(0, 1))
+    assert torch.equal(cache["hook_embed"], cache["blocks.0.hook_resid_pre"])
     assert (cache["blocks.0.hook_resid_pre"] - out.hidden_states[0])[real].abs().max() <= TOL
     for layer in range(vlm.cfg.n_layers):
         resid = cache[f"blocks.{layer}.hook_resid_post"]
