@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hooked_vllm.inputs import positions_from_mask
 from tests.conftest import INSTRUCTIONS
 
 NEW_TOKENS = 40
@@ -19,25 +20,28 @@ NEVER = -1  # an eos id that no token has, so that every item generates all NEW_
 MIN_MARGIN = 1e-3  # top-1 minus top-2 logit of the reference: no argmax is a float-rounding tie
 
 
-def with_tokens(vlm, batch, tokens):
-    """The left-padded ``batch`` with ``tokens`` [batch, k] appended as real positions."""
-    inputs = {
-        **batch.inputs,
-        "input_ids": torch.cat([batch.input_ids, tokens], dim=1),
-        "attention_mask": torch.cat([batch.attention_mask, torch.ones_like(tokens)], dim=1),
-    }
-    return vlm.to_batch(inputs)
-
-
 def greedy_without_cache(vlm, batch, n):
-    """Greedy tokens [batch, n], each from a full forward, and each step's top-2 logit margin."""
+    """Greedy tokens [batch, n], each from a full forward over the prompt and the tokens so far, and
+    each step's top-2 logit margin.
+
+    The prompt is left-padded, so every item's last real position is the last column. It is
+    embedded once as ``vlm.forward`` embeds it; generated tokens are embedded as text, as the
+    decoding steps of ``generate`` (and of HF) embed them: a tiny random model can emit the image
+    placeholder id, which in ``input_ids`` would ask for another image.
+    """
     batch = batch.left_padded()
-    rows = torch.arange(len(batch))
-    tokens = batch.input_ids.new_empty(len(batch), 0)
+    prompt = vlm.embed(batch)
+    prompt_mask = batch.attention_mask.to(prompt.device)
+    tokens = prompt_mask.new_empty(len(batch), 0)
     margins = []
     for _ in range(n):
-        current = with_tokens(vlm, batch, tokens)
-        last = vlm(current)[rows, current.last_positions].float()
+        mask = torch.cat([prompt_mask, torch.ones_like(tokens)], dim=1)
+        logits = vlm.bridge(
+            torch.cat([prompt, vlm.bridge.embed(tokens)], dim=1),
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask),
+        )
+        last = logits[:, -1].float()
         top2 = last.topk(2, dim=-1).values
         margins.append(top2[:, 0] - top2[:, 1])
         tokens = torch.cat([tokens, last.argmax(-1, keepdim=True)], dim=1)
@@ -79,7 +83,6 @@ def test_reference_depends_on_the_context(family, images, reference):
     vlm = family.vlm
     tokens = [reference[:, 0]]
     for _ in range(NEW_TOKENS - 1):
-        alone = vlm.to_batch({"input_ids": tokens[-1][:, None]})
-        tokens.append(vlm(alone)[:, -1].argmax(-1))
+        tokens.append(vlm.bridge(tokens[-1][:, None])[:, -1].argmax(-1))
     context_free = torch.stack(tokens, dim=1)
     assert not torch.equal(context_free, reference)
