@@ -40,6 +40,7 @@ from transformer_lens.model_bridge.sources.transformers.source import boot
 
 from hooked_vllm import observed_attention
 from hooked_vllm.adapters import VLMAdapter, adapter_class_for
+from hooked_vllm.cache import VLMActivationCache
 from hooked_vllm.errors import (
     BatchFormatError,
     CheckpointError,
@@ -556,7 +557,7 @@ class HookedVLM:
         )
         with self.hooks(fwd_hooks):
             output = self.forward(batch, return_type=return_type)
-        return output, ActivationCache(cache, self.bridge, has_batch_dim=not remove_batch_dim)
+        return output, VLMActivationCache(cache, self.bridge, has_batch_dim=not remove_batch_dim)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
