@@ -63,3 +63,57 @@ class VLMActivationCache(ActivationCache):
             return scaled  # recompute_ln runs the norm module itself, weight included
         weight = final_norm_weight(self.model)
         return scaled if weight is None else scaled * weight.to(scaled.device, scaled.dtype)
+
+
+class GenerationRecorder:
+    """Caching hooks for cached generation: every forward (the prompt, then one position per
+    decoding step) is recorded, and :meth:`cache` joins them along the position axis.
+
+    The result is what one forward over the prompt plus the generated tokens but the last (which
+    no forward ever reads) would cache: per-position activations ``[batch, pos, ...]`` concatenated;
+    attention patterns and scores ``[batch, head, query, key]`` concatenated over queries, each
+    step's row padded over the keys it could not yet see (pattern 0, scores as the model masks
+    them). Hooks that fire on the prompt only (the vision side, ``hook_visual_prefix``) keep their
+    single tensor.
+    """
+
+    QUERY_KEY = ("hook_pattern", "hook_attn_scores")
+
+    def __init__(self, points: dict[str, Any], device: str | torch.device | None = None) -> None:
+        """``points``: ``{name: HookPoint}`` to record (aliases of one point are recorded once)."""
+        self.names: dict[int, list[str]] = {}
+        self.points: dict[int, Any] = {}
+        for name, point in points.items():
+            self.names.setdefault(id(point), []).append(name)
+            self.points[id(point)] = point
+        self.steps: dict[int, list[torch.Tensor]] = {key: [] for key in self.points}
+        self.device = device
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        def recorder(key: int) -> Any:
+            def record(activation: torch.Tensor, hook: Any) -> None:
+                kept = activation.detach()
+                self.steps[key].append(kept.to(self.device) if self.device is not None else kept)
+
+            return record
+
+        return [(self.names[key][0], recorder(key)) for key in self.points]
+
+    def cache(self, bridge: Any) -> VLMActivationCache:
+        joined: dict[str, torch.Tensor] = {}
+        for key, tensors in self.steps.items():
+            name = self.names[key][0]
+            if not tensors:
+                continue
+            if len(tensors) == 1:
+                joined[name] = tensors[0]
+            elif name.endswith(self.QUERY_KEY):
+                keys = tensors[-1].shape[-1]
+                fill = 0.0 if name.endswith("hook_pattern") else torch.finfo(tensors[0].dtype).min
+                padded = [torch.nn.functional.pad(t, (0, keys - t.shape[-1]), value=fill) for t in tensors]
+                joined[name] = torch.cat(padded, dim=2)
+            else:
+                joined[name] = torch.cat(tensors, dim=1)
+            for alias in self.names[key][1:]:
+                joined[alias] = joined[name]
+        return VLMActivationCache(joined, bridge, has_batch_dim=True)

@@ -40,7 +40,7 @@ from transformer_lens.model_bridge.sources.transformers.source import boot
 
 from hooked_vllm import observed_attention
 from hooked_vllm.adapters import VLMAdapter, adapter_class_for
-from hooked_vllm.cache import VLMActivationCache
+from hooked_vllm.cache import GenerationRecorder, VLMActivationCache
 from hooked_vllm.errors import (
     BatchFormatError,
     CheckpointError,
@@ -570,16 +570,41 @@ class HookedVLM:
         temperature: float = 1.0,
         eos_token_id: int | None = None,
         return_str: bool = False,
-    ) -> Int[torch.Tensor, "batch new"] | list[str]:
+        return_cache: bool = False,
+        names_filter: NamesFilter = None,
+        cache_device: str | torch.device | None = None,
+    ) -> Any:
         """Greedy (or sampled) continuation with the KV cache; hooks in effect fire at every step.
 
-        The prompt runs as the batch is laid out, whatever its padding side, so hooks and
-        interventions keyed to the batch's positions (``knockout``, ``prune``, patching, your own)
-        act on the prompt exactly as in :meth:`forward`; decoding steps then see one new position
-        per item. Finished items are padded with the pad token, as HF's ``generate`` does. Returns
-        the new tokens ``[batch, new]`` (``[batch, 0]`` for ``max_new_tokens=0``: nothing runs), or
-        their decoded strings with ``return_str=True``.
+        ``batch`` is anything :meth:`to_batch` takes (a string generates from text alone). The
+        prompt runs as the batch is laid out, whatever its padding side, so hooks and interventions
+        keyed to the batch's positions (``knockout``, ``prune``, patching, your own) act on the
+        prompt exactly as in :meth:`forward`; decoding steps then see one new position per item.
+        Finished items are padded with the pad token, as HF's ``generate`` does. Returns the new
+        tokens ``[batch, new]`` (``[batch, 0]`` for ``max_new_tokens=0``: nothing runs), or their
+        decoded strings with ``return_str=True``.
+
+        ``return_cache=True`` returns ``(tokens, cache)``: the activations of every step
+        (``names_filter`` as in :meth:`run_with_cache`) joined along the positions, equal to one
+        forward over the prompt and the new tokens but the last (see
+        :class:`~hooked_vllm.cache.GenerationRecorder`).
+
+        Example:
+            >>> tokens, cache = vlm.generate(batch, 10, return_cache=True,
+            ...                              names_filter=lambda n: "resid_post" in n)  # doctest: +SKIP
+            >>> cache["resid_post", 3].shape  # [batch, prompt + 9, d_model]  # doctest: +SKIP
         """
+        if not return_cache:
+            return self._generate(batch, max_new_tokens, do_sample, temperature, eos_token_id, return_str)
+        predicate = self._names_predicate(names_filter)
+        points = {name: point for name, point in self.hook_dict.items() if predicate(name)}
+        recorder = GenerationRecorder(points, cache_device)
+        with self.hooks(fwd_hooks=recorder.hooks()):
+            tokens = self._generate(batch, max_new_tokens, do_sample, temperature, eos_token_id, return_str)
+        return tokens, recorder.cache(self.bridge)
+
+    @torch.no_grad()
+    def _generate(self, batch, max_new_tokens, do_sample, temperature, eos_token_id, return_str) -> Any:
         _check_generation_arguments(max_new_tokens, do_sample, temperature)
         batch = self.to_batch(batch)
         self._check_length(batch, extra_tokens=max_new_tokens)
