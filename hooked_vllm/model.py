@@ -672,10 +672,13 @@ class HookedVLM:
         """Tokens as strings, as ``HookedTransformer.to_str_tokens``: each token's text as it reads
         in context, leading space included (``' is'``). A :class:`VLMBatch` item reads its image
         positions as ``<img{i}:{k}>`` (image i, patch k) and padding as ``<pad>``; a batch of
-        several items (or a list of strings) gives a list per item unless ``index`` picks one.
+        several items (or a list of strings) gives a list per item unless ``index`` picks one
+        (``to_str_tokens(batch, i)`` also picks item ``i``).
         """
         if isinstance(input, list) and all(isinstance(x, str) for x in input):
             return [self.to_str_tokens(item, prepend_bos, padding_side) for item in input]
+        if isinstance(input, VLMBatch) and isinstance(prepend_bos, int) and not isinstance(prepend_bos, bool):
+            index, prepend_bos = prepend_bos, None  # to_str_tokens(batch, i): item i, as before
         batch = self.to_batch(input, prepend_bos=prepend_bos, padding_side=padding_side)
         if index is None and len(batch) > 1:
             return [self._item_str_tokens(batch, i) for i in range(len(batch))]

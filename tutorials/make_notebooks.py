@@ -174,6 +174,99 @@ for point in pruning_curve(vlm, batch, ks=[16, 8, 4, 2, 1], from_layers=[1, 3], 
     print(point)"""),
         new_markdown_cell(GPU),
     ],
+    "06_transformerlens_style.ipynb": [
+        new_markdown_cell(
+            "# TransformerLens style on a vision LLM\n"
+            "Your TransformerLens code runs on `HookedVLM` as it is: string prompts, `test_prompt`, "
+            "`transformer_lens.patching`, direct logit attribution, SAEs. What is new is the image: "
+            "a `VLMBatch` carries it, and every position knows its modality."
+        ),
+        new_code_cell(SETUP),
+        new_markdown_cell("## Text alone, exactly as in TransformerLens"),
+        new_code_cell("""from transformer_lens import utilities as utils
+print(vlm.to_str_tokens("what colour is the circle"))   # leading spaces kept, as TL does
+utils.test_prompt("what colour is the", "circle", vlm)  # no image: the language model alone"""),
+        new_markdown_cell(
+            "## Activation patching with TransformerLens's own module\n"
+            "Two images, one question. A `VLMBatch` answers `.shape` as its tokens would, so "
+            "`get_act_patch_resid_pre` runs unchanged; the heatmap is layer x position, image "
+            "positions first."
+        ),
+        new_code_cell("""import matplotlib.pyplot as plt
+from transformer_lens import patching
+from hooked_vllm.demo.shapes import Shape, render
+question = ["what colour is the square ?"]
+clean = vlm.prepare([render([Shape("square", "red", 40, 24, 6)])], question)
+corrupt = vlm.prepare([render([Shape("square", "blue", 40, 24, 6)])], question)
+red, blue = vlm.to_single_token("red"), vlm.to_single_token("blue")
+_, clean_cache = vlm.run_with_cache(clean)
+metric = lambda logits: logits[0, -1, red] - logits[0, -1, blue]
+effect = patching.get_act_patch_resid_pre(vlm, corrupt, clean_cache, metric)   # [layer, pos]
+labels = vlm.to_str_tokens(clean)
+fig, ax = plt.subplots(figsize=(10, 3))
+image = ax.imshow(effect.numpy(), cmap="RdBu", vmin=-effect.abs().max(), vmax=effect.abs().max(), aspect="auto")
+ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+ax.set_ylabel("layer (resid_pre)"); ax.set_xlabel("position")
+fig.colorbar(image, label="logit diff red - blue"); plt.show()"""),
+        new_markdown_cell(
+            "The colour sits in the one image patch that holds the square in the early layers, "
+            "then moves to the last position."
+        ),
+        new_markdown_cell(
+            "## Direct logit attribution, on image tokens too\n"
+            "`hook_embed` holds what the residual stream starts from (the visual prefix at image "
+            "positions), so the components sum to the residual everywhere; the cache applies the "
+            "final norm's weight, so `logit_attrs` sums to the logit difference exactly."
+        ),
+        new_code_cell("""logits, cache = vlm.run_with_cache(clean)
+stack, component_names = cache.decompose_resid(layer=-1, return_labels=True)
+attrs = cache.logit_attrs(stack[:, :, -1], tokens=red, incorrect_tokens=blue, pos_slice=-1)[:, 0]
+print("sum of attributions", float(attrs.sum()), "logit difference", float(metric(logits)))
+square_patch = int(clean.image_mask[0].nonzero()[6])            # an image position
+at_patch = cache.logit_attrs(stack[:, :, square_patch], tokens=red, incorrect_tokens=blue, pos_slice=square_patch)[:, 0]
+fig, ax = plt.subplots(figsize=(8, 2.5))
+ax.bar(range(len(component_names)), attrs.numpy(), label="last position")
+ax.bar(range(len(component_names)), at_patch.numpy(), alpha=0.6, label=f"image position {square_patch}")
+ax.set_xticks(range(len(component_names)), component_names, rotation=60, fontsize=7)
+ax.set_ylabel("red - blue"); ax.legend(); plt.show()"""),
+        new_markdown_cell(
+            "## A sparse autoencoder on image positions\n"
+            "We train a small SAE on the layer-2 residual at image positions (two minutes of "
+            "reading would do the same with a published SAE: `SAE.load_from_disk(folder)` reads "
+            "SAELens's `cfg.json` + `sae_weights.safetensors`), splice it in on image positions only, "
+            "and read which feature fires on each patch."
+        ),
+        new_code_cell("""import tempfile
+from hooked_vllm.sae import SAE, SAEConfig, run_with_cache_with_saes
+hook = "blocks.2.hook_resid_post"
+train = shapes.examples(seed=shapes.HELD_OUT_SEED_BASE + 77, n=256, kinds=("colour", "shape"))
+train_batch = vlm.prepare([ex.image for ex in train], [ex.question for ex in train])
+_, acts = vlm.run_with_cache(train_batch, names_filter=hook)
+x = acts[hook][train_batch.image_mask]                         # [n_patches, d_model]
+sae = SAE(SAEConfig(architecture="standard", d_in=x.shape[-1], d_sae=64, hook_name=hook))
+with torch.enable_grad():
+    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    for step in range(300):
+        feats = sae.encode(x)
+        loss = (sae.decode(feats) - x).pow(2).sum(-1).mean() + 3e-3 * feats.abs().sum(-1).mean()
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+print("fraction of variance unexplained:", float((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()))
+folder = sae.save_to_disk(tempfile.mkdtemp())                  # SAELens's format
+sae = SAE.load_from_disk(folder)"""),
+        new_code_cell("""logits_with, cache = run_with_cache_with_saes(vlm, clean, saes=[sae], positions="image", use_error_term=True,
+                                             names_filter=f"{hook}.hook_sae_acts_post")
+print("logits unchanged with the error term:", torch.allclose(logits_with, vlm(clean), atol=1e-5))
+features = cache[f"{hook}.hook_sae_acts_post"][0][clean.image_mask[0]]    # [16 patches, 64 features]
+top = features.argmax(-1).reshape(4, 4)
+strength = features.max(-1).values.reshape(4, 4)
+fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3))
+left.imshow(render([Shape("square", "red", 40, 24, 6)])); left.set_title("image")
+right.imshow(strength.numpy(), cmap="viridis"); right.set_title("top SAE feature per patch")
+for (r, c), f in zip([(r, c) for r in range(4) for c in range(4)], top.flatten().tolist()):
+    right.text(c, r, f, ha="center", va="center", color="white", fontsize=8)
+plt.show()"""),
+        new_markdown_cell(GPU),
+    ],
 }
 
 
