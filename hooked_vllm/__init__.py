@@ -49,3 +49,4 @@ __all__ = [
     "build_batch",
     "positions_from_mask",
 ]
+from hooked_vllm.sae import SAE, SAEError, run_with_cache_with_saes, run_with_saes, vlm_saes  # noqa: E402,F401
