@@ -29,6 +29,7 @@ from hooked_vllm.errors import (  # noqa: E402
 )
 from hooked_vllm.inputs import VLMBatch, build_batch, positions_from_mask  # noqa: E402
 from hooked_vllm.model import HookedVLM  # noqa: E402
+from hooked_vllm.sae import SAE, SAEError, run_with_cache_with_saes, run_with_saes, vlm_saes  # noqa: E402
 
 _logging.getLogger("transformers").setLevel(_transformers_log_level)
 
@@ -40,6 +41,8 @@ __all__ = [
     "GenerationArgumentError",
     "HookedVLM",
     "HookedVLMError",
+    "SAE",
+    "SAEError",
     "ImageCountError",
     "ImageLoadError",
     "MissingImageError",
@@ -48,5 +51,7 @@ __all__ = [
     "VLMBatch",
     "build_batch",
     "positions_from_mask",
+    "run_with_cache_with_saes",
+    "run_with_saes",
+    "vlm_saes",
 ]
-from hooked_vllm.sae import SAE, SAEError, run_with_cache_with_saes, run_with_saes, vlm_saes  # noqa: E402,F401

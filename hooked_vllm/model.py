@@ -39,6 +39,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.sources.transformers.source import boot
 
 from hooked_vllm import observed_attention
+from hooked_vllm import sae as sae_lib
 from hooked_vllm.adapters import VLMAdapter, adapter_class_for
 from hooked_vllm.cache import GenerationRecorder, VLMActivationCache
 from hooked_vllm.errors import (
@@ -460,14 +461,29 @@ class HookedVLM:
     def remove_hook_point(self, name: str) -> None:
         """Unregister a hook point added with :meth:`add_hook_point` (its hooks are removed)."""
         point = self._extra_hook_points.pop(name)
-        point.remove_hooks(including_permanent=True)
+        point.remove_hooks("both", including_permanent=True)
         if self.bridge._hook_registry.get(name) is point:
             del self.bridge._hook_registry[name]
+
+    # ------------------------------------------------------------------ SAEs (see hooked_vllm.sae)
+    def saes(
+        self, saes: Any, use_error_term: bool | None = None, positions: Any = None
+    ) -> AbstractContextManager:
+        """SAEs spliced in for the duration of the context, as SAELens's ``model.saes([...])``."""
+        return sae_lib.vlm_saes(self, saes, use_error_term=use_error_term, positions=positions)
+
+    def run_with_saes(self, batch: ModelInput, saes: Any = (), **kwargs: Any) -> Any:
+        """One forward with SAEs spliced in (see :func:`hooked_vllm.sae.run_with_saes`)."""
+        return sae_lib.run_with_saes(self, batch, saes=saes, **kwargs)
+
+    def run_with_cache_with_saes(self, batch: ModelInput, saes: Any = (), **kwargs: Any) -> Any:
+        """``run_with_cache`` with SAEs spliced in (see :func:`hooked_vllm.sae.run_with_cache_with_saes`)."""
+        return sae_lib.run_with_cache_with_saes(self, batch, saes=saes, **kwargs)
 
     def _register_hook_points(self) -> None:
         registry = self.bridge._hook_registry
         for name, point in self._extra_hook_points.items():
-            if registry.get(name) is not point:
+            if registry.get(name) is not point or point.name != name:
                 point.name = name
                 registry[name] = point
 

@@ -498,3 +498,19 @@ def test_bad_input_raises_one_line_errors_and_leaves_the_model_clean(llava):
         with pytest.raises(SAEError, match="exit the context"):
             run_with_saes(vlm, batch, saes=make_sae("topk", "blocks.1.hook_in"))
     assert sae_names_in(vlm) == []
+
+
+def test_hooked_vlm_methods_are_the_module_functions(llava):
+    """``vlm.saes``, ``vlm.run_with_saes`` and ``vlm.run_with_cache_with_saes``, as on SAELens's
+    HookedSAETransformer."""
+    vlm = llava.vlm
+    batch, _ = batch_and_clean(vlm)
+    sae = make_sae("topk", "blocks.1.hook_resid_post")
+    expected = run_with_saes(vlm, batch, saes=[sae], positions="image")
+    assert torch.equal(vlm.run_with_saes(batch, saes=[sae], positions="image"), expected)
+    with vlm.saes([sae], positions=batch.image_mask):
+        assert torch.equal(vlm(batch), expected)
+    name = "blocks.1.hook_resid_post.hook_sae_acts_post"
+    logits, cache = vlm.run_with_cache_with_saes(batch, saes=[sae], positions="image", names_filter=name)
+    assert torch.equal(logits, expected) and cache[name].shape[-1] == sae.cfg.d_sae
+    assert sae_names_in(vlm) == []
