@@ -82,6 +82,16 @@ def test_unsupported_architecture_is_refused_before_loading(tmp_path):
         HookedVLM.from_pretrained(str(tmp_path))
 
 
+def test_cross_attention_vlm_is_refused_with_the_reason(tmp_path):
+    from transformers import MllamaConfig
+
+    config = MllamaConfig()
+    config.architectures = ["MllamaForConditionalGeneration"]
+    config.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="cross-attention.*LlavaForConditionalGeneration"):
+        HookedVLM.from_pretrained(str(tmp_path))
+
+
 def test_instructblip_flan_t5_is_refused():
     config = InstructBlipConfig(text_config=T5Config(d_model=16, num_layers=1).to_dict())
     config.architectures = ["InstructBlipForConditionalGeneration"]

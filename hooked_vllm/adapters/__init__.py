@@ -20,9 +20,25 @@ def supported_architectures() -> list[str]:
     return [arch for adapter in ADAPTERS for arch in adapter.architectures]
 
 
+#: VLMs that do not feed their language model a visual prefix, with the reason
+NOT_A_VISUAL_PREFIX = {
+    "MllamaForConditionalGeneration": (
+        "Llama-3.2-Vision (Mllama) feeds the image to its language model through cross-attention "
+        "layers, not as a visual prefix of image tokens, so there are no image positions for "
+        "hooked-vllm's analyses to read"
+    ),
+}
+
+
 def adapter_class_for(config: PretrainedConfig) -> type[VLMAdapter]:
     """The adapter serving ``config``'s architecture, or :class:`UnsupportedModelError`."""
     architectures = list(getattr(config, "architectures", None) or [])
+    for arch in architectures:
+        if arch in NOT_A_VISUAL_PREFIX:
+            raise UnsupportedModelError(
+                f"{arch} is not supported: {NOT_A_VISUAL_PREFIX[arch]}. hooked-vllm supports "
+                f"{supported_architectures()}."
+            )
     for adapter in ADAPTERS:
         if any(arch in adapter.architectures for arch in architectures):
             adapter.check_config(config)
