@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -611,11 +611,12 @@ class HookedVLM:
             >>> cache["resid_post", 3].shape  # [batch, prompt + 9, d_model]  # doctest: +SKIP
         """
         if not return_cache:
-            return self._generate(batch, max_new_tokens, do_sample, temperature, eos_token_id, return_str)
+            with _kv_cache_kwarg_for_bridge(self.blocks):
+                return self._generate(batch, max_new_tokens, do_sample, temperature, eos_token_id, return_str)
         predicate = self._names_predicate(names_filter)
         points = {name: point for name, point in self.hook_dict.items() if predicate(name)}
         recorder = GenerationRecorder(points, cache_device)
-        with self.hooks(fwd_hooks=recorder.hooks()):
+        with self.hooks(fwd_hooks=recorder.hooks()), _kv_cache_kwarg_for_bridge(self.blocks):
             tokens = self._generate(batch, max_new_tokens, do_sample, temperature, eos_token_id, return_str)
         return tokens, recorder.cache(self.bridge)
 
@@ -785,6 +786,28 @@ def check_loading_info(loading_info: Mapping[str, Any], source: str, *, strict: 
             f"{message}. Fix or re-download the checkpoint, or pass strict=False to load it anyway."
         )
     warnings.warn(f"{message} (loaded anyway: strict=False)", stacklevel=3)
+
+
+@contextlib.contextmanager
+def _kv_cache_kwarg_for_bridge(blocks: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """Hand transformer-lens' attention bridges the KV cache under the name they read.
+
+    transformers >= 5.24 passes it to the attention layers as ``cache=``; transformer-lens 4.3's
+    attention bridges read only ``past_key_values``, so the cache would stay empty and every decoding
+    step would attend to itself alone (tests/test_generation.py catches that). A no-op before 5.24.
+    """
+
+    def rename(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if "cache" in kwargs and "past_key_values" not in kwargs:
+            kwargs["past_key_values"] = kwargs.pop("cache")
+        return args, kwargs
+
+    handles = [block.attn.register_forward_pre_hook(rename, with_kwargs=True) for block in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _route_output_through(point: HookPoint) -> Callable:
