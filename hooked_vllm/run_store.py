@@ -34,6 +34,7 @@ import re
 import shutil
 import socket
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -158,17 +159,22 @@ class ResultStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "an unknown process"
+            holder = ""
+            for _ in range(20):  # the holder writes its name right after taking the lock
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                if holder:
+                    break
+                time.sleep(0.01)
             os.close(fd)
+            holder = holder or "an unknown process"
             raise RunLockedError(
                 f"{self.out_dir} is being written by another run ({holder}). Wait for it to finish "
                 "(then run again to resume), or use another --out."
             ) from None
-        os.ftruncate(fd, 0)
         started = datetime.datetime.now().isoformat(timespec="seconds")
-        os.write(
-            fd, f"pid {os.getpid()} on {socket.gethostname()}, rank {self.rank}, since {started}".encode()
-        )
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, rank {self.rank}, since {started}".encode()
+        os.pwrite(fd, holder, 0)  # overwrite in place, then cut: a reader never sees an empty file
+        os.ftruncate(fd, len(holder))
         self._lock_fd = fd
 
     # ------------------------------------------------------------------ settings
