@@ -1,0 +1,268 @@
+"""``hooked-vllm cache-activations``: store hook activations of a dataset as a ``datasets`` folder.
+
+    hooked-vllm cache-activations --hooks blocks.3.hook_resid_post hook_visual_prefix --out store/
+    hooked-vllm cache-activations --model llava-hf/llava-1.5-7b-hf --dataset coco --data-dir /data/coco \\
+        --num-items 5000 --hooks blocks.12.hook_resid_post vision.blocks.23.hook_resid_post \\
+        --positions image --store-dtype float16 --device cuda --dtype float16 --out runs/llava-acts
+    torchrun --nproc-per-node 4 -m hooked_vllm.cli cache-activations ...   # data parallel
+
+The estimated size is printed before anything is computed, and a run the disk cannot hold is refused.
+Run the same command again after an interruption to resume. Read the result with
+``datasets.load_from_disk(out)`` or ``hooked_vllm.activation_store.ActivationStore.open(out)``.
+Every error is one line on stderr and exit code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hooked_vllm.data.datasets import (
+    CAPTION_INSTRUCTION,
+    DatasetError,
+    DatasetItem,
+    DatasetSample,
+    _check_images,
+    _sample,
+    check_n,
+)
+from hooked_vllm.errors import HookedVLMError
+
+DATASETS = ("coco", "winoground", "shapes", "folder", "samples")
+READS_DATA_DIR = ("coco", "winoground", "folder")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def load_folder(
+    data_dir: str | Path,
+    n: int | None = None,
+    seed: int = 0,
+    *,
+    instruction: str = CAPTION_INSTRUCTION,
+    skip_bad: bool = False,
+    max_pixels: int | None = None,
+) -> DatasetSample:
+    """Every image file under ``data_dir`` (sorted, subfolders included) with one instruction; item ids
+    are ``folder-<path relative to data_dir>``."""
+    check_n(n)
+    data_dir = Path(data_dir).absolute()
+    if not data_dir.is_dir():
+        raise DatasetError(f"{data_dir} is not a folder. Give the folder holding the images.")
+    paths = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise DatasetError(f"No image files ({', '.join(IMAGE_SUFFIXES)}) under {data_dir}.")
+    items = [DatasetItem(f"folder-{p.relative_to(data_dir).as_posix()}", p, instruction) for p in paths]
+    items, skipped = _check_images(_sample(items, n, seed), skip_bad, max_pixels)
+    return DatasetSample("folder", items, skipped, max_pixels)
+
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Add the ``cache-activations`` subcommand to ``hooked-vllm``'s subparsers."""
+    from hooked_vllm.activation_layout import POSITIONS
+    from hooked_vllm.activation_shards import STORAGE_DTYPES
+    from hooked_vllm.cli import DEMO, DTYPES, _non_negative_int, _positive_int
+
+    run = subparsers.add_parser(
+        "cache-activations",
+        help="store hook activations per (item, position) as a Hugging Face datasets folder",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--model", default=DEMO, help="hub id or local directory (default: the demo model)")
+    run.add_argument(
+        "--dataset", default=None, choices=DATASETS, help="default: shapes for the demo model, else samples"
+    )
+    run.add_argument(
+        "--data-dir", type=Path, default=None, help="the coco or winoground folder, or an image folder"
+    )
+    run.add_argument(
+        "--prompt", default=None, help=f"the instruction for --dataset folder ({CAPTION_INSTRUCTION!r})"
+    )
+    run.add_argument(
+        "--hooks",
+        nargs="+",
+        required=True,
+        metavar="HOOK",
+        help="hook names: blocks.{l}.hook_resid_post, hook_visual_prefix, vision.blocks.{l}.hook_resid_post, "
+        "qformer.blocks.{l}.hook_resid_post, ...",
+    )
+    run.add_argument(
+        "--positions", default="image", choices=POSITIONS, help="which rows to store (default image)"
+    )
+    run.add_argument(
+        "--store-dtype",
+        default=None,
+        choices=STORAGE_DTYPES,
+        help="dtype of the stored vectors (default: the model's; float32 for bfloat16)",
+    )
+    run.add_argument(
+        "--num-items",
+        "--n",
+        dest="n",
+        type=_positive_int,
+        default=None,
+        help="number of images/examples (default: all; 16 for shapes). Under torchrun use --num-items",
+    )
+    run.add_argument("--batch-size", type=_positive_int, default=8)
+    run.add_argument("--padding-side", default="left", choices=["left", "right"])
+    run.add_argument("--out", type=Path, default=Path("activations-out"))
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
+    run.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype")
+    run.add_argument("--device-map", default=None, help="split one model over GPUs, e.g. 'auto'")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader workers")
+    run.add_argument("--skip-bad", action="store_true", help="skip missing/corrupt images and list them")
+    run.add_argument("--max-pixels", type=_positive_int, default=None, help="refuse larger images")
+    run.add_argument(
+        "--repair", action="store_true", help="set bad shards aside (quarantine/) and recompute them"
+    )
+    run.add_argument(
+        "--allow-weight-mismatch", action="store_true", help="load a mismatched checkpoint anyway"
+    )
+    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return run
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings as values (paths resolved, defaults filled in), checked before any write."""
+    from hooked_vllm.activation_layout import check_positions
+    from hooked_vllm.activation_shards import STORAGE_DTYPES
+    from hooked_vllm.cli import DEMO, UsageError, _resolve_device, _resolve_model
+
+    check_positions(args.hooks, args.positions)  # before the model loads
+
+    dataset = args.dataset or ("shapes" if args.model == DEMO else "samples")
+    if args.data_dir is not None and dataset not in READS_DATA_DIR:
+        raise UsageError(f"--data-dir is given but the {dataset} dataset does not read it. Drop --data-dir.")
+    if args.data_dir is None and dataset in READS_DATA_DIR:
+        raise UsageError(f"--dataset {dataset} needs --data-dir (the folder holding the {dataset} files).")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        raise UsageError(
+            f"--data-dir {args.data_dir} is not a folder. Give the folder of the {dataset} files."
+        )
+    if args.prompt is not None and dataset != "folder":
+        raise UsageError(
+            f"--prompt is for --dataset folder; the {dataset} dataset brings its own instructions."
+        )
+    return {
+        "model": _resolve_model(args.model),
+        "dataset": dataset,
+        "data_dir": str(args.data_dir.resolve()) if args.data_dir is not None else None,
+        "prompt": args.prompt,
+        "n": args.n,
+        "seed": args.seed,
+        "device": None if args.device_map else _resolve_device(args.device),
+        "device_map": args.device_map,
+        "model_dtype": args.dtype,
+        "skip_bad": args.skip_bad,
+        "max_pixels": args.max_pixels,
+        "hooks": list(args.hooks),
+        "positions": args.positions,
+        "dtype": args.store_dtype or (args.dtype if args.dtype in STORAGE_DTYPES else "float32"),
+        "batch_size": args.batch_size,
+        "padding_side": args.padding_side,
+    }
+
+
+def _precheck(out: Path, rank: int, settings: dict[str, Any]) -> None:
+    """Refuse early (before the model loads) a folder that holds other settings or is being written."""
+    import json
+
+    from hooked_vllm.activation_shards import SHARD_NAME
+    from hooked_vllm.run_store import ResultStore, SettingsMismatchError, settings_differences
+
+    if not out.is_dir():
+        return
+    if rank == 0 and (out / "run.json").is_file() and any(SHARD_NAME.match(p.name) for p in out.iterdir()):
+        try:
+            previous = json.loads((out / "run.json").read_text())
+        except json.JSONDecodeError:
+            return  # the store's own check reports it
+        changed = settings_differences({k: previous.get(k) for k in settings}, settings)
+        if changed:
+            raise SettingsMismatchError(
+                f"{out} holds activations stored with other settings ({', '.join(changed)} differ). Use "
+                "another --out, or the same settings to resume it."
+            )
+    lock = ResultStore(out, rank)
+    lock._lock()  # raises RunLockedError naming the holder
+    lock.close()
+
+
+def cache_activations(args: argparse.Namespace) -> int:
+    """Run ``hooked-vllm cache-activations``; errors are raised as HookedVLMError (one line in main)."""
+    import torch
+
+    from hooked_vllm.activation_store import ActivationStore
+    from hooked_vllm.cli import UsageError, _load_data, _load_model
+
+    settings = settings_of(args)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if settings["device"] not in ("cpu", None) else "gloo")
+    _precheck(args.out, rank, settings)
+    if settings["dataset"] == "folder":
+        sample = load_folder(
+            args.data_dir,
+            args.n,
+            args.seed,
+            instruction=args.prompt or CAPTION_INSTRUCTION,
+            skip_bad=args.skip_bad,
+            max_pixels=args.max_pixels,
+        )
+    else:
+        sample = _load_data(args, settings)
+    if not sample.items:
+        raise UsageError("The dataset sample is empty (after skipping bad images). Check --data-dir.")
+    vlm, warning = _load_model(args, settings)
+    store = ActivationStore.write(
+        vlm,
+        sample,
+        args.out,
+        hooks=args.hooks,
+        positions=args.positions,
+        dtype=settings["dtype"],
+        batch_size=args.batch_size,
+        padding_side=args.padding_side,
+        workers=args.workers,
+        repair=args.repair,
+        progress=not args.no_progress,
+        settings=settings,
+    )
+    if store is None:
+        return 0
+    items = len(store.item_ids)
+    where = f"datasets.load_from_disk({str(args.out)!r})"
+    print(f"stored {len(store):,} rows of {items} items in {args.out} (read it with {where})")
+    for path, reason in sample.skipped:
+        print(f"  skipped {path}: {reason}")
+    if warning:
+        print(f"  NOTE: {warning}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hooked_vllm.activation_cli cache-activations ...`` (the same as ``hooked-vllm``'s)."""
+    from hooked_vllm.cli import _OneLineParser
+
+    parser = _OneLineParser(prog="hooked-vllm")
+    add_cli(parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser))
+    args = parser.parse_args(argv)
+    try:
+        return cache_activations(args)
+    except HookedVLMError as exc:
+        if args.debug:
+            raise
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: finished batches are kept in {args.out}; run again to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
