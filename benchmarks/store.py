@@ -28,7 +28,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROMPT, image_folder, mid_llava, peak_memory_mb, sample_images  # noqa: E402
+from common import (  # noqa: E402
+    PROMPT,
+    image_folder,
+    interleaved_times,
+    mid_llava,
+    peak_memory_mb,
+    sample_images,
+)
 
 from hooked_vllm import HookedVLM  # noqa: E402
 from hooked_vllm.activation_layout import capture, row_metadata, select_rows  # noqa: E402
@@ -93,6 +100,19 @@ def write_overhead(vlm, batch_size: int, repeats: int) -> None:
             f"  {name:18s} best {min(ts) * 1000:8.1f} ms ({min(ts) / min(base):5.3f}x)   "
             f"median of per-round ratios {ratio:5.3f}x forward"
         )
+    columns, items, item_rows = _batch_columns(vlm, batch, list(range(batch_size)), ids, plan)
+    rows = select_rows(batch, "image", plan.layout)
+
+    def shard_only() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_shard(Path(tmp), 0, 0, plan.features.arrow_schema, columns, items, item_rows, {})
+
+    parts = {
+        "metadata alone": lambda: row_metadata(vlm, batch, rows, plan.layout),
+        "Arrow shard alone": shard_only,
+    }
+    for name, seconds in interleaved_times(parts, repeats=repeats).items():
+        print(f"  {name:18s} best {seconds * 1000:8.1f} ms ({seconds / min(base):5.3f}x)")
     seconds = min(times["store step"])
     print(
         f"  written: {written['rows'] / seconds:,.0f} rows/s, {written['bytes'] / seconds / 1e6:,.1f} MB/s "

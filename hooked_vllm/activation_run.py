@@ -10,6 +10,7 @@ after a barrier: every shard verified, ``state.json`` listing them in batch orde
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
@@ -91,15 +92,20 @@ class StorePlan:
             widths[hook] = int(captured[hook].shape[1])
         return cls(hooks, positions, dtype, layout, widths)
 
-    def estimate(self, vlm, items: Sequence[DatasetItem]) -> tuple[list[int], list[int]]:
-        """Rows and bytes per item, from the items' tokens (no image is read)."""
+    def estimate(
+        self, vlm, items: Sequence[DatasetItem], batch_size: int, settings: Mapping[str, Any]
+    ) -> tuple[list[int], list[int]]:
+        """Rows and bytes per item, from the items' tokens (no image is read); each batch's first item
+        also carries its shard's header (schema, settings, item ids)."""
+        header = len(self.features.arrow_schema.serialize()) + len(json.dumps(settings)) + 256
         counts: dict[str, int] = {}
         rows, sizes = [], []
-        for item in items:
+        for index, item in enumerate(items):
             if item.instruction not in counts:
                 counts[item.instruction] = rows_per_prompt(vlm, item.instruction, self.positions, self.layout)
             rows.append(counts[item.instruction])
-            sizes.append(rows[-1] * self.bytes_per_row(item.item_id))
+            sizes.append(rows[-1] * self.bytes_per_row(item.item_id) + len(item.item_id) + 8)
+            sizes[-1] += header if index % batch_size == 0 else 0
         return rows, sizes
 
 
@@ -231,7 +237,7 @@ def write_store(
     try:
         done = set(writer.verified)
         todo = [b for b in range(n_batches) if b % world_size == rank and b not in done][:max_batches]
-        rows, sizes = plan.estimate(vlm, items)
+        rows, sizes = plan.estimate(vlm, items, batch_size, settings)
         total, left = sum(sizes), sum(s for i, s in enumerate(sizes) if i // batch_size not in done)
         free = _free_bytes(path)
         if rank == 0:

@@ -22,6 +22,18 @@ stored, one writer per rank, every shard verified on resume, a killed run resume
 doubled; under torchrun each rank computes batches ``rank::world`` and the result equals a single run
 row for row. Before writing, the size is estimated and printed, and a run the disk cannot hold is
 refused. The forward stops after the deepest stored hook.
+
+Gotchas:
+
+- ``with_format("torch")`` hands float16 columns over as float32 (``datasets``' default); the values
+  are the stored ones. ``ActivationStore.rows`` keeps the stored dtype.
+- With ``positions="all"``, per-image hooks (vision tower, Q-Former, visual prefix) are NaN at the rows
+  that are not image positions; with ``text`` or ``last`` they are refused.
+- LLaVA's CLS token reaches no position (``vision_feature_select_strategy="default"``) and is not
+  stored; InstructBLIP's vision patches have no position and are refused (store the Q-Former).
+- ``state.json`` lists the shards verified when a writer opened the folder, then every 30 s and at
+  the end: while a run goes on, or after it was killed, ``load_from_disk`` sees the shards listed by
+  then (up to 30 s behind the run); the next run verifies and lists the rest.
 """
 
 from __future__ import annotations
