@@ -458,3 +458,19 @@ def test_probes_on_the_demo_model_find_colour_and_shape_per_patch(tmp_path):
         for target, floor in ((colour, 0.9), (kind, 0.8)):
             result = linear_probe(x[~test], target[objects][~test], x[test], target[objects][test])
             assert result.chance < 0.5 and result.accuracy > max(floor, result.chance + 0.3), (hook, result)
+
+
+def test_a_second_writer_is_refused_and_told_who_holds_the_folder(llava, tmp_path):
+    from hooked_vllm.run_store import ResultStore, RunLockedError
+
+    (tmp_path / "store").mkdir()
+    holder = ResultStore(tmp_path / "store", 0)
+    holder._lock()
+    try:
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()} .*Wait for it"):
+            ActivationStore.write(
+                llava.vlm, _items(tmp_path / "images", 1), tmp_path / "store", hooks=["hook_embed"]
+            )
+    finally:
+        holder.close()
+    assert not list((tmp_path / "store").glob("data-*"))
