@@ -16,6 +16,7 @@ import transformers as _transformers  # noqa: E402,F401  (configures its logger 
 
 _transformers_log_level = _logging.getLogger("transformers").level
 
+from hooked_vllm.activation_store import ActivationStore  # noqa: E402
 from hooked_vllm.errors import (  # noqa: E402
     BatchFormatError,
     CheckpointError,
@@ -36,6 +37,7 @@ _logging.getLogger("transformers").setLevel(_transformers_log_level)
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationStore",
     "BatchFormatError",
     "CheckpointError",
     "GenerationArgumentError",

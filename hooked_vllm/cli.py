@@ -5,6 +5,7 @@
         --data-dir /data/coco --num-items 500 --batch-size 8 --device cuda --dtype float16 \\
         --out runs/llava-coco
     torchrun --nproc-per-node 4 -m hooked_vllm.cli phase-diagram ...   # data parallel
+    hooked-vllm cache-activations --hooks blocks.3.hook_resid_post --positions image --out store/
 
 A run writes ``items/`` (per-item results, resumable), ``aggregates.json``/``.csv``, ``report.html``
 and PNGs into ``--out``. Run the same command again after an interruption to resume. Every error is
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 
+from hooked_vllm.activation_cli import add_cli as add_cache_activations
+from hooked_vllm.activation_cli import cache_activations
 from hooked_vllm.errors import HookedVLMError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -125,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_cache_activations(sub)
     return parser
 
 
@@ -312,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "phase-diagram":
             return phase_diagram(args)
+        if args.command == "cache-activations":
+            return cache_activations(args)
     except HookedVLMError as exc:
         if args.debug:
             raise
