@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -179,6 +179,12 @@ class VLMBatch:
             special_mask=roll(self.special_mask),
             position_ids=positions_from_mask(inputs["attention_mask"]),
         )
+
+
+NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
+BatchLike = VLMBatch | Mapping[str, torch.Tensor]
+#: what the model runs on: image + text batches, or text alone as TransformerLens takes it
+ModelInput = VLMBatch | Mapping[str, torch.Tensor] | str | list[str] | torch.Tensor
 
 
 def build_batch(

@@ -25,13 +25,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 import transformers
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from transformer_lens import ActivationCache
 from transformer_lens import utilities as utils
 from transformer_lens.hook_points import HookPoint
@@ -41,25 +41,21 @@ from transformer_lens.model_bridge.sources.transformers.source import boot
 from hooked_vllm import observed_attention
 from hooked_vllm import sae as sae_lib
 from hooked_vllm.adapters import VLMAdapter, adapter_class_for
-from hooked_vllm.cache import GenerationRecorder, VLMActivationCache
+from hooked_vllm.cache import VLMActivationCache
 from hooked_vllm.errors import (
     BatchFormatError,
     CheckpointError,
-    GenerationArgumentError,
     ImageCountError,
     MissingImageError,
     SequenceTooLongError,
 )
+from hooked_vllm.generation import GenerationMixin
 from hooked_vllm.images import ImageLike, to_rgb
-from hooked_vllm.inputs import VLMBatch, build_batch
-
-NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
-BatchLike = VLMBatch | Mapping[str, torch.Tensor]
-#: what the model runs on: image + text batches, or text alone as TransformerLens takes it
-ModelInput = VLMBatch | Mapping[str, torch.Tensor] | str | list[str] | torch.Tensor
+from hooked_vllm.inputs import BatchLike, ModelInput, NamesFilter, VLMBatch, build_batch
+from hooked_vllm.text_tokens import TokensMixin
 
 
-class HookedVLM:
+class HookedVLM(TokensMixin, GenerationMixin):
     """A hooked vision LLM: LLaVA-1.5 or InstructBLIP (decoder-only backbones).
 
     Build one with :meth:`from_pretrained` (hub id or local directory) or :meth:`from_hf`
@@ -265,83 +261,6 @@ class HookedVLM:
             "Expected a VLMBatch, a processor output, a string, a list of strings or a [batch, pos] "
             f"token tensor; got {got}. For image + text use vlm.prepare(images=..., prompts=...)."
         )
-
-    # ------------------------------------------------------------------ tokens, as TransformerLens has them
-    def to_tokens(
-        self,
-        input: str | list[str],
-        prepend_bos: bool | None = None,
-        padding_side: str | None = None,
-        move_to_device: bool = True,
-        truncate: bool = True,
-    ) -> Int[torch.Tensor, "batch pos"]:
-        """Text to tokens, as ``HookedTransformer.to_tokens`` (text only: an image placeholder in
-        the text is an error; images go through :meth:`prepare`)."""
-        tokens = self.bridge.to_tokens(
-            input,
-            prepend_bos=prepend_bos,
-            padding_side=padding_side,
-            move_to_device=move_to_device,
-            truncate=truncate,
-        )
-        self._refuse_placeholders(tokens, input)
-        return tokens
-
-    def _refuse_placeholders(self, tokens: torch.Tensor, text: Any) -> None:
-        if bool((tokens == self.adapter.image_token_id).any()):
-            placeholder = self.tokenizer.convert_ids_to_tokens(self.adapter.image_token_id)
-            raise MissingImageError(
-                f"The text {text!r} holds the image placeholder {placeholder!r} but no image was given, "
-                "and the placeholder alone would be read as a word. Pass images with "
-                "vlm.prepare(images=..., prompts=...), or remove the placeholder."
-            )
-
-    def to_string(self, tokens: torch.Tensor | list[int] | int) -> str | list[str]:
-        """Tokens to text, as ``HookedTransformer.to_string`` (a list of strings for ``[batch, pos]``)."""
-        if isinstance(tokens, int):
-            tokens = [tokens]
-        tokens = torch.as_tensor(tokens)
-        if tokens.dim() == 2:
-            return self.tokenizer.batch_decode(tokens, clean_up_tokenization_spaces=False)
-        return self.tokenizer.decode(tokens, clean_up_tokenization_spaces=False)
-
-    def to_single_token(self, string: str) -> int:
-        """The id of ``string``, which must be exactly one token, as ``HookedTransformer.to_single_token``."""
-        tokens = self.to_tokens(string, prepend_bos=False).squeeze(0)
-        if tokens.numel() != 1:
-            raise BatchFormatError(
-                f"{string!r} is {tokens.numel()} tokens, not one: {self.to_str_tokens(tokens)}."
-            )
-        return int(tokens)
-
-    def get_token_position(
-        self,
-        single_token: str | int,
-        input: ModelInput,
-        mode: str = "first",
-        prepend_bos: bool | None = None,
-        padding_side: str | None = None,
-    ) -> int:
-        """The position of ``single_token`` in ``input`` (one item), as
-        ``HookedTransformer.get_token_position``: ``mode="first"`` or ``"last"``."""
-        if isinstance(input, VLMBatch) or isinstance(input, Mapping):
-            batch = self.to_batch(input)
-            if len(batch) != 1:
-                raise BatchFormatError(f"get_token_position takes one item; the batch has {len(batch)}.")
-            tokens = batch.input_ids[0][batch.attention_mask[0].bool()]
-            offset = int(torch.nonzero(batch.attention_mask[0])[0])
-        else:
-            tokens = self.to_batch(input, prepend_bos=prepend_bos, padding_side=padding_side).input_ids
-            if tokens.shape[0] != 1:
-                raise BatchFormatError(f"get_token_position takes one item; got {tokens.shape[0]}.")
-            tokens, offset = tokens[0], 0
-        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
-        where = torch.nonzero(tokens == token).flatten()
-        if where.numel() == 0:
-            raise BatchFormatError(f"Token {single_token!r} ({token}) does not occur in the input.")
-        if mode not in ("first", "last"):
-            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
-        return int(where[0 if mode == "first" else -1]) + offset
 
     def _check_length(self, batch: VLMBatch, extra_tokens: int = 0) -> None:
         longest = int(batch.attention_mask.sum(-1).max()) + extra_tokens
@@ -575,191 +494,6 @@ class HookedVLM:
             output = self.forward(batch, return_type=return_type)
         return output, VLMActivationCache(cache, self.bridge, has_batch_dim=not remove_batch_dim)
 
-    # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(
-        self,
-        batch: BatchLike,
-        max_new_tokens: int = 20,
-        *,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        eos_token_id: int | None = None,
-        return_str: bool = False,
-        return_cache: bool = False,
-        names_filter: NamesFilter = None,
-        cache_device: str | torch.device | None = None,
-    ) -> Any:
-        """Greedy (or sampled) continuation with the KV cache; hooks in effect fire at every step.
-
-        ``batch`` is anything :meth:`to_batch` takes (a string generates from text alone). The
-        prompt runs as the batch is laid out, whatever its padding side, so hooks and interventions
-        keyed to the batch's positions (``knockout``, ``prune``, patching, your own) act on the
-        prompt exactly as in :meth:`forward`; decoding steps then see one new position per item.
-        Finished items are padded with the pad token, as HF's ``generate`` does. Returns the new
-        tokens ``[batch, new]`` (``[batch, 0]`` for ``max_new_tokens=0``: nothing runs), or their
-        decoded strings with ``return_str=True``.
-
-        ``return_cache=True`` returns ``(tokens, cache)``: the activations of every step
-        (``names_filter`` as in :meth:`run_with_cache`) joined along the positions, equal to one
-        forward over the prompt and the new tokens but the last (see
-        :class:`~hooked_vllm.cache.GenerationRecorder`).
-
-        Example:
-            >>> tokens, cache = vlm.generate(batch, 10, return_cache=True,
-            ...                              names_filter=lambda n: "resid_post" in n)  # doctest: +SKIP
-            >>> cache["resid_post", 3].shape  # [batch, prompt + 9, d_model]  # doctest: +SKIP
-        """
-        if not return_cache:
-            with _kv_cache_kwarg_for_bridge(self.blocks):
-                return self._generate(batch, max_new_tokens, do_sample, temperature, eos_token_id, return_str)
-        predicate = self._names_predicate(names_filter)
-        points = {name: point for name, point in self.hook_dict.items() if predicate(name)}
-        recorder = GenerationRecorder(points, cache_device)
-        with self.hooks(fwd_hooks=recorder.hooks()), _kv_cache_kwarg_for_bridge(self.blocks):
-            tokens = self._generate(batch, max_new_tokens, do_sample, temperature, eos_token_id, return_str)
-        return tokens, recorder.cache(self.bridge)
-
-    @torch.no_grad()
-    def _generate(self, batch, max_new_tokens, do_sample, temperature, eos_token_id, return_str) -> Any:
-        _check_generation_arguments(max_new_tokens, do_sample, temperature)
-        batch = self.to_batch(batch)
-        self._check_length(batch, extra_tokens=max_new_tokens)
-        tokenizer = self.tokenizer
-        if max_new_tokens == 0:
-            empty = torch.zeros(len(batch), 0, dtype=torch.long)
-            return tokenizer.batch_decode(empty) if return_str else empty
-        eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        embeds = self.embed(batch)
-        device = embeds.device
-        rows = torch.arange(len(batch), device=device)
-        last = batch.last_positions.to(device)
-        mask = batch.attention_mask.to(device)
-        logits, past = self.bridge(
-            embeds,
-            attention_mask=mask,
-            position_ids=batch.position_ids.to(device),
-            return_type="logits_and_cache",
-            use_cache=True,
-        )
-        next_logits = logits[rows, last]
-        positions = batch.position_ids.to(device)[rows, last].unsqueeze(-1)
-        finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
-        new_tokens = []
-        for _ in range(max_new_tokens):
-            next_logits = next_logits.float()
-            if do_sample:
-                probs = torch.softmax(next_logits / temperature, dim=-1)
-                token = torch.multinomial(probs, 1).squeeze(-1)
-            else:
-                token = next_logits.argmax(-1)
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            new_tokens.append(token)
-            if eos is not None:
-                finished |= token == eos
-            if len(new_tokens) == max_new_tokens or bool(finished.all()):
-                break
-            # Appended after the batch's last column: a right-padded item's padding stays a masked
-            # hole in the cache, and its positions continue from its last real token.
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = positions + 1
-            logits, past = self.bridge(
-                token.unsqueeze(-1),
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=past,
-                return_type="logits_and_cache",
-            )
-            next_logits = logits[:, -1]
-        tokens = torch.stack(new_tokens, dim=1)
-        if return_str:
-            return tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return tokens
-
-    # ------------------------------------------------------------------ display
-    def to_str_tokens(
-        self,
-        input: ModelInput,
-        prepend_bos: bool | None = None,
-        padding_side: str | None = None,
-        *,
-        index: int | None = None,
-    ) -> list[str] | list[list[str]]:
-        """Tokens as strings, as ``HookedTransformer.to_str_tokens``: each token's text as it reads
-        in context, leading space included (``' is'``). A :class:`VLMBatch` item reads its image
-        positions as ``<img{i}:{k}>`` (image i, patch k) and padding as ``<pad>``; a batch of
-        several items (or a list of strings) gives a list per item unless ``index`` picks one
-        (``to_str_tokens(batch, i)`` also picks item ``i``).
-        """
-        if isinstance(input, list) and all(isinstance(x, str) for x in input):
-            return [self.to_str_tokens(item, prepend_bos, padding_side) for item in input]
-        if isinstance(input, VLMBatch) and isinstance(prepend_bos, int) and not isinstance(prepend_bos, bool):
-            index, prepend_bos = prepend_bos, None  # to_str_tokens(batch, i): item i, as before
-        batch = self.to_batch(input, prepend_bos=prepend_bos, padding_side=padding_side)
-        if index is None and len(batch) > 1:
-            return [self._item_str_tokens(batch, i) for i in range(len(batch))]
-        return self._item_str_tokens(batch, 0 if index is None else index)
-
-    def _item_str_tokens(self, batch: VLMBatch, index: int) -> list[str]:
-        ids = batch.input_ids[index].tolist()
-        image_row = batch.image_mask[index].tolist()
-        real = batch.attention_mask[index].tolist()
-        out: list[str] = []
-        run: list[int] = []  # the text tokens since the last image or padding: decoded in context
-
-        def flush() -> None:
-            out.extend(_tokens_in_context(self.tokenizer, run))
-            run.clear()
-
-        image_no, patch, previous_image = -1, 0, False
-        for token, is_image, is_real in zip(ids, image_row, real):
-            if is_real and not is_image:
-                run.append(token)
-                previous_image = False
-                continue
-            flush()
-            if not is_real:
-                out.append("<pad>")
-            else:
-                if not previous_image:
-                    image_no, patch = image_no + 1, 0
-                out.append(f"<img{image_no}:{patch}>")
-                patch += 1
-            previous_image = bool(is_image and is_real)
-        flush()
-        return out
-
-
-def _tokens_in_context(tokenizer: Any, ids: list[int]) -> list[str]:
-    """Each token's text as it reads after the tokens before it (leading spaces kept)."""
-    pieces, previous = [], ""
-    for end in range(1, len(ids) + 1):
-        text = tokenizer.decode(ids[:end], clean_up_tokenization_spaces=False)
-        pieces.append(
-            text[len(previous) :] if text.startswith(previous) else tokenizer.decode(ids[end - 1 : end])
-        )
-        previous = text
-    return pieces
-
-
-def _check_generation_arguments(max_new_tokens: Any, do_sample: bool, temperature: Any) -> None:
-    """Refuse generation settings HF's ``GenerationConfig`` refuses (and ones it would turn into NaN)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise GenerationArgumentError(
-            f"max_new_tokens must be a non-negative integer; got {max_new_tokens!r}."
-        )
-    if do_sample and (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not temperature > 0
-        or temperature == float("inf")
-    ):
-        raise GenerationArgumentError(
-            f"temperature (={temperature!r}) has to be a strictly positive finite float when "
-            "do_sample=True. For greedy decoding set do_sample=False."
-        )
-
 
 def check_loading_info(loading_info: Mapping[str, Any], source: str, *, strict: bool = True) -> None:
     """Raise :class:`CheckpointError` (or warn, with ``strict=False``) when HF's loading info lists
@@ -786,28 +520,6 @@ def check_loading_info(loading_info: Mapping[str, Any], source: str, *, strict: 
             f"{message}. Fix or re-download the checkpoint, or pass strict=False to load it anyway."
         )
     warnings.warn(f"{message} (loaded anyway: strict=False)", stacklevel=3)
-
-
-@contextlib.contextmanager
-def _kv_cache_kwarg_for_bridge(blocks: Iterable[torch.nn.Module]) -> Iterator[None]:
-    """Hand transformer-lens' attention bridges the KV cache under the name they read.
-
-    transformers >= 5.24 passes it to the attention layers as ``cache=``; transformer-lens 4.3's
-    attention bridges read only ``past_key_values``, so the cache would stay empty and every decoding
-    step would attend to itself alone (tests/test_generation.py catches that). A no-op before 5.24.
-    """
-
-    def rename(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if "cache" in kwargs and "past_key_values" not in kwargs:
-            kwargs["past_key_values"] = kwargs.pop("cache")
-        return args, kwargs
-
-    handles = [block.attn.register_forward_pre_hook(rename, with_kwargs=True) for block in blocks]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _route_output_through(point: HookPoint) -> Callable:
