@@ -14,11 +14,19 @@ Scores are computed from the inputs' dtype with float32 accumulation (IEEE float
 float32 inputs, no TF32); everything after is float32. In a process started with TRITON_INTERPRET=1
 the same kernels run in Triton's interpreter on CPU tensors: that is how CI checks them on a machine
 without a GPU.
+
+Launch configuration (block sizes, warps, programs per multiprocessor): :data:`DEFAULT_LAUNCH`, updated
+by ``tuned.json`` beside this file when it exists (written by the block-size sweep of
+``benchmarks/gpu_run.py`` on a GPU; the environment variable ``HOOKED_VLLM_KERNEL_TUNING`` names
+another file). Read once, at import.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+from pathlib import Path
 
 import torch
 
@@ -28,10 +36,53 @@ try:
 except ImportError:  # pragma: no cover - Triton ships with CUDA builds of torch on Linux
     triton = tl = None
 
-# Untuned (no GPU has run these yet): the group-sums kernel keeps a [16, 32, rank] float32
-# accumulator per program (rank 32 at 7B), hence eight warps.
-QUERY_BLOCK = 16
-KEY_BLOCK = 32
+# Untuned defaults: the group-sums kernel keeps a [query_block, key_block, rank] float32 accumulator
+# per program (rank 32 at 7B), hence eight warps. ``num_warps`` is the group-sums kernel's (the
+# normaliser pass keeps Triton's default); ``programs_per_sm`` sets how many programs share a key
+# block's query blocks (see _query_splits).
+DEFAULT_LAUNCH = {"query_block": 16, "key_block": 32, "num_warps": 8, "programs_per_sm": 4}
+TUNING_ENV = "HOOKED_VLLM_KERNEL_TUNING"
+_ALLOWED = {
+    "query_block": (16, 32, 64, 128),  # tl.dot needs every side >= 16
+    "key_block": (16, 32, 64, 128),
+    "num_warps": (1, 2, 4, 8, 16),
+    "programs_per_sm": (1, 2, 4, 8, 16),
+}
+
+
+def tuning_path() -> Path:
+    """The tuned launch configuration's file: $HOOKED_VLLM_KERNEL_TUNING, else tuned.json here."""
+    return Path(os.environ.get(TUNING_ENV) or Path(__file__).with_name("tuned.json"))
+
+
+def load_launch(path: Path | None = None) -> dict[str, int]:
+    """:data:`DEFAULT_LAUNCH` updated by the JSON object in ``path`` (default :func:`tuning_path`),
+    if that file exists. Keys other than DEFAULT_LAUNCH's (the sweep's measurements) are ignored."""
+    path = tuning_path() if path is None else Path(path)
+    launch = dict(DEFAULT_LAUNCH)
+    if not path.is_file():
+        return launch
+    try:
+        tuned = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        tuned = error
+    if not isinstance(tuned, dict):
+        raise ValueError(
+            f"{path}: expected a JSON object like {json.dumps(DEFAULT_LAUNCH)}, got {tuned!r:.200}; "
+            "fix or delete the file (benchmarks/gpu_run.py writes it)."
+        )
+    for key in DEFAULT_LAUNCH:
+        if key in tuned:
+            if type(tuned[key]) is not int or tuned[key] not in _ALLOWED[key]:
+                raise ValueError(
+                    f"{path}: {key}={tuned[key]!r}, expected one of {_ALLOWED[key]}; "
+                    "fix or delete the file (benchmarks/gpu_run.py writes it)."
+                )
+            launch[key] = tuned[key]
+    return launch
+
+
+LAUNCH = load_launch()
 
 
 def available() -> bool:
@@ -171,12 +222,12 @@ def interpreting() -> bool:
     return available() and bool(triton.knobs.runtime.interpret)
 
 
-def _query_splits(q: torch.Tensor, programs: int, query_blocks: int) -> int:
-    """How many programs share one key block's query blocks: enough for ~4 programs per
-    multiprocessor (batch 1 has only n / KEY_BLOCK key blocks: 19 at 607 positions, on 132 SMs).
+def _query_splits(q: torch.Tensor, programs: int, query_blocks: int, per_sm: int) -> int:
+    """How many programs share one key block's query blocks: enough for ``per_sm`` programs per
+    multiprocessor (batch 1 has only n / key_block key blocks: 19 at 607 positions, on 132 SMs).
     Two in the interpreter, so that CI runs the split path."""
     if q.is_cuda:
-        wanted = -(-4 * torch.cuda.get_device_properties(q.device).multi_processor_count // programs)
+        wanted = -(-per_sm * torch.cuda.get_device_properties(q.device).multi_processor_count // programs)
     else:
         wanted = 2
     return max(1, min(wanted, query_blocks))
@@ -186,10 +237,15 @@ def _pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(n))
 
 
-def attention_group_sums(q, k, factor, query_groups, key_mask, *, scaling, causal=True):
-    """Same inputs and results as :func:`hooked_vllm.analysis.attention_lenses.attention_group_sums`."""
+def attention_group_sums(q, k, factor, query_groups, key_mask, *, scaling, causal=True, launch=None):
+    """Same inputs and results as :func:`hooked_vllm.analysis.attention_lenses.attention_group_sums`.
+
+    ``launch``: a launch configuration (keys of :data:`DEFAULT_LAUNCH`) instead of :data:`LAUNCH`,
+    for the block-size sweep."""
     if not available():
         raise RuntimeError("Triton is not installed; use backend='torch'.")
+    launch = LAUNCH if launch is None else {**LAUNCH, **launch}
+    block_q, block_k = launch["query_block"], launch["key_block"]
     row_logsumexp, group_sums = _compiled()
     batch, n_heads, n_queries, d_head = q.shape
     n_keys = k.shape[2]
@@ -203,18 +259,19 @@ def attention_group_sums(q, k, factor, query_groups, key_mask, *, scaling, causa
     lse = torch.empty(batch, n_heads, n_queries, device=q.device, dtype=torch.float32)
     norm_rows = torch.zeros(batch, n_groups, n_keys, device=q.device, dtype=torch.float32)
     alpha_rows = torch.zeros(batch, n_heads, n_groups, n_keys, device=q.device, dtype=torch.float32)
-    common = dict(CAUSAL=causal, PRECISION=precision, BQ=QUERY_BLOCK, BK=KEY_BLOCK, D=_pow2(d_head, 16))
-    row_logsumexp[(batch * n_heads, triton.cdiv(n_queries, QUERY_BLOCK))](
+    common = dict(CAUSAL=causal, PRECISION=precision, BQ=block_q, BK=block_k, D=_pow2(d_head, 16))
+    row_logsumexp[(batch * n_heads, triton.cdiv(n_queries, block_q))](
         q, k, key_mask, lse, *q.stride(), *k.stride(), *key_mask.stride(),
         n_heads, n_heads // k.shape[1], n_queries, n_keys, n_keys - n_queries, d_head, scaling,
         **common,
     )  # fmt: skip
-    key_blocks = triton.cdiv(n_keys, KEY_BLOCK)
-    splits = _query_splits(q, batch * key_blocks, triton.cdiv(n_queries, QUERY_BLOCK))
+    key_blocks = triton.cdiv(n_keys, block_k)
+    splits = _query_splits(q, batch * key_blocks, triton.cdiv(n_queries, block_q), launch["programs_per_sm"])
     group_sums[(batch, key_blocks, splits)](
         q, k, factor, query_groups, key_mask, lse, norm_rows, alpha_rows,
         *q.stride(), *k.stride(), *factor.stride(), *query_groups.stride(), *key_mask.stride(),
         n_heads, n_heads // k.shape[1], n_groups, rank, n_queries, n_keys, n_keys - n_queries, d_head,
-        scaling, R=_pow2(rank), G=_pow2(n_groups), HP=_pow2(n_heads), num_warps=8, **common,
+        scaling, R=_pow2(rank), G=_pow2(n_groups), HP=_pow2(n_heads), num_warps=launch["num_warps"],
+        **common,
     )  # fmt: skip
     return norm_rows, alpha_rows
