@@ -131,19 +131,12 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """The run's settings as values (paths resolved, defaults filled in), checked before any write."""
     from hooked_vllm.activation_layout import check_positions
     from hooked_vllm.activation_shards import STORAGE_DTYPES
-    from hooked_vllm.cli import DEMO, UsageError, _resolve_device, _resolve_model
+    from hooked_vllm.cli import DEMO, UsageError, _resolve_device, _resolve_model, check_data_dir
 
     check_positions(args.hooks, args.positions)  # before the model loads
 
     dataset = args.dataset or ("shapes" if args.model == DEMO else "samples")
-    if args.data_dir is not None and dataset not in READS_DATA_DIR:
-        raise UsageError(f"--data-dir is given but the {dataset} dataset does not read it. Drop --data-dir.")
-    if args.data_dir is None and dataset in READS_DATA_DIR:
-        raise UsageError(f"--dataset {dataset} needs --data-dir (the folder holding the {dataset} files).")
-    if args.data_dir is not None and not args.data_dir.is_dir():
-        raise UsageError(
-            f"--data-dir {args.data_dir} is not a folder. Give the folder of the {dataset} files."
-        )
+    check_data_dir(args.data_dir, dataset, READS_DATA_DIR)
     if args.prompt is not None and dataset != "folder":
         raise UsageError(
             f"--prompt is for --dataset folder; the {dataset} dataset brings its own instructions."

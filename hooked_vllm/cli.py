@@ -171,20 +171,25 @@ def _resolve_model(model: str) -> str:
     return model
 
 
+def check_data_dir(
+    data_dir: Path | None, dataset: str, reads_data_dir: tuple[str, ...] = READS_DATA_DIR
+) -> None:
+    """``--data-dir`` is given exactly when ``dataset`` reads one, and is a folder."""
+    if data_dir is not None and dataset not in reads_data_dir:
+        raise UsageError(
+            f"--data-dir is given but the {dataset} dataset does not read it. Drop --data-dir, or "
+            f"pass --dataset {' or '.join(reads_data_dir)}."
+        )
+    if data_dir is None and dataset in reads_data_dir:
+        raise UsageError(f"--dataset {dataset} needs --data-dir (the folder holding the {dataset} files).")
+    if data_dir is not None and not data_dir.is_dir():
+        raise UsageError(f"--data-dir {data_dir} is not a folder. Give the folder of the {dataset} files.")
+
+
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """The run's settings as values (paths resolved, defaults filled in): what run.json holds."""
     dataset = args.dataset or ("shapes" if args.model == DEMO else "samples")
-    if args.data_dir is not None and dataset not in READS_DATA_DIR:
-        raise UsageError(
-            f"--data-dir is given but the {dataset} dataset does not read it. Drop --data-dir, or "
-            f"pass --dataset {' or '.join(READS_DATA_DIR)}."
-        )
-    if args.data_dir is None and dataset in READS_DATA_DIR:
-        raise UsageError(f"--dataset {dataset} needs --data-dir (the folder holding the {dataset} files).")
-    if args.data_dir is not None and not args.data_dir.is_dir():
-        raise UsageError(
-            f"--data-dir {args.data_dir} is not a folder. Give the folder of the {dataset} files."
-        )
+    check_data_dir(args.data_dir, dataset)
     return {
         "model": _resolve_model(args.model),
         "dataset": dataset,
