@@ -241,7 +241,7 @@ def _load_model(args, settings):
                 str(MODEL_DIR), dtype=DTYPES[args.dtype], device=settings["device"], strict=strict
             )
             return vlm, None
-        from hooked_vllm.testing import tiny_llava
+        from hooked_vllm.tiny_models import tiny_llava
 
         warning = "UNTRAINED DEMO MODEL: random weights, so these curves are noise, not findings."
         return HookedVLM.from_hf(*tiny_llava(seed=args.seed)), warning

@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from hooked_vllm.demo import shapes
-from hooked_vllm.testing.tiny_models import TinyTextConfig
+from hooked_vllm.tiny_models import TinyTextConfig
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 TEMPLATE = "USER: <image>\n{question} ASSISTANT:"

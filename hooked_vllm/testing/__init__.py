@@ -1,6 +1,7 @@
-"""Builders of tiny in-process models for tests, benchmarks and the offline demo."""
+"""Builders of tiny in-process models for tests (they live in :mod:`hooked_vllm.tiny_models`, which the
+package itself also uses: the demo trainer and the CLI's untrained fallback)."""
 
-from hooked_vllm.testing.tiny_models import (
+from hooked_vllm.tiny_models import (
     IMAGE_TOKEN,
     TinyTextConfig,
     tiny_instructblip,

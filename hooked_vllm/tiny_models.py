@@ -7,7 +7,7 @@ wants a tokenizer loaded from a path), and the processors are built from their c
 These are what the tests, benchmarks and the offline demo run on.
 
 Example:
-    >>> from hooked_vllm.testing import tiny_llava
+    >>> from hooked_vllm.tiny_models import tiny_llava
     >>> hf_model, processor = tiny_llava(seed=0)
     >>> type(hf_model).__name__
     'LlavaForConditionalGeneration'
