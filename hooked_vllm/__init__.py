@@ -2,7 +2,7 @@
 
 Example:
     >>> from hooked_vllm import HookedVLM
-    >>> from hooked_vllm.testing import tiny_llava
+    >>> from hooked_vllm.tiny_models import tiny_llava
     >>> vlm = HookedVLM.from_hf(*tiny_llava())
     >>> vlm.cfg.n_layers
     3

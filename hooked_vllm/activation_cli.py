@@ -166,7 +166,7 @@ def _precheck(out: Path, rank: int, settings: dict[str, Any]) -> None:
     import json
 
     from hooked_vllm.activation_shards import SHARD_NAME
-    from hooked_vllm.run_store import ResultStore, SettingsMismatchError, settings_differences
+    from hooked_vllm.run_store import FolderLock, SettingsMismatchError, settings_differences
 
     if not out.is_dir():
         return
@@ -181,9 +181,9 @@ def _precheck(out: Path, rank: int, settings: dict[str, Any]) -> None:
                 f"{out} holds activations stored with other settings ({', '.join(changed)} differ). Use "
                 "another --out, or the same settings to resume it."
             )
-    lock = ResultStore(out, rank)
-    lock._lock()  # raises RunLockedError naming the holder
-    lock.close()
+    lock = FolderLock(out, rank)
+    lock.acquire()  # raises RunLockedError naming the holder
+    lock.release()
 
 
 def cache_activations(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@
   and when it finishes, under a lock shared by the ranks (``.state-lock``).
 - **Settings** live in ``run.json`` and in every shard; a resume with other settings is refused, as is
   a folder whose ``run.json`` is gone (``repair`` rewrites it when every shard agrees).
-- **One writer per rank**: ``.lock-r{rank}``, :class:`~hooked_vllm.run_store.ResultStore`'s flock.
+- **One writer per rank**: ``.lock-r{rank}``, the run store's :class:`~hooked_vllm.run_store.FolderLock`.
 - **Verified on open**: every shard is read back (memory-mapped: headers, row counts, item ids).
   Unreadable or truncated shards, shards whose items are not their batch's, or that repeat another's
   items are reported; ``repair`` moves them to ``quarantine/`` and their batches are computed again.
@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +38,14 @@ import numpy as np
 import pyarrow as pa
 
 from hooked_vllm.activation_layout import MODALITIES
-from hooked_vllm.run_store import ResultStore, RunStoreError, SettingsMismatchError, settings_differences
+from hooked_vllm.run_store import (
+    FolderLock,
+    RunStoreError,
+    SettingsMismatchError,
+    prepare_folder,
+    set_aside,
+    settings_differences,
+)
 
 SHARD_NAME = re.compile(r"^data-b(\d{7})\.arrow$")
 SETTINGS_KEY = b"hooked_vllm.settings"
@@ -213,18 +219,11 @@ class ShardWriter:
         self.verified: dict[int, Shard] = {}
         self._new: list[str] = []
         self._published = time.monotonic()
-        self._lock = ResultStore(self.folder, rank)  # its flock on .lock-r{rank}, and its message
+        self._lock = FolderLock(self.folder, rank)
 
     def open(self) -> ShardWriter:
-        if self.folder.exists() and not self.folder.is_dir():
-            raise ActivationStoreError(f"--out {self.folder} is a file, not a folder. Name a folder.")
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ActivationStoreError(
-                f"Cannot create {self.folder}: {exc.strerror}. Choose an --out you can write to."
-            ) from exc
-        self._lock._lock()
+        prepare_folder(self.folder, ActivationStoreError)
+        self._lock.acquire()
         try:
             for leftover in self.folder.glob(f"tmp-r{self.rank}-*"):
                 leftover.unlink()  # a shard interrupted mid-write: ours, since we hold our lock
@@ -240,7 +239,7 @@ class ShardWriter:
         return self
 
     def close(self) -> None:
-        self._lock.close()
+        self._lock.release()
 
     def shards(self) -> list[Path]:
         return sorted(p for p in self.folder.iterdir() if SHARD_NAME.match(p.name))
@@ -318,20 +317,12 @@ class ShardWriter:
                 "(repair=True) to set them aside in quarantine/ and recompute their batches."
             )
         for path, why in problems:
-            self._quarantine(path)
+            set_aside(path, self.folder / "quarantine")
             print(f"repair: set aside {path.name} ({why})", file=sys.stderr)
         return problems
 
-    def _quarantine(self, path: Path) -> None:
-        folder = self.folder / "quarantine"
-        folder.mkdir(exist_ok=True)
-        target, n = folder / path.name, 1
-        while target.exists():
-            target, n = folder / f"{path.stem}.{n}{path.suffix}", n + 1
-        shutil.move(str(path), target)
-
     def write(self, batch: int, columns: Mapping[str, Any], items: list[str], item_rows: list[int]) -> Path:
-        if self._lock._lock_fd is None:
+        if not self._lock.held:
             raise ActivationStoreError("Open the store before writing to it.")
         path = write_shard(
             self.folder, self.rank, batch, self.schema, columns, items, item_rows, self.settings

@@ -86,6 +86,72 @@ def settings_differences(previous: Mapping[str, Any], current: Mapping[str, Any]
     return sorted(key for key in keys if not same(previous.get(key), current.get(key)))
 
 
+def prepare_folder(folder: Path, error: type[RunStoreError] = RunStoreError) -> None:
+    """Create ``folder`` (an ``--out``) or raise ``error`` saying why it cannot be written."""
+    if folder.exists() and not folder.is_dir():
+        raise error(f"--out {folder} is a file, not a folder. Name a folder to write into.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise error(f"Cannot create {folder}: {exc.strerror}. Choose an --out you can write to.") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise error(f"{folder} is not writable. Choose an --out you can write to.")
+
+
+def set_aside(path: Path, quarantine: Path) -> None:
+    """Move ``path`` into the ``quarantine`` folder (never deleted), under a free name."""
+    quarantine.mkdir(exist_ok=True)
+    target, n = quarantine / path.name, 1
+    while target.exists():
+        target, n = quarantine / f"{path.stem}.{n}{path.suffix}", n + 1
+    shutil.move(str(path), target)
+
+
+class FolderLock:
+    """One writer per rank of a run folder: an exclusive ``flock`` on ``.lock-r{rank}`` (released by
+    the OS when the process dies, even by ``kill -9``), the file naming its holder for whoever is
+    refused."""
+
+    def __init__(self, folder: Path, rank: int) -> None:
+        self.path = Path(folder) / f".lock-r{rank}"
+        self.rank = rank
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`RunLockedError` naming the process that holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            for _ in range(20):  # the holder writes its name right after taking the lock
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                if holder:
+                    break
+                time.sleep(0.01)
+            os.close(fd)
+            holder = holder or "an unknown process"
+            raise RunLockedError(
+                f"{self.path.parent} is being written by another run ({holder}). Wait for it to finish "
+                "(then run again to resume), or use another --out."
+            ) from None
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, rank {self.rank}, since {started}".encode()
+        os.pwrite(fd, holder, 0)  # overwrite in place, then cut: a reader never sees an empty file
+        os.ftruncate(fd, len(holder))
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
 class ResultStore:
     """The store of one rank of a run in ``out_dir``; see the module docstring.
 
@@ -108,14 +174,15 @@ class ResultStore:
         self.rank = rank
         self.settings = dict(settings) if settings is not None else None
         self.repair = repair
-        self._lock_fd: int | None = None
+        self._lock = FolderLock(self.out_dir, rank)
         self._verified: list[Path] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> ResultStore:
         """Take the rank's lock, check the settings, verify every part and remove own leftovers."""
-        self._ensure_writable_folder()
-        self._lock()
+        prepare_folder(self.out_dir)
+        self.dir.mkdir(exist_ok=True)
+        self._lock.acquire()
         try:
             for leftover in self.dir.glob(f"tmp-part-r{self.rank}-*"):
                 leftover.unlink()  # a part interrupted mid-write: ours, since we hold our lock
@@ -128,54 +195,13 @@ class ResultStore:
         return self
 
     def close(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
     def __enter__(self) -> ResultStore:
-        return self if self._lock_fd is not None else self.open()
+        return self if self._lock.held else self.open()
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
-
-    def _ensure_writable_folder(self) -> None:
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise RunStoreError(f"--out {self.out_dir} is a file, not a folder. Name a folder to write into.")
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RunStoreError(
-                f"Cannot create the run folder {self.dir}: {exc.strerror}. Choose an --out you can write to."
-            ) from exc
-        if not os.access(self.dir, os.W_OK | os.X_OK):
-            raise RunStoreError(
-                f"The run folder {self.dir} is not writable. Choose an --out you can write to."
-            )
-
-    def _lock(self) -> None:
-        path = self.out_dir / f".lock-r{self.rank}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = ""
-            for _ in range(20):  # the holder writes its name right after taking the lock
-                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-                if holder:
-                    break
-                time.sleep(0.01)
-            os.close(fd)
-            holder = holder or "an unknown process"
-            raise RunLockedError(
-                f"{self.out_dir} is being written by another run ({holder}). Wait for it to finish "
-                "(then run again to resume), or use another --out."
-            ) from None
-        started = datetime.datetime.now().isoformat(timespec="seconds")
-        holder = f"pid {os.getpid()} on {socket.gethostname()}, rank {self.rank}, since {started}".encode()
-        os.pwrite(fd, holder, 0)  # overwrite in place, then cut: a reader never sees an empty file
-        os.ftruncate(fd, len(holder))
-        self._lock_fd = fd
 
     # ------------------------------------------------------------------ settings
     @property
@@ -318,15 +344,9 @@ class ResultStore:
         return None
 
     def _quarantine(self, part: Path) -> None:
-        folder = self.dir / "quarantine"
-        folder.mkdir(exist_ok=True)
         for path in (part, part.with_suffix(".npz")):
             if path.exists():
-                target = folder / path.name
-                n = 1
-                while target.exists():
-                    target, n = folder / f"{path.stem}.{n}{path.suffix}", n + 1
-                shutil.move(str(path), target)
+                set_aside(path, self.dir / "quarantine")
 
     def done_ids(self) -> set[str]:
         """Item ids of the verified parts (every part, if :meth:`verify` has not run)."""
@@ -337,7 +357,7 @@ class ResultStore:
 
     def write(self, rows: list[dict], vectors: dict[str, np.ndarray]) -> Path:
         """Write one batch's rows and vectors as a new part (atomically; see the module docstring)."""
-        if self._lock_fd is None:
+        if not self._lock.held:
             raise RunStoreError("Open the store (ResultStore.open() or a with-block) before writing to it.")
         taken = [
             int(m.group(2))

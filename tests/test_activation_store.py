@@ -461,16 +461,16 @@ def test_probes_on_the_demo_model_find_colour_and_shape_per_patch(tmp_path):
 
 
 def test_a_second_writer_is_refused_and_told_who_holds_the_folder(llava, tmp_path):
-    from hooked_vllm.run_store import ResultStore, RunLockedError
+    from hooked_vllm.run_store import FolderLock, RunLockedError
 
     (tmp_path / "store").mkdir()
-    holder = ResultStore(tmp_path / "store", 0)
-    holder._lock()
+    holder = FolderLock(tmp_path / "store", 0)
+    holder.acquire()
     try:
         with pytest.raises(RunLockedError, match=f"pid {os.getpid()} .*Wait for it"):
             ActivationStore.write(
                 llava.vlm, _items(tmp_path / "images", 1), tmp_path / "store", hooks=["hook_embed"]
             )
     finally:
-        holder.close()
+        holder.release()
     assert not list((tmp_path / "store").glob("data-*"))
