@@ -20,43 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hooked_vllm.data.datasets import (
-    CAPTION_INSTRUCTION,
-    DatasetError,
-    DatasetItem,
-    DatasetSample,
-    _check_images,
-    _sample,
-    check_n,
-)
+from hooked_vllm.data.datasets import CAPTION_INSTRUCTION, load_folder
 from hooked_vllm.errors import HookedVLMError
 
 DATASETS = ("coco", "winoground", "shapes", "folder", "samples")
 READS_DATA_DIR = ("coco", "winoground", "folder")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-def load_folder(
-    data_dir: str | Path,
-    n: int | None = None,
-    seed: int = 0,
-    *,
-    instruction: str = CAPTION_INSTRUCTION,
-    skip_bad: bool = False,
-    max_pixels: int | None = None,
-) -> DatasetSample:
-    """Every image file under ``data_dir`` (sorted, subfolders included) with one instruction; item ids
-    are ``folder-<path relative to data_dir>``."""
-    check_n(n)
-    data_dir = Path(data_dir).absolute()
-    if not data_dir.is_dir():
-        raise DatasetError(f"{data_dir} is not a folder. Give the folder holding the images.")
-    paths = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not paths:
-        raise DatasetError(f"No image files ({', '.join(IMAGE_SUFFIXES)}) under {data_dir}.")
-    items = [DatasetItem(f"folder-{p.relative_to(data_dir).as_posix()}", p, instruction) for p in paths]
-    items, skipped = _check_images(_sample(items, n, seed), skip_bad, max_pixels)
-    return DatasetSample("folder", items, skipped, max_pixels)
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:

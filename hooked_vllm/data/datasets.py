@@ -14,6 +14,8 @@
   ``DatasetItem.image_path`` is ``<zip>::images/<name>.png``, which
   :func:`hooked_vllm.images.load_image` reads.
 - **samples**: the free-licensed photographs shipped with the package (the offline default).
+- **folder**: every image file under a folder, one instruction for all (the activation store's
+  ``--dataset folder``).
 - **shapes**: the synthetic shapes task the demo model was trained on.
 
 Every field used is checked when the files are read, and :class:`DatasetError` names the file, the
@@ -368,6 +370,32 @@ def load_samples(
     paths = sorted(p for p in SAMPLES_DIR.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     items = [DatasetItem(f"sample-{p.stem}", p, instruction) for p in paths]
     return DatasetSample("samples", _sample(items, n, seed), max_pixels=max_pixels)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def load_folder(
+    data_dir: str | Path,
+    n: int | None = None,
+    seed: int = 0,
+    *,
+    instruction: str = CAPTION_INSTRUCTION,
+    skip_bad: bool = False,
+    max_pixels: int | None = None,
+) -> DatasetSample:
+    """Every image file under ``data_dir`` (sorted, subfolders included) with one instruction; item ids
+    are ``folder-<path relative to data_dir>``."""
+    check_n(n)
+    data_dir = Path(data_dir).absolute()
+    if not data_dir.is_dir():
+        raise DatasetError(f"{data_dir} is not a folder. Give the folder holding the images.")
+    paths = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise DatasetError(f"No image files ({', '.join(IMAGE_SUFFIXES)}) under {data_dir}.")
+    items = [DatasetItem(f"folder-{p.relative_to(data_dir).as_posix()}", p, instruction) for p in paths]
+    items, skipped = _check_images(_sample(items, n, seed), skip_bad, max_pixels)
+    return DatasetSample("folder", items, skipped, max_pixels)
 
 
 def load_dataset(
