@@ -300,9 +300,10 @@ def phase_diagram(args) -> int:
         )
         if result is None:
             return 0
-        rows, _ = store.read()
         title = f"{args.model} on {sample.name} ({result.n_items} items)"
-        report = write_report(args.out, result.aggregates, rows, vlm.tokenizer, title=title, warning=warning)
+        report = write_report(
+            args.out, result.aggregates, result.rows, vlm.tokenizer, title=title, warning=warning
+        )
     if result.n_resumed:
         print(f"  resumed: {result.n_resumed} of {len(sample.items)} items were already done in {args.out}")
     for phase in result.aggregates["phases"]:

@@ -23,7 +23,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ class RunResult:
     n_items: int
     #: items found already done in the store when the run started
     n_resumed: int = 0
+    #: every item's row (sorted by item id), as aggregated
+    rows: list[dict] = field(default_factory=list)
 
 
 def shard_of_environment() -> tuple[int, int]:
@@ -343,4 +345,4 @@ def _run(vlm, sample, store, batch_size, rank, world_size, workers, verbalize_im
     aggregates = aggregate(rows, sums)
     aggregates["skipped"] = sample.skipped
     write_aggregates(store.out_dir, aggregates)
-    return RunResult(store.out_dir, aggregates, len(rows), n_resumed)
+    return RunResult(store.out_dir, aggregates, len(rows), n_resumed, rows)

@@ -175,7 +175,7 @@ class ResultStore:
         self.settings = dict(settings) if settings is not None else None
         self.repair = repair
         self._lock = FolderLock(self.out_dir, rank)
-        self._verified: list[Path] | None = None
+        self._verified: dict[Path, list[str]] | None = None  # part -> its item ids
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> ResultStore:
@@ -284,12 +284,10 @@ class ResultStore:
         """
         problems: list[PartProblem] = []
         seen: dict[str, str] = {}
-        good: list[Path] = []
+        good: dict[Path, list[str]] = {}
         for part in self.parts():
-            reason = self._part_problem(part)
-            ids: list[str] = []
+            ids, reason = self._check_part(part)
             if reason is None:
-                ids = pq.read_table(part, columns=["item_id"]).column("item_id").to_pylist()
                 counts = Counter(ids)
                 doubled = sorted(i for i in counts if i in seen or counts[i] > 1)
                 if doubled:
@@ -299,7 +297,7 @@ class ResultStore:
                 problems.append(PartProblem(part, reason))
                 continue
             seen.update({item: part.name for item in ids})
-            good.append(part)
+            good[part] = ids
         if problems and not self.repair:
             listed = "; ".join(f"{p.part.name}: {p.reason}" for p in problems[:5])
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
@@ -313,16 +311,18 @@ class ResultStore:
         self._verified = good
         return problems
 
-    def _part_problem(self, part: Path) -> str | None:
-        """Why ``part`` cannot be used, or None."""
+    def _check_part(self, part: Path) -> tuple[list[str], str | None]:
+        """The part's item ids, and why it cannot be used (None when it can)."""
         try:
             table = pq.read_table(part)
         except (OSError, pa.ArrowException) as exc:
-            return f"unreadable Parquet ({type(exc).__name__}: {str(exc)[:80]})"
+            return [], f"unreadable Parquet ({type(exc).__name__}: {str(exc)[:80]})"
         if "item_id" not in table.column_names:
-            return "no item_id column"
+            return [], "no item_id column"
+        ids = table.column("item_id").to_pylist()
         if self.settings is not None:
-            part_settings = self._part_settings(part)
+            metadata = table.schema.metadata or {}
+            part_settings = json.loads(metadata[SETTINGS_KEY]) if SETTINGS_KEY in metadata else {}
             changed = settings_differences(part_settings, self.settings) if part_settings else []
             if changed:
                 raise SettingsMismatchError(
@@ -334,14 +334,14 @@ class ResultStore:
             with np.load(vectors) as data:
                 missing = [key for key in VECTOR_KEYS if key not in data.files]
                 if missing:
-                    return f"{vectors.name} lacks {missing}"
+                    return ids, f"{vectors.name} lacks {missing}"
                 for key in VECTOR_KEYS:
                     data[key]  # noqa: B018  (reads and checks the array's zip entry)
         except FileNotFoundError:
-            return f"no {vectors.name} beside it"
+            return ids, f"no {vectors.name} beside it"
         except Exception as exc:  # zipfile.BadZipFile, ValueError, EOFError, OSError...
-            return f"unreadable {vectors.name} ({type(exc).__name__}: {str(exc)[:80]})"
-        return None
+            return ids, f"unreadable {vectors.name} ({type(exc).__name__}: {str(exc)[:80]})"
+        return ids, None
 
     def _quarantine(self, part: Path) -> None:
         for path in (part, part.with_suffix(".npz")):
@@ -349,11 +349,10 @@ class ResultStore:
                 set_aside(path, self.dir / "quarantine")
 
     def done_ids(self) -> set[str]:
-        """Item ids of the verified parts (every part, if :meth:`verify` has not run)."""
-        done: set[str] = set()
-        for part in self._verified if self._verified is not None else self.parts():
-            done.update(pq.read_table(part, columns=["item_id"]).column("item_id").to_pylist())
-        return done
+        """Item ids of the verified parts."""
+        if self._verified is None:
+            self.verify()
+        return {item for ids in self._verified.values() for item in ids}
 
     def write(self, rows: list[dict], vectors: dict[str, np.ndarray]) -> Path:
         """Write one batch's rows and vectors as a new part (atomically; see the module docstring)."""
@@ -364,11 +363,7 @@ class ResultStore:
             for p in self.dir.iterdir()
             if (m := PART_NAME.match(p.name)) and int(m.group(1)) == self.rank
         ]
-        seq = max(taken, default=-1) + 1
-        name = f"part-r{self.rank}-{seq:06d}"
-        while (self.dir / f"{name}.parquet").exists():
-            seq += 1
-            name = f"part-r{self.rank}-{seq:06d}"
+        name = f"part-r{self.rank}-{max(taken, default=-1) + 1:06d}"  # after this rank's last part
         tmp_npz = self.dir / f"tmp-{name}.npz"
         tmp_parquet = self.dir / f"tmp-{name}.parquet"
         np.savez(tmp_npz, **vectors)
@@ -379,7 +374,7 @@ class ResultStore:
         os.replace(tmp_npz, self.dir / f"{name}.npz")
         os.replace(tmp_parquet, self.dir / f"{name}.parquet")  # the part exists only once complete
         if self._verified is not None:
-            self._verified.append(self.dir / f"{name}.parquet")
+            self._verified[self.dir / f"{name}.parquet"] = [row["item_id"] for row in rows]
         return self.dir / f"{name}.parquet"
 
     def read(self) -> tuple[list[dict], dict[str, np.ndarray]]:
