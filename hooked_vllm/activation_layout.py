@@ -7,7 +7,7 @@ One row per (item, language-model position) selected by ``positions``:
 
 Language-model hooks (``blocks.{l}.*``, ``hook_embed``: ``[batch, pos, ...]``) give each row the
 vector at its position (trailing dimensions flattened: ``attn.hook_z`` is ``n_heads * d_head``).
-Per-image hooks have no position: ``hook_visual_prefix`` ``[n_images, n_image_tokens, d_model]``,
+Per-image hooks have no position: ``hook_visual_prefix`` ``[n_slots, d_model]`` (images in turn),
 ``vision.blocks.{l}.hook_resid_post`` ``[n_images, 1 + n_patches, d_vision]`` and
 ``qformer.blocks.{l}.hook_resid_post`` ``[n_images, n_query + n_text, d_qformer]``. They are stored
 in the rows of the image positions where the map is 1:1 (:func:`image_layout`):
@@ -225,6 +225,8 @@ def capture(vlm, batch: VLMBatch, hooks: Sequence[str], rows: Rows, layout: Imag
         device = tensor.device
         if is_per_image(name):
             offset = layout.source(name)
+            if name == "hook_visual_prefix" and tensor.dim() == 2:  # [n_slots, d]: images one after another
+                tensor = tensor.view(-1, layout.n_tokens, tensor.shape[-1])
             if tensor.dim() < 3 or tensor.shape[0] < n_images or tensor.shape[1] < offset + layout.n_tokens:
                 raise HookSelectionError(
                     f"{name} has shape {tuple(tensor.shape)}; expected [n_images, >= "

@@ -17,7 +17,7 @@ import torch
 
 from hooked_vllm.cache import GenerationRecorder
 from hooked_vllm.errors import GenerationArgumentError
-from hooked_vllm.inputs import BatchLike, NamesFilter
+from hooked_vllm.inputs import BatchLike, NamesFilter, VLMBatch
 
 
 class GenerationMixin:
@@ -69,6 +69,20 @@ class GenerationMixin:
         return tokens, recorder.cache(self.bridge)
 
     @torch.no_grad()
+    def _laid_out_for_decoding(self, batch: VLMBatch) -> VLMBatch:
+        """The batch as decoding can take it: left-padded where the language model has sliding-window
+        layers (the window counts cache slots, so a right-padded item's padding would eat into it)."""
+        if self.adapter.sliding_window is None:
+            return batch
+        left = batch.left_padded()
+        if left is not batch and any(point.has_hooks() for point in self.hook_dict.values()):
+            raise GenerationArgumentError(
+                "This model has sliding-window attention layers, so generation needs left padding, and "
+                "hooks keyed to the batch's positions would then act on other tokens. Build the batch "
+                "with vlm.prepare(..., padding_side='left')."
+            )
+        return left
+
     def _generate(self, batch, max_new_tokens, do_sample, temperature, eos_token_id, return_str) -> Any:
         _check_generation_arguments(max_new_tokens, do_sample, temperature)
         batch = self.to_batch(batch)
@@ -79,20 +93,17 @@ class GenerationMixin:
             return tokenizer.batch_decode(empty) if return_str else empty
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        batch = self._laid_out_for_decoding(batch)
         embeds = self.embed(batch)
         device = embeds.device
         rows = torch.arange(len(batch), device=device)
         last = batch.last_positions.to(device)
         mask = batch.attention_mask.to(device)
         logits, past = self.bridge(
-            embeds,
-            attention_mask=mask,
-            position_ids=batch.position_ids.to(device),
-            return_type="logits_and_cache",
-            use_cache=True,
+            embeds, **self.lm_inputs(batch, embeds), return_type="logits_and_cache", use_cache=True
         )
         next_logits = logits[rows, last]
-        positions = batch.position_ids.to(device)[rows, last].unsqueeze(-1)
+        positions = next_position_ids(batch.position_ids.to(device), mask) - 1
         finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
         new_tokens = []
         for _ in range(max_new_tokens):
@@ -109,7 +120,7 @@ class GenerationMixin:
             if len(new_tokens) == max_new_tokens or bool(finished.all()):
                 break
             # Appended after the batch's last column: a right-padded item's padding stays a masked
-            # hole in the cache, and its positions continue from its last real token.
+            # hole in the cache, and its positions continue after its largest one.
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions + 1
             logits, past = self.bridge(
@@ -124,6 +135,19 @@ class GenerationMixin:
         if return_str:
             return tokenizer.batch_decode(tokens, skip_special_tokens=True)
         return tokens
+
+
+def next_position_ids(
+    position_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The position of each item's first new token: one after the largest position of its real
+    tokens, in every axis (M-RoPE's ``[3, batch, pos]`` included, where an image's rows and
+    columns may reach past the last token's position). ``[batch, 1]`` or ``[3, batch, 1]``."""
+    real = attention_mask.bool()
+    largest = position_ids.masked_fill(~real, torch.iinfo(position_ids.dtype).min).amax(-1)
+    if position_ids.dim() == 3:
+        return largest.amax(0).view(1, -1, 1).expand(position_ids.shape[0], -1, 1) + 1
+    return largest.unsqueeze(-1) + 1
 
 
 def _check_generation_arguments(max_new_tokens: Any, do_sample: bool, temperature: Any) -> None:

@@ -3,12 +3,15 @@
 A :class:`VLMBatch` carries the processor's tensors plus three disjoint boolean masks over
 ``[batch, pos]``:
 
-- ``image``: the visual prefix positions (image placeholders in ``input_ids``);
+- ``image``: the image-patch positions (the placeholders the visual prefix fills with patches);
 - ``text``: the user's instruction tokens;
-- ``special``: everything else: BOS, template words (``USER:``, ``ASSISTANT:``), padding.
+- ``special``: everything else: BOS, template words (``USER:``, ``ASSISTANT:``), image structure
+  tokens (LLaVA-NeXT's row newlines, Gemma 3's begin/end of image), padding.
 
-Positions come from the attention mask (``cumsum - 1``, as HF's ``generate`` derives them), so an
-item's activations do not depend on its batch-mates' lengths or on the padding side.
+``image_slots[item]`` lists the item's images and, per placeholder slot, its tile, row and column on
+the image (:class:`~hooked_vllm.adapters.base.ImageSlots`). Positions are the family's (counted
+over real tokens, ``[3, batch, pos]`` for M-RoPE), so an item's activations do not depend on its
+batch-mates' lengths or on the padding side.
 
 Example:
     >>> batch = vlm.prepare(images=[img], prompts=["Describe the image."])  # doctest: +SKIP
@@ -25,20 +28,14 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from jaxtyping import Bool, Int
 
-from hooked_vllm.errors import BatchFormatError
+from hooked_vllm.adapters.base import ImageSlots, positions_from_mask
+from hooked_vllm.errors import BatchFormatError, ImageCountError
 
 if TYPE_CHECKING:
     from hooked_vllm.adapters import VLMAdapter
 
 Modality = Literal["image", "text", "special"]
-
-
-def positions_from_mask(
-    attention_mask: Int[torch.Tensor, "batch pos"],
-) -> Int[torch.Tensor, "batch pos"]:
-    """Position ids counted over real tokens only (padding gets 1, as in HF's ``generate``)."""
-    mask = attention_mask.long()
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+PositionIds = Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, "3 batch pos"]
 
 
 @dataclass
@@ -46,19 +43,25 @@ class VLMBatch:
     """Model inputs with per-position modality masks.
 
     ``inputs`` holds the processor's tensors (``input_ids``, ``attention_mask``, ``pixel_values``
-    and, for InstructBLIP, ``qformer_input_ids``/``qformer_attention_mask``).
+    and the family's others: ``image_sizes``, ``image_grid_thw``, ``token_type_ids``...).
     """
 
     inputs: dict[str, torch.Tensor]
     image_mask: Bool[torch.Tensor, "batch pos"]
     text_mask: Bool[torch.Tensor, "batch pos"]
     special_mask: Bool[torch.Tensor, "batch pos"]
-    position_ids: Int[torch.Tensor, "batch pos"]
+    position_ids: PositionIds
     prompts: list[str] | None = None
     instructions: list[str] | None = None
     #: True when ``text`` is exactly the instruction; False when it was inferred (raw processor
     #: output: ``text`` is then every non-image, non-special token, template words included).
     exact_text_spans: bool = field(default=True)
+    #: per item, its images' placeholder slots in sequence order
+    image_slots: list[list[ImageSlots]] = field(default_factory=list)
+    #: inputs with one entry per token, moved with the padding
+    token_inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+    #: per-image inputs: rows along dim 0 of each image (the adapter's ``image_input_rows``)
+    image_rows: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def input_ids(self) -> Int[torch.Tensor, "batch pos"]:
@@ -139,46 +142,63 @@ class VLMBatch:
         return replace(self, inputs=pinned)
 
     def select(self, index: slice | Sequence[int]) -> VLMBatch:
-        """The sub-batch of items ``index`` (one image per item)."""
+        """The sub-batch of items ``index``, with their images."""
         idx = list(range(len(self)))[index] if isinstance(index, slice) else list(index)
         rows = torch.tensor(idx, dtype=torch.long)
 
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t[rows.to(t.device)]
 
+        image_counts = [len(images) for images in self.image_slots]
+        first_image = [sum(image_counts[:i]) for i in range(len(image_counts))]
+        images = [first_image[i] + j for i in idx for j in range(image_counts[i])] if image_counts else []
+        inputs = {}
+        for name, value in self.inputs.items():
+            if name in self.image_rows:
+                inputs[name] = _rows_of_images(value, self.image_rows[name], images)
+            else:
+                inputs[name] = pick(value)
         return replace(
             self,
-            inputs={k: pick(v) for k, v in self.inputs.items()},
+            inputs=inputs,
             image_mask=pick(self.image_mask),
             text_mask=pick(self.text_mask),
             special_mask=pick(self.special_mask),
-            position_ids=pick(self.position_ids),
+            position_ids=self.position_ids[..., rows.to(self.position_ids.device), :],
             prompts=[self.prompts[i] for i in idx] if self.prompts else None,
             instructions=[self.instructions[i] for i in idx] if self.instructions else None,
+            image_slots=[self.image_slots[i] for i in idx] if self.image_slots else [],
+            image_rows={name: [counts[i] for i in images] for name, counts in self.image_rows.items()},
         )
 
     def left_padded(self) -> VLMBatch:
         """The same batch with every row's padding moved to the left (what generation needs).
 
-        Results are unchanged: positions come from the mask, not from the column index.
+        Results are unchanged: positions move with their tokens.
         """
-        lm_keys = ("input_ids", "attention_mask")
         shifts = (self.input_ids.shape[1] - 1 - self.last_positions).tolist()
         if not any(shifts):
             return self
 
         def roll(t: torch.Tensor) -> torch.Tensor:
-            return torch.stack([row.roll(s, 0) for row, s in zip(t, shifts)])
+            return torch.stack([row.roll(s, -1) for row, s in zip(t.unbind(-2), shifts)], dim=-2)
 
-        inputs = {k: roll(v) if k in lm_keys else v for k, v in self.inputs.items()}
+        inputs = {k: roll(v) if k in self.token_inputs else v for k, v in self.inputs.items()}
         return replace(
             self,
             inputs=inputs,
             image_mask=roll(self.image_mask),
             text_mask=roll(self.text_mask),
             special_mask=roll(self.special_mask),
-            position_ids=positions_from_mask(inputs["attention_mask"]),
+            position_ids=roll(self.position_ids),
         )
+
+
+def _rows_of_images(tensor: torch.Tensor, rows_per_image: list[int], images: list[int]) -> torch.Tensor:
+    """The dim-0 rows of ``images`` in a per-image tensor whose image i has ``rows_per_image[i]`` rows."""
+    starts = [sum(rows_per_image[:i]) for i in range(len(rows_per_image))]
+    index = [r for i in images for r in range(starts[i], starts[i] + rows_per_image[i])]
+    return tensor[torch.tensor(index, dtype=torch.long, device=tensor.device)]
 
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
@@ -208,36 +228,70 @@ def build_batch(
     tensors = adapter.normalize_inputs({k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)})
     input_ids = tensors["input_ids"]
     if input_ids.dim() == 1:
-        tensors = {k: v.unsqueeze(0) if k != "pixel_values" else v for k, v in tensors.items()}
+        tensors = {k: v.unsqueeze(0) if k in adapter.token_input_names else v for k, v in tensors.items()}
         input_ids = tensors["input_ids"]
     attention_mask = tensors.setdefault("attention_mask", torch.ones_like(input_ids))
     real = attention_mask.bool()
-    image_mask = (input_ids == adapter.image_token_id) & real
+    placeholders = adapter.placeholder_mask(input_ids) & real
+    image_slots, image_mask = _assign_images(adapter, tensors, placeholders)
 
     if prompts is not None and instruction_spans is not None:
-        text_mask = _instruction_mask(adapter, input_ids, real, image_mask, prompts, instruction_spans)
+        text_mask = _instruction_mask(adapter, input_ids, real, placeholders, prompts, instruction_spans)
         exact = True
     else:
         special_ids = torch.tensor(sorted(adapter.tokenizer.all_special_ids), device=input_ids.device)
-        text_mask = real & ~image_mask & ~torch.isin(input_ids, special_ids)
+        text_mask = real & ~placeholders & ~torch.isin(input_ids, special_ids)
         exact = False
     return VLMBatch(
         inputs=tensors,
         image_mask=image_mask,
         text_mask=text_mask,
         special_mask=~(image_mask | text_mask),
-        position_ids=positions_from_mask(attention_mask),
+        position_ids=adapter.position_ids(tensors),
         prompts=list(prompts) if prompts is not None else None,
         instructions=list(instructions) if instructions is not None else None,
         exact_text_spans=exact,
+        image_slots=image_slots,
+        token_inputs=tuple(name for name in adapter.token_input_names if name in tensors),
+        image_rows=adapter.image_input_rows(tensors) if image_slots else {},
     )
+
+
+def _assign_images(
+    adapter: VLMAdapter, inputs: Mapping[str, torch.Tensor], placeholders: Bool[torch.Tensor, "batch pos"]
+) -> tuple[list[list[ImageSlots]], Bool[torch.Tensor, "batch pos"]]:
+    """Each item's images (in order, as many as fill its placeholders) and the image-patch mask."""
+    if adapter.n_images(inputs) == 0:
+        return [], placeholders
+    layouts = adapter.image_layouts(inputs)
+    per_item, image_mask, taken = [], placeholders.clone(), 0
+    for row, n_slots in enumerate(placeholders.sum(-1).tolist()):
+        images, filled = [], 0
+        while filled < n_slots and taken < len(layouts):
+            images.append(layouts[taken])
+            filled, taken = filled + len(layouts[taken]), taken + 1
+        if filled != n_slots:
+            raise ImageCountError(
+                f"Item {row} has {n_slots} image placeholder positions but its images fill {filled}. "
+                "Give one image per placeholder (vlm.prepare checks this for you)."
+            )
+        if images:
+            patch = torch.cat([image.is_patch for image in images]).to(placeholders.device)
+            image_mask[row, placeholders[row]] = patch
+        per_item.append(images)
+    if taken != len(layouts):
+        raise ImageCountError(
+            f"The batch has {len(layouts)} images but its placeholders take {taken}. Give one image per "
+            "placeholder (vlm.prepare checks this for you)."
+        )
+    return per_item, image_mask
 
 
 def _instruction_mask(
     adapter: VLMAdapter,
     input_ids: torch.Tensor,
     real: torch.Tensor,
-    image_mask: torch.Tensor,
+    placeholders: torch.Tensor,
     prompts: Sequence[str],
     spans: Sequence[tuple[int, int]],
 ) -> torch.Tensor:
@@ -251,7 +305,7 @@ def _instruction_mask(
     for row, (prompt, (start, end)) in enumerate(zip(prompts, spans)):
         ids, offsets = adapter.prompt_token_ids(prompt)
         keep = [i for i, tok in enumerate(ids) if tok != adapter.image_token_id]
-        positions = torch.nonzero(real[row] & ~image_mask[row]).flatten()
+        positions = torch.nonzero(real[row] & ~placeholders[row]).flatten()
         row_ids = input_ids[row, positions].tolist()
         if row_ids != [ids[i] for i in keep]:
             raise BatchFormatError(

@@ -5,8 +5,8 @@ prefix scattered into the image positions); the bridge runs the HF decoder itsel
 activation is HF's. Hook names are TransformerLens's (``blocks.{l}.hook_resid_post``,
 ``blocks.{l}.attn.hook_pattern``, ``hook_embed``, ...) plus ours in the same grammar:
 
-- ``hook_visual_prefix``: ``[n_images, n_image_tokens, d_model]``, the embeddings placed at the
-  image positions (one image per item: ``n_images == batch``);
+- ``hook_visual_prefix``: ``[n_slots, d_model]``, the vectors placed at the image placeholder
+  positions, in their order (``cache["hook_embed"][vlm.adapter.placeholder_mask(batch.input_ids)]``);
 - ``vision.blocks.{l}.hook_resid_post``: the vision tower's layer outputs;
 - ``qformer.blocks.{l}.hook_resid_post``: InstructBLIP's Q-Former layer outputs.
 
@@ -285,8 +285,10 @@ class HookedVLM(TokensMixin, GenerationMixin):
         device = self.bridge.cfg.device
         embedding = self.bridge.embed
         input_ids = embedding.hook_in(batch.input_ids.to(device))
-        embeds = embedding.original_component(input_ids)
-        placeholders = (input_ids == self.adapter.image_token_id).unsqueeze(-1)
+        placeholders = self.adapter.placeholder_mask(input_ids)
+        # Placeholder ids may lie outside the text vocabulary (HF embeds them as id 0); their
+        # embeddings are replaced by the visual prefix below.
+        embeds = embedding.original_component(input_ids.masked_fill(placeholders, 0))
         n_slots = int(placeholders.sum())
         if batch.pixel_values is None:
             if n_slots:
@@ -309,13 +311,24 @@ class HookedVLM(TokensMixin, GenerationMixin):
         }
         vision_inputs["pixel_values"] = batch.pixel_values.to(vision_param.device, vision_param.dtype)
         prefix = self.hook_visual_prefix(self.adapter.visual_prefix(vision_inputs))
-        if prefix.shape[0] * prefix.shape[1] != n_slots:
+        if prefix.shape[0] != n_slots:
             raise ImageCountError(
-                f"{prefix.shape[0]} image(s) give {prefix.shape[0] * prefix.shape[1]} visual tokens "
-                f"but 'input_ids' has {n_slots} image placeholder positions. Give one image per "
-                "placeholder (vlm.prepare checks this for you)."
+                f"The images give {prefix.shape[0]} visual tokens but 'input_ids' has {n_slots} image "
+                "placeholder positions. Give one image per placeholder (vlm.prepare checks this for you)."
             )
-        return embedding.hook_out(embeds.masked_scatter(placeholders, prefix.to(embeds.device, embeds.dtype)))
+        placed = embeds.masked_scatter(placeholders.unsqueeze(-1), prefix.to(embeds.device, embeds.dtype))
+        return embedding.hook_out(placed)
+
+    def lm_inputs(self, batch: VLMBatch, embeds: torch.Tensor) -> dict[str, Any]:
+        """The language model's keyword inputs for the prompt pass of ``batch``: the family's
+        attention mask (2-D, or its own: Gemma 3's bidirectional image blocks) and positions."""
+        device = embeds.device
+        inputs = {k: v.to(device) for k, v in batch.inputs.items() if k in batch.token_inputs}
+        position_ids = batch.position_ids.to(device)
+        return {
+            "attention_mask": self.adapter.lm_attention_mask(inputs, embeds, position_ids),
+            "position_ids": position_ids,
+        }
 
     def forward(
         self,
@@ -344,14 +357,8 @@ class HookedVLM(TokensMixin, GenerationMixin):
         )
         self._check_length(batch)
         embeds = self.embed(batch)
-        device = embeds.device
         with self._fused_attention(batch):
-            return self.bridge(
-                embeds,
-                attention_mask=batch.attention_mask.to(device),
-                position_ids=batch.position_ids.to(device),
-                return_type=return_type,
-            )
+            return self.bridge(embeds, **self.lm_inputs(batch, embeds), return_type=return_type)
 
     def _fused_attention(self, batch: VLMBatch) -> AbstractContextManager:
         if not self.use_sdpa or not observed_attention.supported(self):
@@ -361,7 +368,7 @@ class HookedVLM(TokensMixin, GenerationMixin):
             for layer, block in enumerate(self.blocks)
             if not observed_attention.needs_step_by_step(block.attn)
         ]
-        causal_only = bool(batch.attention_mask.bool().all())
+        causal_only = self.adapter.plain_causal and bool(batch.attention_mask.bool().all())
         return observed_attention.observed_sdpa_attention(self, causal_only=causal_only, layers=layers)
 
     __call__ = forward

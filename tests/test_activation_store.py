@@ -82,12 +82,15 @@ def _reference(vlm, items, hooks, positions, batch_size, padding_side) -> dict:
                     rows[key].append(value)
                 for hook in hooks:
                     source = next((SOURCE[p] for p in SOURCE if hook.startswith(p)), None)
+                    acts = cache[hook]
+                    if hook == "hook_visual_prefix":  # [n_slots, d]: one image per item here
+                        acts = acts.view(len(chunk), -1, acts.shape[-1])
                     if source is None:
-                        vector = cache[hook][b, column].flatten()
+                        vector = acts[b, column].flatten()
                     elif k >= 0:
-                        vector = cache[hook][b, source + k]
+                        vector = acts[b, source + k]
                     else:
-                        vector = torch.full_like(cache[hook][b, 0], float("nan"))
+                        vector = torch.full_like(acts[b, 0], float("nan"))
                     rows[hook].append(vector)
     return {key: torch.stack(v) if key in hooks else v for key, v in rows.items()}
 

@@ -57,7 +57,7 @@ def test_layer_by_layer_parity_with_hf(family, images, padding_side):
     text = ~batch.image_mask
     assert torch.equal(cache["hook_embed"][text], token_embeds[text])
     # hook_embed is where the stream starts: the visual prefix at image positions
-    assert torch.equal(cache["hook_embed"][batch.image_mask], cache["hook_visual_prefix"].flatten(0, 1))
+    assert torch.equal(cache["hook_embed"][batch.image_mask], cache["hook_visual_prefix"])
     assert torch.equal(cache["hook_embed"], cache["blocks.0.hook_resid_pre"])
     assert (cache["blocks.0.hook_resid_pre"] - out.hidden_states[0])[real].abs().max() <= TOL
     for layer in range(vlm.cfg.n_layers):

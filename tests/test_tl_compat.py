@@ -152,7 +152,7 @@ def test_decompositions_sum_to_the_residual_at_every_position(demo):
     attn_out = cache["blocks.0.hook_attn_out"]
     torch.testing.assert_close(heads.sum(0), attn_out, rtol=1e-5, atol=1e-5)  # LLaMA: no b_O
     # hook_embed is the visual prefix at image positions: the stream's start
-    assert torch.equal(cache["hook_embed"][batch.image_mask], cache["hook_visual_prefix"].flatten(0, 1))
+    assert torch.equal(cache["hook_embed"][batch.image_mask], cache["hook_visual_prefix"])
 
 
 @pytest.mark.parametrize("processed", [False, True])

@@ -1,34 +1,83 @@
 """The contract a VLM family fulfils. Adding a family means adding one module that subclasses
 :class:`VLMAdapter` and registering it in ``hooked_vllm.adapters``.
 
-An adapter knows one HF model family and nothing else. It answers four questions:
+An adapter knows one HF model family and nothing else. It answers five questions:
 
 1. **Which HF classes and configs does it take?** ``architectures`` and :meth:`check_config`
    (refuse sub-variants it cannot serve, e.g. InstructBLIP with a Flan-T5 backbone).
 2. **What is the language model?** :meth:`language_model` returns a ``*ForCausalLM`` that *shares*
    the HF model's decoder and unembedding (no copy). transformer-lens boots its bridge on it, so
-   every block, norm and head is the HF module itself.
+   every block, norm and head is the HF module itself (:func:`causal_lm_view` builds one; a text
+   config with no ``*ForCausalLM`` of its own, such as Qwen2-VL's, borrows a sibling's class).
 3. **How do prompts and images become model inputs?** :meth:`format_prompt` (the prompt template,
    returning where the user's instruction sits in it), :meth:`count_image_slots` and :meth:`process`
    (the HF processor call).
-4. **What does HF feed the language model at the image positions?** :meth:`visual_prefix` runs the
-   vision side with HF's own functions and returns ``[n_images, n_image_tokens, d_model]``;
+4. **What does HF feed the language model at the image positions, and where?** :meth:`visual_prefix`
+   runs the vision side with HF's own functions and returns the vectors of every placeholder slot,
+   ``[n_slots, d_model]`` in scatter order (images may differ in token count);
+   :meth:`placeholder_mask` says where they go, :meth:`image_layouts` which slots are image patches
+   (and where on the image) and which are structure (LLaVA-NeXT's row newlines);
    :meth:`vision_hook_sites` names the vision-side modules whose outputs get hook points.
+5. **How does the language model see the sequence?** :meth:`position_ids` (``[batch, pos]``, or
+   ``[3, batch, pos]`` for M-RoPE) and :meth:`lm_attention_mask` (the 2-D padding mask, or the
+   family's own: Gemma 3's bidirectional image blocks) for the prompt pass, as HF's outer
+   ``forward`` computes them; :attr:`plain_causal` says whether that mask is causal plus padding.
+   Decoding steps always use the 2-D mask and continue after the largest position.
 
-Everything else (the bridge, hooks, caching, masks, positions, generation) is family-independent and
-lives in :mod:`hooked_vllm.model` and :mod:`hooked_vllm.inputs`.
+Everything else (the bridge, hooks, caching, generation) is family-independent and lives in
+:mod:`hooked_vllm.model`, :mod:`hooked_vllm.inputs` and :mod:`hooked_vllm.generation`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from PIL import Image
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+
+@dataclass(frozen=True)
+class ImageSlots:
+    """The placeholder slots one image fills, in sequence order.
+
+    ``grid[k] = (tile, row, col)`` of slot k's patch: tile 0 is the whole image (LLaVA-NeXT's base
+    view; the only tile elsewhere), tiles 1.. LLaVA-NeXT's high-resolution crops, row and col on that
+    tile's patch grid (after any merge). A row of ``-1`` marks a structure slot that holds no patch
+    (LLaVA-NeXT's ``image_newline``). ``spatial`` is False where slots are not patches at all
+    (InstructBLIP's Q-Former queries: ``(0, 0, k)``).
+    """
+
+    grid: Int[torch.Tensor, "n_slots 3"]
+    spatial: bool = True
+
+    def __len__(self) -> int:
+        return int(self.grid.shape[0])
+
+    @property
+    def is_patch(self) -> Bool[torch.Tensor, " n_slots"]:
+        return self.grid[:, 1] >= 0
+
+    @classmethod
+    def square(cls, n_slots: int) -> ImageSlots:
+        """Row-major slots of one square grid (LLaVA-1.5, Gemma 3); a non-square count is one row."""
+        side = int(round(n_slots**0.5))
+        if side * side != n_slots:
+            return cls(_grid(0, torch.zeros(n_slots, dtype=torch.long), torch.arange(n_slots)), False)
+        return cls.rows_by_cols(side, side)
+
+    @classmethod
+    def rows_by_cols(cls, rows: int, cols: int, tile: int = 0) -> ImageSlots:
+        k = torch.arange(rows * cols)
+        return cls(_grid(tile, k // cols, k % cols))
+
+
+def _grid(tile: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.full_like(rows, tile), rows, cols], dim=-1)
 
 
 class VLMAdapter(ABC):
@@ -40,6 +89,13 @@ class VLMAdapter(ABC):
     architectures: ClassVar[tuple[str, ...]]
     #: Keys of a processor output that the vision side needs besides ``pixel_values``.
     vision_input_names: ClassVar[tuple[str, ...]] = ()
+    #: Processor outputs with one entry per token (``[batch, pos]``): moved with the padding.
+    token_input_names: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask")
+    #: Processor outputs with one entry per image along dim 0, in prompt order.
+    image_input_names: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: Whether :meth:`lm_attention_mask` is causal attention plus padding (fused kernels may then
+    #: use their causal shortcut, and the norm-based lens's pairs are key <= query).
+    plain_causal: ClassVar[bool] = True
 
     def __init__(self, hf_model: PreTrainedModel, processor: Any) -> None:
         self.check_config(hf_model.config)
@@ -99,27 +155,106 @@ class VLMAdapter(ABC):
         """Token ids of ``prompt`` with each image slot as one placeholder token, and each token's
         character span (placeholders and added special tokens included)."""
 
-    # 4. The vision side
+    # 4. The vision side and where it goes
     @abstractmethod
-    def visual_prefix(
-        self, inputs: Mapping[str, torch.Tensor]
-    ) -> Float[torch.Tensor, "n_images n_image_tokens d_model"]:
-        """The embeddings HF places at the image positions, computed by HF's own functions."""
+    def visual_prefix(self, inputs: Mapping[str, torch.Tensor]) -> Float[torch.Tensor, "n_slots d_model"]:
+        """The vectors HF places at the placeholder slots, in scatter order (all images, one after
+        another), computed by HF's own functions."""
 
     @abstractmethod
     def vision_hook_sites(self) -> dict[str, torch.nn.Module]:
         """``{hook name: module}``: modules whose output (first element if a tuple) gets a hook point."""
 
+    def placeholder_mask(self, input_ids: Int[torch.Tensor, "batch pos"]) -> Bool[torch.Tensor, "batch pos"]:
+        """The positions :meth:`visual_prefix` fills (default: the image token)."""
+        return input_ids == self.image_token_id
+
+    def n_images(self, inputs: Mapping[str, torch.Tensor]) -> int:
+        """How many images the batch holds (default: ``pixel_values``' first dimension)."""
+        pixels = inputs.get("pixel_values")
+        return 0 if pixels is None else int(pixels.shape[0])
+
+    def image_layouts(self, inputs: Mapping[str, torch.Tensor]) -> list[ImageSlots]:
+        """Per image, in prompt order, the slots it fills (default: every image the same number of
+        slots, row-major on a square grid)."""
+        n_images = self.n_images(inputs)
+        if n_images == 0:
+            return []
+        n_slots = int(self.placeholder_mask(inputs["input_ids"]).logical_and(inputs["attention_mask"].bool()).sum())
+        return [ImageSlots.square(n_slots // n_images)] * n_images
+
+    def image_input_rows(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
+        """For each per-image input, how many rows along dim 0 each image has (default: one row
+        per image in :attr:`image_input_names`); selecting items slices these by image."""
+        n_images = self.n_images(inputs)
+        return {name: [1] * n_images for name in self.image_input_names if name in inputs}
+
+    # 5. How the language model sees the sequence
+    def position_ids(
+        self, inputs: Mapping[str, torch.Tensor]
+    ) -> Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, "3 batch pos"]:
+        """Position ids of the prompt, counted over real tokens (default: ``cumsum(mask) - 1``)."""
+        return positions_from_mask(inputs["attention_mask"])
+
+    def lm_attention_mask(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        inputs_embeds: Float[torch.Tensor, "batch pos d_model"],
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The attention mask the language model gets for the prompt pass (default: the 2-D padding
+        mask, from which HF builds the causal one)."""
+        return inputs["attention_mask"].to(inputs_embeds.device)
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The window of the language model's sliding-window layers, if it has any."""
+        config = self.text_config
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None) or ()
+        if window is None or (layer_types and "sliding_attention" not in layer_types):
+            return None
+        if not layer_types and not getattr(config, "use_sliding_window", True):
+            return None
+        return int(window)
+
+
+def positions_from_mask(
+    attention_mask: Int[torch.Tensor, "batch pos"],
+) -> Int[torch.Tensor, "batch pos"]:
+    """Position ids counted over real tokens only (padding gets 1, as in HF's ``generate``)."""
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
 
 def causal_lm_view(
-    text_config: PretrainedConfig, decoder: torch.nn.Module, lm_head: torch.nn.Module
+    text_config: PretrainedConfig,
+    decoder: torch.nn.Module,
+    lm_head: torch.nn.Module,
+    view_class: type[PreTrainedModel] | None = None,
 ) -> PreTrainedModel:
     """A ``*ForCausalLM`` whose decoder and head are the given modules (shared, not copied).
 
+    ``view_class`` (default: ``AutoModelForCausalLM``'s pick for ``text_config``) names the class
+    whose module layout transformer-lens reads; a text config with no ``*ForCausalLM`` of its own
+    (Qwen2-VL's) borrows a sibling with the same decoder-layer names, its config converted to the
+    sibling's config class (``rope_parameters`` kept as they are: the math stays in ``decoder``).
     Built on the meta device, so no memory is allocated for the placeholder weights it replaces.
     """
-    with torch.device("meta"):
-        view = AutoModelForCausalLM.from_config(text_config, attn_implementation="eager")
+    if view_class is not None:
+        fields = {
+            k: v
+            for k, v in text_config.to_dict().items()
+            if k not in ("model_type", "architectures", "rope_parameters", "transformers_version")
+        }
+        config = view_class.config_class(**fields)
+        if getattr(text_config, "rope_parameters", None) is not None:
+            config.rope_parameters = dict(text_config.rope_parameters)
+        with torch.device("meta"):
+            view = view_class._from_config(config, attn_implementation="eager")
+    else:
+        with torch.device("meta"):
+            view = AutoModelForCausalLM.from_config(text_config, attn_implementation="eager")
     view.model = decoder
     view.lm_head = lm_head
     view.config.architectures = [type(view).__name__]

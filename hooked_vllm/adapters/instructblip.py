@@ -14,7 +14,7 @@ from jaxtyping import Float
 from PIL import Image
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hooked_vllm.adapters.base import VLMAdapter
+from hooked_vllm.adapters.base import ImageSlots, VLMAdapter
 from hooked_vllm.adapters.tokens import token_ids_with_spans
 from hooked_vllm.errors import UnsupportedModelError
 
@@ -92,14 +92,18 @@ class InstructBlipAdapter(VLMAdapter):
         ids, spans = token_ids_with_spans(self.tokenizer, prompt)
         return [self.image_token_id] + ids, [(0, 0)] + spans
 
-    def visual_prefix(
-        self, inputs: Mapping[str, torch.Tensor]
-    ) -> Float[torch.Tensor, "n_images n_image_tokens d_model"]:
+    def visual_prefix(self, inputs: Mapping[str, torch.Tensor]) -> Float[torch.Tensor, "n_slots d_model"]:
         return self.hf_model.get_image_features(
             pixel_values=inputs["pixel_values"],
             qformer_input_ids=inputs["qformer_input_ids"],
             qformer_attention_mask=inputs.get("qformer_attention_mask"),
-        ).pooler_output
+        ).pooler_output.flatten(0, 1)
+
+    def image_layouts(self, inputs: Mapping[str, torch.Tensor]) -> list[ImageSlots]:
+        """The Q-Former's query outputs: slots that are not patches (no place on the image)."""
+        n = self.n_query_tokens
+        query = torch.arange(n)
+        return [ImageSlots(torch.stack([0 * query, 0 * query, query], -1), spatial=False)] * self.n_images(inputs)
 
     def vision_hook_sites(self) -> dict[str, torch.nn.Module]:
         sites = {

@@ -66,16 +66,16 @@ class LlavaAdapter(VLMAdapter):
     def prompt_token_ids(self, prompt: str) -> tuple[list[int], list[tuple[int, int]]]:
         return token_ids_with_spans(self.tokenizer, prompt)
 
-    def visual_prefix(
-        self, inputs: Mapping[str, torch.Tensor]
-    ) -> Float[torch.Tensor, "n_images n_image_tokens d_model"]:
+    def visual_prefix(self, inputs: Mapping[str, torch.Tensor]) -> Float[torch.Tensor, "n_slots d_model"]:
         config = self.hf_model.config
         features = self.hf_model.model.get_image_features(
             pixel_values=inputs["pixel_values"],
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         ).pooler_output
-        return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+        if isinstance(features, (list, tuple)):
+            return torch.cat(list(features))
+        return features.flatten(0, 1)
 
     def vision_hook_sites(self) -> dict[str, torch.nn.Module]:
         tower = self.hf_model.model.vision_tower
