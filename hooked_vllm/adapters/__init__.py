@@ -8,12 +8,21 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from hooked_vllm.adapters.base import VLMAdapter, causal_lm_view
+from hooked_vllm.adapters.base import ImageSlots, VLMAdapter, causal_lm_view
+from hooked_vllm.adapters.gemma3 import Gemma3Adapter
 from hooked_vllm.adapters.instructblip import InstructBlipAdapter
 from hooked_vllm.adapters.llava import LlavaAdapter
+from hooked_vllm.adapters.llava_next import LlavaNextAdapter
+from hooked_vllm.adapters.qwen2_vl import Qwen2VLAdapter
 from hooked_vllm.errors import UnsupportedModelError
 
-ADAPTERS: tuple[type[VLMAdapter], ...] = (LlavaAdapter, InstructBlipAdapter)
+ADAPTERS: tuple[type[VLMAdapter], ...] = (
+    LlavaAdapter,
+    InstructBlipAdapter,
+    LlavaNextAdapter,
+    Qwen2VLAdapter,
+    Gemma3Adapter,
+)
 
 
 def supported_architectures() -> list[str]:
@@ -45,7 +54,7 @@ def adapter_class_for(config: PretrainedConfig) -> type[VLMAdapter]:
             return adapter
     raise UnsupportedModelError(
         f"Unsupported architecture {architectures or type(config).__name__!r}. hooked-vllm supports "
-        f"{supported_architectures()} with a decoder-only (LLaMA/Vicuna) language model. For a model "
+        f"{supported_architectures()} (decoder-only language models fed a visual prefix). For a model "
         "built in code, set config.architectures = [type(model).__name__]; to support a new family, "
         "add an adapter module under hooked_vllm/adapters/ (see adapters/base.py for the contract)."
     )
@@ -53,8 +62,12 @@ def adapter_class_for(config: PretrainedConfig) -> type[VLMAdapter]:
 
 __all__ = [
     "ADAPTERS",
+    "Gemma3Adapter",
+    "ImageSlots",
     "InstructBlipAdapter",
     "LlavaAdapter",
+    "LlavaNextAdapter",
+    "Qwen2VLAdapter",
     "VLMAdapter",
     "adapter_class_for",
     "causal_lm_view",
