@@ -2,6 +2,7 @@
 directly on the device with random weights (no download), side by side with a plain HF forward.
 
     python benchmarks/gpu.py --size 7b --family llava --batches 1 8 32 --dtype float16   # on a GPU
+    python benchmarks/gpu.py --size 7b --family qwen2_5_vl --batches 1 8 --dtype bfloat16  # Qwen2.5-VL-7B
     python benchmarks/gpu.py --size mid --batches 1 4 --device cpu                       # anywhere
     python benchmarks/gpu.py --size 7b --dtype float16 --batches 8 --pipeline 256        # dataset run
 
@@ -49,12 +50,12 @@ from hooked_vllm import HookedVLM  # noqa: E402
 from hooked_vllm.analysis import collect  # noqa: E402
 from hooked_vllm.experiment import run_phase_diagram  # noqa: E402
 from hooked_vllm.images import load_image  # noqa: E402
-from hooked_vllm.testing import TinyTextConfig, tiny_instructblip, tiny_llava  # noqa: E402
+from hooked_vllm.testing import TinyTextConfig, tiny_instructblip, tiny_llava, tiny_qwen2_5_vl  # noqa: E402
 
 # LLaMA-7B / Vicuna-7B text backbone with CLIP ViT-L/14-336 or EVA ViT-g/14 + Q-Former ("full"
 # vision), or a mid-size one with a small vision side. The 7B shapes keep the real vocabularies
 # (LLaVA-1.5: 32064, InstructBLIP-Vicuna: 32001): the unembedding and the logit lens scale with it.
-REAL_VOCAB = {"llava": 32064, "instructblip": 32001}
+REAL_VOCAB = {"llava": 32064, "instructblip": 32001, "qwen2_5_vl": 152064}
 SIZES = {
     "7b": (
         TinyTextConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_mlp=11008, n_ctx=4096),
@@ -84,7 +85,9 @@ def build(family: str, size_name: str, device: str, dtype: torch.dtype):
         vocab = max(len(tokenizer), REAL_VOCAB[family] if full else 0)
         return text.llama_config(vocab, tokenizer)
 
-    if family == "llava":
+    if family == "qwen2_5_vl":
+        model_class, config, processor = qwen2_5_vl_config(text_config, full)
+    elif family == "llava":
         _, processor = tiny_llava(image_size=336, patch_size=14)
         vision = CLIPVisionConfig(
             **_vision_sizes((1024, 4096, 24, 16) if full else (64, 128, 2, 4)),
@@ -129,6 +132,97 @@ def build(family: str, size_name: str, device: str, dtype: torch.dtype):
     with torch.device(device):
         model = model_class._from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval(), processor
+
+
+def qwen2_5_vl_config(text_config, full: bool):
+    """Qwen2.5-VL-7B's shapes ("full"): a 28-layer, 3584-wide Qwen2 LM with 28 query and 4 key/value
+    heads and M-RoPE sections (16, 24, 24), a 32-block windowed ViT (1280 wide, patch 14, 2x2 merge);
+    images resized to about 672 x 672 pixels (576 image tokens, as LLaVA-1.5's)."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLVisionConfig,
+        Qwen2VLImageProcessor,
+    )
+
+    _, processor = tiny_qwen2_5_vl()
+    tokenizer = processor.tokenizer
+    processor.image_processor = Qwen2VLImageProcessor(
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 672 * 672, "longest_edge": 672 * 672},
+    )
+    if full:
+        text = Qwen2_5_VLTextConfig(
+            vocab_size=REAL_VOCAB["qwen2_5_vl"],
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        )
+        vision = Qwen2_5_VLVisionConfig(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            out_hidden_size=3584,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        )
+    else:
+        llama = text_config(tokenizer)
+        head_dim = llama.hidden_size // llama.num_attention_heads
+        quarter = head_dim // 8  # M-RoPE sections in 7B's proportions (1/4, 3/8, 3/8 of head_dim / 2)
+        text = Qwen2_5_VLTextConfig(
+            vocab_size=llama.vocab_size,
+            hidden_size=llama.hidden_size,
+            intermediate_size=llama.intermediate_size,
+            num_hidden_layers=llama.num_hidden_layers,
+            num_attention_heads=llama.num_attention_heads,
+            num_key_value_heads=llama.num_key_value_heads,
+            max_position_embeddings=llama.max_position_embeddings,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [
+                    quarter,
+                    (head_dim // 2 - quarter) // 2,
+                    head_dim // 2 - quarter - (head_dim // 2 - quarter) // 2,
+                ],
+            },
+        )
+        vision = Qwen2_5_VLVisionConfig(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            out_hidden_size=text.hidden_size,
+            fullatt_block_indexes=[1],
+        )
+    text.vocab_size = max(text.vocab_size, len(tokenizer))
+    text.pad_token_id, text.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    text.bos_token_id = tokenizer.bos_token_id  # None: Qwen prepends no BOS
+    ids = {
+        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    }
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    return Qwen2_5_VLForConditionalGeneration, config, processor
 
 
 def peak(fn, device: str) -> float:
@@ -201,7 +295,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--family", choices=["llava", "instructblip"], default="llava")
+    parser.add_argument("--family", choices=["llava", "instructblip", "qwen2_5_vl"], default="llava")
     parser.add_argument("--size", choices=sorted(SIZES), default="mid")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -226,7 +320,7 @@ def main() -> None:
     resid = [f"blocks.{layer}.hook_resid_post" for layer in range(vlm.cfg.n_layers)]
     for batch_size in args.batches:
         batch = vlm.prepare(sample_images(batch_size), [PROMPT] * batch_size).to(args.device)
-        inputs = {**batch.inputs, "position_ids": batch.position_ids}
+        inputs = {**batch.inputs, "position_ids": batch.position_ids}  # 3-D M-RoPE ones for Qwen
         fns = {
             "HF sdpa": lambda inputs=inputs: sdpa_model(**inputs),
             "HF eager": lambda inputs=inputs: eager_model(**inputs),

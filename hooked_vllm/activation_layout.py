@@ -104,7 +104,25 @@ def image_layout(vlm) -> ImageLayout:
                 "patches with vlm.run_with_cache."
             },
         )
-    raise UnsupportedModelError(f"No image layout for the {family!r} family; add it to image_layout().")
+    if family == "gemma3":
+        n = int(config.mm_tokens_per_image)
+        side = int(round(n**0.5))
+        return ImageLayout(
+            grid_row=tuple(p // side for p in range(n)),
+            grid_col=tuple(p % side for p in range(n)),
+            tile=(0,) * n,
+            sources={"hook_visual_prefix": 0},
+            unmapped={
+                "vision.": "Gemma 3's vision patches are average-pooled into its image tokens, so a "
+                "patch has no language-model position of its own. Store hook_visual_prefix or "
+                "blocks.{l}.* hooks, or read the patches with vlm.run_with_cache."
+            },
+        )
+    raise UnsupportedModelError(
+        f"The activation store does not support the {family!r} family yet: its images give a varying "
+        "number of image tokens (tiles or dynamic resolution), and the store lays out a fixed number per "
+        "image. It supports llava, instructblip and gemma3; for this model use vlm.run_with_cache."
+    )
 
 
 def is_per_image(hook: str) -> bool:

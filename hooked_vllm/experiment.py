@@ -84,8 +84,13 @@ def batch_rows(vlm, items, analysis, batch) -> tuple[list[dict], dict[str, np.nd
                 row[f"norm_{pair}"] = values[:, b].tolist()
                 row[f"weight_{pair}"] = analysis.attention.weight[pair][:, b].tolist()
             if analysis.attention.image_saliency_from_last is not None:
-                row["saliency_last"] = analysis.attention.image_saliency_from_last[:, b].flatten().tolist()
-                row["saliency_text"] = analysis.attention.image_saliency_from_text[:, b].flatten().tolist()
+                n = analysis.n_image_tokens[b]  # the item's own image tokens (the batch pads to its most)
+                row["saliency_last"] = (
+                    analysis.attention.image_saliency_from_last[:, b, :n].flatten().tolist()
+                )
+                row["saliency_text"] = (
+                    analysis.attention.image_saliency_from_text[:, b, :n].flatten().tolist()
+                )
         if analysis.lens is not None:
             lens = analysis.lens
             row["lens_final_token"] = int(lens.final_token[b, 0])
@@ -94,7 +99,8 @@ def batch_rows(vlm, items, analysis, batch) -> tuple[list[dict], dict[str, np.nd
             row["lens_kl"] = lens.kl_to_final[:, b, 0].tolist()
             row["lens_top1"] = lens.top_tokens[:, b, 0, 0].tolist()
         if analysis.image_verbalization is not None:
-            row["image_verbalization"] = analysis.image_verbalization[:, b].flatten().tolist()
+            n = analysis.n_image_tokens[b]
+            row["image_verbalization"] = analysis.image_verbalization[:, b, :n].flatten().tolist()
         rows.append(row)
     vectors = {"sum_image": s_img.sum(1).numpy(), "sum_text": s_txt.sum(1).numpy()}
     return rows, vectors
@@ -148,10 +154,16 @@ def aggregate(rows: list[dict], sums: dict[str, np.ndarray], *, window: int = 3)
         pair: _stats(np.array([r[f"weight_{pair}"] for r in rows], dtype=float)) for pair in pairs
     }
     if "saliency_last" in rows[0]:
+        # A map is averaged over items whose images give the same number of image tokens (all of
+        # them for fixed-size families; the most common count under dynamic resolution or tiles).
         n_layers = out["n_layers"]
+        lengths = [len(r["saliency_last"]) for r in rows]
+        common = max(set(lengths), key=lengths.count)
+        same = [r for r, n in zip(rows, lengths) if n == common]
         for key in ("saliency_last", "saliency_text"):
-            maps = np.array([r[key] for r in rows], dtype=float).reshape(len(rows), n_layers, -1)
+            maps = np.array([r[key] for r in same], dtype=float).reshape(len(same), n_layers, -1)
             out[key] = maps.mean(0).tolist()
+        out["saliency_items"] = len(same)
     if "lens_kl" in rows[0]:
         out["logit_lens"] = {
             "kl_to_final": _stats(np.array([r["lens_kl"] for r in rows], dtype=float)),

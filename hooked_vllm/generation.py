@@ -58,6 +58,7 @@ class GenerationMixin:
             ...                              names_filter=lambda n: "resid_post" in n)  # doctest: +SKIP
             >>> cache["resid_post", 3].shape  # [batch, prompt + 9, d_model]  # doctest: +SKIP
         """
+        batch = self._laid_out_for_decoding(self.to_batch(batch), recording=return_cache)
         if not return_cache:
             with _kv_cache_kwarg_for_bridge(self.blocks):
                 return self._generate(batch, max_new_tokens, do_sample, temperature, eos_token_id, return_str)
@@ -69,16 +70,27 @@ class GenerationMixin:
         return tokens, recorder.cache(self.bridge)
 
     @torch.no_grad()
-    def _laid_out_for_decoding(self, batch: VLMBatch) -> VLMBatch:
+    def _laid_out_for_decoding(self, batch: VLMBatch, recording: bool = False) -> VLMBatch:
         """The batch as decoding can take it: left-padded where the language model has sliding-window
-        layers (the window counts cache slots, so a right-padded item's padding would eat into it)."""
+        layers (the window counts cache slots, so a right-padded item's padding would eat into it).
+
+        Re-padding moves every token to another column, so it is refused where something keyed to
+        the batch's columns would see it: hooks in effect, or a cache to return in the batch's layout."""
         if self.adapter.sliding_window is None:
             return batch
         left = batch.left_padded()
-        if left is not batch and any(point.has_hooks() for point in self.hook_dict.values()):
+        if left is batch:
+            return batch
+        hooked = any(point.has_hooks() for point in self.hook_dict.values())
+        if hooked or recording:
+            why = (
+                "hooks in effect would then act on other tokens"
+                if hooked
+                else ("the cache would come back in another layout than the batch's")
+            )
             raise GenerationArgumentError(
-                "This model has sliding-window attention layers, so generation needs left padding, and "
-                "hooks keyed to the batch's positions would then act on other tokens. Build the batch "
+                "This model has sliding-window attention layers, so generation needs a left-padded "
+                f"batch, and re-padding this right-padded one here is refused: {why}. Build the batch "
                 "with vlm.prepare(..., padding_side='left')."
             )
         return left
@@ -93,7 +105,6 @@ class GenerationMixin:
             return tokenizer.batch_decode(empty) if return_str else empty
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        batch = self._laid_out_for_decoding(batch)
         embeds = self.embed(batch)
         device = embeds.device
         rows = torch.arange(len(batch), device=device)
@@ -137,9 +148,7 @@ class GenerationMixin:
         return tokens
 
 
-def next_position_ids(
-    position_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
+def next_position_ids(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The position of each item's first new token: one after the largest position of its real
     tokens, in every axis (M-RoPE's ``[3, batch, pos]`` included, where an image's rows and
     columns may reach past the last token's position). ``[batch, 1]`` or ``[3, batch, 1]``."""

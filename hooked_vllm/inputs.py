@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from jaxtyping import Bool, Int
 
-from hooked_vllm.adapters.base import ImageSlots, positions_from_mask
-from hooked_vllm.errors import BatchFormatError, ImageCountError
+from hooked_vllm.adapters.base import ImageSlots, positions_from_mask  # noqa: F401 (re-exported)
+from hooked_vllm.errors import BatchFormatError, ImageCountError, MissingImageError
 
 if TYPE_CHECKING:
     from hooked_vllm.adapters import VLMAdapter
@@ -263,6 +263,12 @@ def _assign_images(
     """Each item's images (in order, as many as fill its placeholders) and the image-patch mask."""
     if adapter.n_images(inputs) == 0:
         return [], placeholders
+    if not bool(placeholders.any()):
+        raise MissingImageError(
+            "The batch has 'pixel_values' but no image placeholder tokens in 'input_ids', so the image "
+            "would be silently ignored. Build the batch with vlm.prepare or the model's processor, "
+            "which insert the placeholders."
+        )
     layouts = adapter.image_layouts(inputs)
     per_item, image_mask, taken = [], placeholders.clone(), 0
     for row, n_slots in enumerate(placeholders.sum(-1).tolist()):

@@ -56,7 +56,8 @@ from hooked_vllm.text_tokens import TokensMixin
 
 
 class HookedVLM(TokensMixin, GenerationMixin):
-    """A hooked vision LLM: LLaVA-1.5 or InstructBLIP (decoder-only backbones).
+    """A hooked vision LLM: LLaVA-1.5, InstructBLIP (decoder-only backbones), LLaVA-NeXT, Qwen2-VL,
+    Qwen2.5-VL or Gemma 3 (see ``hooked_vllm.adapters`` for the families).
 
     Build one with :meth:`from_pretrained` (hub id or local directory) or :meth:`from_hf`
     (an in-memory HF model and its processor). The HF model's language modules are wrapped in

@@ -15,13 +15,29 @@ import torch
 from PIL import Image
 
 from hooked_vllm import HookedVLM
-from hooked_vllm.testing import tiny_instructblip, tiny_llava
+from hooked_vllm.testing import (
+    tiny_gemma3,
+    tiny_instructblip,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_qwen2_5_vl,
+    tiny_qwen2_vl,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_grad_enabled(False)
 
 BUILDERS = {"llava": tiny_llava, "instructblip": tiny_instructblip}
+#: the families of "any visual-prefix VLM" (tiles, M-RoPE, bidirectional image blocks)
+NEW_BUILDERS = {
+    "llava_next": tiny_llava_next,
+    "qwen2_vl": tiny_qwen2_vl,
+    "qwen2_5_vl": tiny_qwen2_5_vl,
+    "gemma3": tiny_gemma3,
+}
+#: (width, height) of the images of a family batch: tiles, grids and token counts differ per item
+FAMILY_IMAGE_SIZES = [(48, 24), (24, 48), (40, 40)]
 INSTRUCTIONS = ["Describe the image.", "What colour?", "How many shapes are there in the picture now?"]
 
 
@@ -30,7 +46,7 @@ class Family:
 
     def __init__(self, name: str, tmp_dir) -> None:
         self.name = name
-        hf_model, processor = BUILDERS[name](seed=0, directory=tmp_dir)
+        hf_model, processor = {**BUILDERS, **NEW_BUILDERS}[name](seed=0, directory=tmp_dir)
         self.reference = copy.deepcopy(hf_model)
         self.processor = processor
         self.vlm = HookedVLM.from_hf(hf_model, processor)
@@ -39,6 +55,27 @@ class Family:
 @pytest.fixture(scope="session", params=sorted(BUILDERS))
 def family(request, tmp_path_factory) -> Family:
     return Family(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="session", params=sorted(NEW_BUILDERS))
+def new_family(request, tmp_path_factory) -> Family:
+    """LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and Gemma 3, each tiny, with its untouched HF copy."""
+    return Family(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def family_images(seed: int = 0) -> list[Image.Image]:
+    """Three images of different sizes and aspect ratios (:data:`FAMILY_IMAGE_SIZES`)."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in FAMILY_IMAGE_SIZES]
+
+
+def hf_forward_inputs(family: Family, batch) -> dict:
+    """What the untouched HF model is called with for ``batch``: the processor's tensors, plus the
+    positions where HF would otherwise count padding (Qwen derives its M-RoPE positions itself)."""
+    inputs = dict(batch.inputs)
+    if batch.position_ids.dim() == 2:
+        inputs["position_ids"] = batch.position_ids
+    return inputs
 
 
 @pytest.fixture(scope="session")

@@ -477,3 +477,44 @@ def test_a_second_writer_is_refused_and_told_who_holds_the_folder(llava, tmp_pat
     finally:
         holder.release()
     assert not list((tmp_path / "store").glob("data-*"))
+
+
+# ---------------------------------------------------------------- other families
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    from tests.conftest import Family
+
+    return Family("gemma3", tmp_path_factory.mktemp("gemma3-store"))
+
+
+def test_gemma3_store_holds_the_cached_activations(gemma3, tmp_path):
+    """Gemma 3's images give a fixed number of soft tokens: stored like LLaVA's, on a square grid;
+    its pooled vision patches have no position and are refused."""
+    vlm, hooks = gemma3.vlm, ["blocks.1.hook_resid_post", "hook_visual_prefix"]
+    items = _items(tmp_path / "images")
+    store = ActivationStore.write(
+        vlm, items, tmp_path / "store", hooks=hooks, positions="all", batch_size=2, progress=False
+    )
+    _assert_rows_equal(store, _reference(vlm, items, hooks, "all", 2, "left"))
+    rows = store[:]
+    image = rows["modality"] == 0
+    side = int(vlm.hf_model.config.mm_tokens_per_image**0.5)
+    assert torch.equal(rows["grid_row"][image], rows["patch"][image] // side)
+    with pytest.raises(HookSelectionError, match="average-pooled"):
+        ActivationStore.write(
+            vlm, items, tmp_path / "vision", hooks=["vision.blocks.0.hook_resid_post"], progress=False
+        )
+
+
+def test_families_with_varying_image_token_counts_are_refused(tmp_path):
+    from tests.conftest import Family
+
+    vlm = Family("qwen2_vl", tmp_path / "model").vlm
+    with pytest.raises(HookedVLMError, match="varying number of image tokens"):
+        ActivationStore.write(
+            vlm,
+            _items(tmp_path / "images"),
+            tmp_path / "store",
+            hooks=["blocks.0.hook_resid_post"],
+            progress=False,
+        )

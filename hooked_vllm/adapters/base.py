@@ -180,7 +180,9 @@ class VLMAdapter(ABC):
         n_images = self.n_images(inputs)
         if n_images == 0:
             return []
-        n_slots = int(self.placeholder_mask(inputs["input_ids"]).logical_and(inputs["attention_mask"].bool()).sum())
+        n_slots = int(
+            self.placeholder_mask(inputs["input_ids"]).logical_and(inputs["attention_mask"].bool()).sum()
+        )
         return [ImageSlots.square(n_slots // n_images)] * n_images
 
     def image_input_rows(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:

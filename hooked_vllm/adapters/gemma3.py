@@ -86,7 +86,9 @@ class Gemma3Adapter(VLMAdapter):
         marker = self.image_placeholder
         expansion = self.processor.full_image_sequence
         soft = self.tokenizer.image_token
-        expansion = expansion[: expansion.index(soft) + len(soft)] + expansion[expansion.rindex(soft) + len(soft) :]
+        expansion = (
+            expansion[: expansion.index(soft) + len(soft)] + expansion[expansion.rindex(soft) + len(soft) :]
+        )
         pieces = prompt.split(marker)
         expanded, moved = pieces[0], []  # moved: (start in expanded text, shift back to the prompt)
         for piece in pieces[1:]:

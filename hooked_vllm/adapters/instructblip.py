@@ -103,7 +103,9 @@ class InstructBlipAdapter(VLMAdapter):
         """The Q-Former's query outputs: slots that are not patches (no place on the image)."""
         n = self.n_query_tokens
         query = torch.arange(n)
-        return [ImageSlots(torch.stack([0 * query, 0 * query, query], -1), spatial=False)] * self.n_images(inputs)
+        return [ImageSlots(torch.stack([0 * query, 0 * query, query], -1), spatial=False)] * self.n_images(
+            inputs
+        )
 
     def vision_hook_sites(self) -> dict[str, torch.nn.Module]:
         sites = {

@@ -50,7 +50,9 @@ class LlavaNextAdapter(LlavaAdapter):
         sizes = inputs["image_sizes"].cpu()
         slot_ids = [
             torch.arange(
-                image_size_to_num_patches(size.tolist(), config.image_grid_pinpoints, config.vision_config.image_size)
+                image_size_to_num_patches(
+                    size.tolist(), config.image_grid_pinpoints, config.vision_config.image_size
+                )
                 * per_tile,
                 dtype=torch.float64,
             ).view(-1, per_tile, 1)

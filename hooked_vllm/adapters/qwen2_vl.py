@@ -114,7 +114,5 @@ class Qwen2VLAdapter(VLMAdapter):
         if token_types is None:
             token_types = self.placeholder_mask(input_ids).int()
         grids = inputs.get("image_grid_thw") if inputs.get("pixel_values") is not None else None
-        positions, _ = self.hf_model.model.get_rope_index(
-            input_ids, token_types, grids, attention_mask=mask
-        )
+        positions, _ = self.hf_model.model.get_rope_index(input_ids, token_types, grids, attention_mask=mask)
         return positions

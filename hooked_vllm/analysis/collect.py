@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 
 from hooked_vllm.analysis.attention_lenses import attention_group_sums
 from hooked_vllm.analysis.contextualization import ContextualizationSums, layer_sums, stack_layer_sums
@@ -43,7 +43,8 @@ class AttentionSummary:
     ``norm[pair]``/``weight[pair]``: ``[layer, batch]`` (head-summed norm; head-mean alpha).
     ``head_norm[pair]``: ``[layer, head, batch]``.
     ``image_saliency_from_text``/``image_saliency_from_last``: ``[layer, batch, n_image_tokens]``,
-    head-summed norm received by each image token from the instruction / the last position.
+    head-summed norm received by each image token from the instruction / the last position (items
+    with fewer image tokens than the batch's most are NaN-padded at the end).
     """
 
     norm: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -60,8 +61,11 @@ class BatchAnalysis:
     contextualization: ContextualizationSums | None = None
     attention: AttentionSummary | None = None
     lens: LensResult | None = None
-    #: top-1 logit-lens token of every image position, ``[layer, batch, n_image_tokens]``
+    #: top-1 logit-lens token of every image position, ``[layer, batch, n_image_tokens]`` (-1 past
+    #: an item's own image tokens)
     image_verbalization: Int[torch.Tensor, "layer batch n_image"] | None = None
+    #: image tokens per item: where each item's saliency and verbalization rows end
+    n_image_tokens: list[int] = field(default_factory=list)
 
 
 class BatchReducer:
@@ -82,6 +86,8 @@ class BatchReducer:
         self.analyses = analyses
         self.image, self.text = batch.image_mask, batch.text_mask
         self.key_mask = batch.attention_mask.bool()
+        #: alpha is zero above the diagonal (the family's mask is causal plus padding)
+        self.causal = vlm.adapter.plain_causal
         # Each block's query mask is one of a few groups ("text<-image" reads text queries): keep
         # the groups once as a [batch, group, query] matrix, and each pair's keys and group index.
         pairs = modality_pairs(batch)
@@ -95,15 +101,17 @@ class BatchReducer:
         self.pair_query_index = torch.tensor(
             [self.group_names.index(n.split("<-")[0]) for n in self.pair_names]
         )
-        self.pair_counts = torch.stack([causal_pair_count(*pairs[n]) for n in self.pair_names], 1)
+        allowed = None if self.causal else allowed_pairs(vlm, batch)
+        self.pair_counts = torch.stack([pair_count(*pairs[n], allowed) for n in self.pair_names], 1)
         counts = self.image.sum(-1)
-        self.same_image_count = bool((counts == counts[0]).all()) and int(counts[0]) > 0
+        self.n_image_tokens = counts.tolist()
+        self.has_images = int(counts.max()) > 0
         self.lens = LogitLens.from_vlm(vlm) if "logit_lens" in analyses else None
         self.lens_positions = lens_positions if lens_positions is not None else batch.last_positions[:, None]
         self.top_k = top_k
-        self.verbalize_images = verbalize_images and self.same_image_count
-        if self.same_image_count:  # [batch, n_image]: gathered, not boolean-indexed (no device sync)
-            self.image_positions = self.image.nonzero()[:, 1].view(len(counts), -1)
+        self.verbalize_images = verbalize_images and self.has_images
+        if self.has_images:  # [batch, most image tokens]: gathered, not boolean-indexed (no device sync)
+            self.image_positions, self.image_valid = _padded_positions(self.image)
         self._blocks = vlm.blocks  # W_O read per layer: vlm.W_O would stack all (1 GiB at 7B)
         self._on_device: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._resid: list[tuple] = []
@@ -117,7 +125,7 @@ class BatchReducer:
         if device not in self._on_device:
             names = ("image", "text", "key_mask", "query_matrix", "key_matrix", "pair_query_index")
             names += ("pair_counts", "lens_positions") + (
-                ("image_positions",) if self.same_image_count else ()
+                ("image_positions", "image_valid") if self.has_images else ()
             )
             self._on_device[device] = {name: getattr(self, name).to(device) for name in names}
         return self._on_device[device]
@@ -133,7 +141,8 @@ class BatchReducer:
             self._lens_resid.append(gather_positions(hidden, here["lens_positions"]).detach())
             if self.verbalize_images:
                 image_hidden = gather_positions(hidden, here["image_positions"])
-                self._image_top1.append(self.lens.logits(image_hidden).argmax(-1))
+                top1 = self.lens.logits(image_hidden).argmax(-1)
+                self._image_top1.append(top1.masked_fill(~here["image_valid"], -1))
 
     def on_attention(
         self,
@@ -146,10 +155,10 @@ class BatchReducer:
             return
         device = pattern.device
         gram = head_gram(v, self._w_o(layer, device))  # [batch, key, head, head]
-        summed = head_summed_norms_from_gram(pattern, gram, causal=True)  # [batch, query, key]: decoder
+        summed = head_summed_norms_from_gram(pattern, gram, causal=self.causal)  # [batch, query, key]
         queries = self._at(device)["query_matrix"]  # [batch, group, query]
         norm_rows = torch.einsum("bgq,bqk->bgk", queries, summed)
-        alpha_rows = grouped_query_sums(queries, pattern, causal=True)
+        alpha_rows = grouped_query_sums(queries, pattern, causal=self.causal)
         self._summarise(norm_rows, alpha_rows, gram)
 
     def on_qkv(
@@ -193,10 +202,11 @@ class BatchReducer:
             "weight": {name: weight_blocks[:, i] for i, name in enumerate(self.pair_names)},
             "head_norm": {name: head_blocks[:, :, i].T for i, name in enumerate(self.pair_names)},
         }
-        if self.same_image_count:
+        if self.has_images:
             for key, query_name in (("from_text", "text"), ("from_last", "last")):
                 received = norm_rows[:, self.group_names.index(query_name)]
-                out[key] = received.gather(1, here["image_positions"])
+                received = received.gather(1, here["image_positions"])
+                out[key] = received.masked_fill(~here["image_valid"], float("nan"))
         self._attention.append(out)
 
     def _w_o(self, layer: int, device: torch.device) -> Float[torch.Tensor, "head d_head d_model"]:
@@ -206,7 +216,7 @@ class BatchReducer:
     def finish(self) -> BatchAnalysis:
         """Stack the layers and bring them to the CPU: per-layer results stay on the model's device
         until here, so that no layer waits for the GPU (a .cpu() per layer would)."""
-        result = BatchAnalysis()
+        result = BatchAnalysis(n_image_tokens=self.n_image_tokens)
         if self._resid:
             result.contextualization = stack_layer_sums(
                 [tuple(_to_cpu(part) for part in parts) for parts in self._resid]
@@ -225,6 +235,44 @@ class BatchReducer:
             if self._image_top1:
                 result.image_verbalization = _stacked(self._image_top1)
         return result
+
+
+def _padded_positions(
+    image: Bool[torch.Tensor, "batch pos"],
+) -> tuple[Int[torch.Tensor, "batch n"], Bool[torch.Tensor, "batch n"]]:
+    """Each item's image positions in order, padded (with position 0) to the batch's most, and
+    which entries are real."""
+    counts = image.sum(-1)
+    valid = torch.arange(int(counts.max()))[None, :] < counts[:, None]
+    positions = torch.zeros(valid.shape, dtype=torch.long)
+    positions[valid] = image.nonzero()[:, 1]
+    return positions, valid
+
+
+def allowed_pairs(vlm, batch) -> Bool[torch.Tensor, "batch query key"]:
+    """Which (query, key) pairs the family's full-attention mask lets attend (Gemma 3: causal, or
+    both in one image's block), from the mask the language model gets."""
+    embeds = torch.zeros(*batch.input_ids.shape, 1)
+    inputs = {k: v for k, v in batch.inputs.items() if k in batch.token_inputs}
+    mask = vlm.adapter.lm_attention_mask(inputs, embeds, batch.position_ids)
+    if isinstance(mask, dict):
+        mask = mask["full_attention"]
+    if mask.dim() == 2:  # the padding mask: causal attention to real keys
+        n = mask.shape[1]
+        return torch.ones(n, n, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    return allowed[:, 0].expand(len(batch), -1, -1).cpu()
+
+
+def pair_count(
+    query_mask: Bool[torch.Tensor, "batch query"],
+    key_mask: Bool[torch.Tensor, "batch key"],
+    allowed: Bool[torch.Tensor, "batch query key"] | None = None,
+) -> Float[torch.Tensor, " batch"]:
+    """Number of (query in Q, key in K) pairs that may attend: causal pairs, or those ``allowed``."""
+    if allowed is None:
+        return causal_pair_count(query_mask, key_mask)
+    return torch.einsum("bq,bqk,bk->b", query_mask.float(), allowed.float(), key_mask.float())
 
 
 def _stacked(tensors) -> torch.Tensor:
@@ -268,7 +316,8 @@ def collect(
     block by block for the norm-based lens (:mod:`~hooked_vllm.observed_attention`,
     :func:`~hooked_vllm.analysis.attention_lenses.attention_group_sums`; a Triton kernel on CUDA);
     "pattern" hooks ``hook_pattern`` of the bridge's step-by-step attention; "auto" is "fused"
-    where the backbone supports it. Both give the same numbers (to float rounding).
+    where the backbone supports it. Both give the same numbers (to float rounding). Families whose
+    attention mask is not causal plus padding (Gemma 3) always take the pattern path.
     """
     if attention not in ATTENTION_PATHS:
         raise ValueError(f"attention={attention!r} is not one of {ATTENTION_PATHS}.")
@@ -279,13 +328,15 @@ def collect(
     def hook_fn(tensor, hook, name):
         feed(name, tensor)
 
-    fused = attention == "fused" or (attention == "auto" and supported(vlm))
+    # Recomputing alpha from q and k assumes causal attention plus padding; other masks (Gemma 3's
+    # bidirectional image blocks, sliding windows) read the model's own pattern instead.
+    fused = vlm.adapter.plain_causal and (attention == "fused" or (attention == "auto" and supported(vlm)))
     names = hook_names(vlm.cfg.n_layers, () if fused else analyses)
     hooks = [(name, partial(hook_fn, name=name)) for name in names]
     if not fused:
         vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
         return reducer.finish()
-    causal_only = bool(batch.attention_mask.bool().all())
+    causal_only = bool(batch.attention_mask.bool().all())  # the mask is plain causal here
     with observed_sdpa_attention(vlm, reducer.on_qkv, causal_only=causal_only):
         vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
     return reducer.finish()

@@ -81,7 +81,11 @@ class ContextualizationSums:
 
     def per_item(self) -> dict[str, Float[torch.Tensor, "layer batch"]]:
         """Mean cosine per group, layer and item (NaN where a group has no pair)."""
-        return {g: self.pair_sum[g] / self.pair_count[g] for g in self.pair_sum}
+        # A group with no pair is NaN, not the rounding of |S|^2 - n divided by zero (-inf, +inf).
+        return {
+            g: torch.where(self.pair_count[g] > 0, self.pair_sum[g] / self.pair_count[g], float("nan"))
+            for g in self.pair_sum
+        }
 
 
 def layer_sums(

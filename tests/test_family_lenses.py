@@ -1,0 +1,197 @@
+"""The lenses and interventions on LLaVA-NeXT, Qwen2-VL/2.5-VL and Gemma 3 against naive references:
+images of different sizes (different image-token counts per item), M-RoPE, and Gemma 3's
+bidirectional image blocks and sliding windows (a non-causal mask)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.gemma3.modeling_gemma3 import (
+    create_masks_for_vision_model,
+    get_block_sequence_ids_for_mask,
+)
+
+from hooked_vllm.analysis import collect, contextualization_from_cache, modality_pairs
+from hooked_vllm.interventions import blocked_edges, knockout, patch_hook, prune, select_image_tokens
+from tests.conftest import family_images
+from tests.test_analyses import close, naive_norms, naive_pair_mean
+
+PROMPTS = ["Describe the image.", "What colour is the square in the picture?", "cat"]
+TOL = 1e-5
+
+
+def allowed_pairs_naive(family, batch) -> torch.Tensor:
+    """``[batch, query, key]``: causal attention to real keys, and for Gemma 3 every pair inside one
+    image's run of soft tokens (written out by hand, not with HF's mask functions)."""
+    n = batch.input_ids.shape[1]
+    real = batch.attention_mask.bool()
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & real[:, None, :]
+    if family.name == "gemma3":
+        soft = batch.inputs["token_type_ids"] == 1
+        run = torch.cumsum(soft & ~torch.nn.functional.pad(soft, (1, 0))[:, :-1], dim=1)
+        same_image = soft[:, :, None] & soft[:, None, :] & (run[:, :, None] == run[:, None, :])
+        allowed |= same_image
+    return allowed
+
+
+def hf_logits_with_blocked(family, batch, blocked: torch.Tensor) -> torch.Tensor:
+    """HF's language model on our input embeddings with the family's own masks, ``blocked`` removed."""
+    vlm, reference = family.vlm, family.reference
+    embeds = vlm.embed(batch)
+    minimum = torch.finfo(torch.float32).min
+    if family.name == "gemma3":
+        masks = create_masks_for_vision_model(
+            config=reference.config.get_text_config(),
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            past_key_values=None,
+            position_ids=batch.position_ids,
+            block_sequence_ids=get_block_sequence_ids_for_mask(batch.inputs["token_type_ids"]),
+        )
+        mask = {name: m.masked_fill(blocked[:, None], minimum) for name, m in masks.items()}
+    else:
+        allowed = allowed_pairs_naive(family, batch) & ~blocked
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, minimum)[:, None]
+    hidden = reference.model.language_model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids
+    ).last_hidden_state
+    return reference.lm_head(hidden)
+
+
+# ---------------------------------------------------------------- lenses
+def test_contextualization_matches_naive(new_family):
+    vlm = new_family.vlm
+    batch = vlm.prepare(family_images(), PROMPTS, padding_side="right")
+    assert len(set(batch.image_mask.sum(-1).tolist())) > 1 or new_family.name == "gemma3"
+    _, cache = vlm.run_with_cache(batch, names_filter=lambda n: "resid" in n)
+    per_item = contextualization_from_cache(cache, batch.image_mask, batch.text_mask).per_item()
+    streamed = collect(vlm, batch, analyses=("contextualization",)).contextualization.per_item()
+    for layer, name in [(0, "blocks.0.hook_resid_pre"), (2, "blocks.1.hook_resid_post")]:
+        h = cache[name]
+        for group, (a, b) in {
+            "intra_image": (batch.image_mask, batch.image_mask),
+            "intra_text": (batch.text_mask, batch.text_mask),
+            "inter": (batch.image_mask, batch.text_mask),
+        }.items():
+            expected = naive_pair_mean(h, a, b)
+            assert close(per_item[group][layer], expected, rel=1e-4), group
+            assert close(streamed[group][layer], expected, rel=1e-4), group
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_norm_based_attention_matches_naive(new_family, padding_side):
+    """Block means over the pairs the family's mask allows (Gemma 3: image blocks both ways),
+    saliency of each item's own image tokens, and verbalization per item."""
+    vlm = new_family.vlm
+    batch = vlm.prepare(family_images(), PROMPTS, padding_side=padding_side)
+    streamed = collect(vlm, batch, verbalize_images=True)
+    _, cache = vlm.run_with_cache(batch)
+    allowed = allowed_pairs_naive(new_family, batch)
+    counts = batch.image_mask.sum(-1).tolist()
+    for layer in range(vlm.cfg.n_layers):
+        naive_head, naive_summed = naive_norms(cache["pattern", layer], cache["v", layer], vlm.W_O[layer])
+        weights = cache["pattern", layer].double().mean(1)
+        for pair, (queries, keys) in modality_pairs(batch).items():
+            block = queries[:, :, None] & keys[:, None, :] & allowed
+            expected = torch.stack([naive_summed[b][block[b]].mean() for b in range(len(batch))])
+            assert close(streamed.attention.norm[pair][layer], expected, rel=1e-4), (layer, pair)
+            expected_weight = torch.stack([weights[b][block[b]].mean() for b in range(len(batch))])
+            assert close(streamed.attention.weight[pair][layer], expected_weight, rel=1e-4), (layer, pair)
+        from_last = naive_summed[torch.arange(len(batch)), batch.last_positions]  # [batch, key]
+        for b, n in enumerate(counts):
+            saliency = streamed.attention.image_saliency_from_last[layer, b]
+            assert close(saliency[:n], from_last[b][batch.image_mask[b]], rel=1e-4)
+            assert torch.isnan(saliency[n:]).all()
+    # The top logit-lens token of each of an item's image positions; -1 past its own.
+    resid = cache[f"blocks.{vlm.cfg.n_layers - 1}.hook_resid_post"]
+    top1 = vlm.unembed(vlm.ln_final(resid)).argmax(-1)
+    for b, n in enumerate(counts):
+        assert torch.equal(streamed.image_verbalization[-1, b, :n], top1[b][batch.image_mask[b]])
+        assert (streamed.image_verbalization[-1, b, n:] == -1).all()
+
+
+def test_bidirectional_image_blocks_are_counted(new_family):
+    """Gemma 3's image tokens read later image tokens of their image: image<-image averages over more
+    pairs than the causal half, and the pattern puts weight there."""
+    if new_family.name != "gemma3":
+        pytest.skip("only Gemma 3's image blocks are bidirectional")
+    vlm = new_family.vlm
+    batch = vlm.prepare(family_images(), PROMPTS)
+    _, cache = vlm.run_with_cache(batch, names_filter="blocks.1.attn.hook_pattern")
+    image = batch.image_mask
+    later = (
+        image[:, :, None]
+        & image[:, None, :]
+        & ~torch.ones_like(cache["pattern", 1][0, 0], dtype=torch.bool).tril()
+    )
+    assert cache["pattern", 1].sum(1)[later].min() > 0
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_fused_and_pattern_paths_agree(new_family, padding_side):
+    vlm = new_family.vlm
+    batch = vlm.prepare(family_images(), PROMPTS, padding_side=padding_side)
+    fused = collect(vlm, batch, attention="fused")
+    pattern = collect(vlm, batch, attention="pattern")
+    for pair, value in pattern.attention.norm.items():
+        assert close(fused.attention.norm[pair], value, rel=1e-5), pair
+        assert close(fused.attention.weight[pair], pattern.attention.weight[pair], rel=1e-5), pair
+
+
+def test_use_sdpa_keeps_the_logits(new_family):
+    """HF sdpa with the family's own mask (the causal shortcut only where it is causal)."""
+    vlm = new_family.vlm
+    for side in ("left", "right"):
+        batch = vlm.prepare(family_images(), PROMPTS, padding_side=side)
+        single = vlm.prepare(family_images()[:1], PROMPTS[:1])  # no padding: the shortcut's case
+        for b in (batch, single):
+            reference = vlm(b)
+            vlm.use_sdpa = True
+            try:
+                fused = vlm(b)
+            finally:
+                vlm.use_sdpa = False
+            real = b.attention_mask.bool()
+            assert (fused - reference)[real].abs().max() <= 1e-4
+
+
+# ---------------------------------------------------------------- interventions
+def test_knockout_matches_hf_with_the_family_mask(new_family):
+    """Knockout composes with the family's mask: Gemma 3's bidirectional image blocks and sliding
+    windows stay, minus the blocked edges (image -> image included)."""
+    vlm = new_family.vlm
+    batch = vlm.prepare(family_images(), PROMPTS)
+    real = batch.attention_mask.bool()
+    for edges in ([("image", "text"), ("image", "last")], [("image", "image")]):
+        with knockout(vlm, batch, edges=edges):
+            ours = vlm(batch)
+        expected = hf_logits_with_blocked(new_family, batch, blocked_edges(batch, edges))
+        assert (ours - expected)[real].abs().max() <= TOL, edges
+        assert (ours - vlm(batch))[real].abs().max() > 1e-4, "the knockout must change something"
+
+
+def test_pruning_every_image_token_matches_hf(new_family):
+    vlm = new_family.vlm
+    batch = vlm.prepare(family_images(), PROMPTS)
+    keep_none = select_image_tokens(vlm, batch, 0, "first", layer=0)
+    with prune(vlm, batch, keep_none, from_layer=0):
+        pruned = vlm(batch)
+    blocked = batch.image_mask[:, None, :].expand(-1, batch.input_ids.shape[1], -1)
+    real = batch.attention_mask.bool()
+    assert (pruned - hf_logits_with_blocked(new_family, batch, blocked))[real].abs().max() <= TOL
+    keep = select_image_tokens(vlm, batch, 5, "norm", layer=1)
+    assert (keep.sum(-1) == 5).all() and not (keep & ~batch.image_mask).any()
+
+
+def test_patching_everything_reproduces_the_source(new_family):
+    vlm = new_family.vlm
+    source = vlm.prepare(family_images(seed=1), PROMPTS)
+    target = vlm.prepare(family_images(seed=2), PROMPTS)
+    assert torch.equal(source.image_mask, target.image_mask)
+    everything = source.attention_mask.bool()
+    source_logits, source_cache = vlm.run_with_cache(source)
+    name = "blocks.1.hook_resid_post"
+    with vlm.hooks(fwd_hooks=[(name, patch_hook(source_cache[name], everything))]):
+        patched = vlm(target)
+    assert (patched - source_logits)[everything].abs().max() <= TOL
+    assert (vlm(target) - source_logits)[everything].abs().max() > 1e-3
