@@ -188,6 +188,9 @@ def qwen2_5_vl_config(text_config, full: bool):
             num_hidden_layers=llama.num_hidden_layers,
             num_attention_heads=llama.num_attention_heads,
             num_key_value_heads=llama.num_key_value_heads,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
             max_position_embeddings=llama.max_position_embeddings,
             rope_parameters={
                 "rope_type": "default",
