@@ -128,8 +128,8 @@ class TokensMixin:
 
     def _item_str_tokens(self, batch: VLMBatch, index: int) -> list[str]:
         ids = batch.input_ids[index].tolist()
-        image_row = batch.image_mask[index].tolist()
         real = batch.attention_mask[index].tolist()
+        labels = _image_slot_labels(batch, index)
         out: list[str] = []
         run: list[int] = []  # the text tokens since the last image or padding: decoded in context
 
@@ -137,23 +137,46 @@ class TokensMixin:
             out.extend(_tokens_in_context(self.tokenizer, run))
             run.clear()
 
-        image_no, patch, previous_image = -1, 0, False
-        for token, is_image, is_real in zip(ids, image_row, real):
-            if is_real and not is_image:
+        for pos, (token, is_real) in enumerate(zip(ids, real)):
+            if is_real and pos not in labels:
                 run.append(token)
-                previous_image = False
                 continue
             flush()
-            if not is_real:
-                out.append("<pad>")
-            else:
-                if not previous_image:
-                    image_no, patch = image_no + 1, 0
-                out.append(f"<img{image_no}:{patch}>")
-                patch += 1
-            previous_image = bool(is_image and is_real)
+            out.append(labels[pos] if is_real else "<pad>")
         flush()
         return out
+
+
+def _image_slot_labels(batch: VLMBatch, index: int) -> dict[int, str]:
+    """``{position: label}`` of item ``index``'s image slots: ``<img{i}:{k}>`` for patch k of image
+    i, ``<img{i}:newline>`` for a structure slot (LLaVA-NeXT's row ends)."""
+    image_row = batch.image_mask[index].tolist()
+    if not batch.image_slots:  # no images: runs of image positions, one image each
+        labels, image_no, patch, previous = {}, -1, 0, False
+        for pos, is_image in enumerate(image_row):
+            if is_image:
+                if not previous:
+                    image_no, patch = image_no + 1, 0
+                labels[pos] = f"<img{image_no}:{patch}>"
+                patch += 1
+            previous = is_image
+        return labels
+    kinds = [
+        (image_no, bool(is_patch))
+        for image_no, slots in enumerate(batch.image_slots[index])
+        for is_patch in slots.is_patch.tolist()
+    ]
+    # The slots the visual prefix fills hold the image token, patch or structure slot alike.
+    ids, real = batch.input_ids[index], batch.attention_mask[index].bool()
+    placeholders = torch.isin(ids, ids[batch.image_mask[index]]) & real
+    labels, patches = {}, {}
+    for pos, (image_no, is_patch) in zip(placeholders.nonzero().flatten().tolist(), kinds):
+        if is_patch:
+            labels[pos] = f"<img{image_no}:{patches.setdefault(image_no, 0)}>"
+            patches[image_no] += 1
+        else:
+            labels[pos] = f"<img{image_no}:newline>"
+    return labels
 
 
 def _tokens_in_context(tokenizer: Any, ids: list[int]) -> list[str]:

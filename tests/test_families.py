@@ -356,3 +356,49 @@ def test_cross_attention_vlm_is_refused_naming_the_supported_families():
     ):
         assert arch in supported_architectures()
         assert arch in message
+
+
+def test_str_tokens_name_each_image_slot(new_family):
+    """One image per item: patches read <img0:0>, <img0:1>, ... in order, structure slots
+    (LLaVA-NeXT's row newlines) <img0:newline>, every other real token is text."""
+    vlm = new_family.vlm
+    batch = prepared(new_family, "right")
+    for item in range(len(batch)):
+        tokens = vlm.to_str_tokens(batch, item)
+        assert len(tokens) == batch.input_ids.shape[1]
+        image = batch.image_mask[item].nonzero().flatten().tolist()
+        assert [tokens[p] for p in image] == [f"<img0:{k}>" for k in range(len(image))]
+        newlines = [p for p, t in enumerate(tokens) if t == "<img0:newline>"]
+        slots = batch.image_slots[item][0]
+        assert len(newlines) == int((~slots.is_patch).sum())
+        placeholders = vlm.adapter.placeholder_mask(batch.input_ids[item]).nonzero().flatten().tolist()
+        assert sorted(image + newlines) == placeholders
+
+
+def test_prompts_follow_the_processors_chat_template(new_family):
+    """A processor with a chat template (every real checkpoint) gets its prompts from it: one user
+    turn, the images then the instruction, the generation prompt; BOS once, the instruction exactly
+    the text tokens."""
+    vlm, processor = new_family.vlm, new_family.processor
+    image = vlm.adapter.image_text or vlm.adapter.image_placeholder
+    template = (
+        "{{ bos_token }}{% for m in messages %}<turn>{{ m['role'] }}\n{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}" + image + "{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+        "<end>\n{% endfor %}{% if add_generation_prompt %}<turn>assistant\n{% endif %}"
+    )
+    saved = processor.chat_template
+    processor.chat_template = template
+    try:
+        batch = vlm.prepare(family_images()[:2], PROMPTS[:2])
+    finally:
+        processor.chat_template = saved
+    tokenizer = vlm.tokenizer
+    adds_bos = tokenizer("").input_ids[:1] == [tokenizer.bos_token_id] and tokenizer.bos_token is not None
+    for item, instruction in enumerate(PROMPTS[:2]):
+        expected = f"<turn>user\n{image}{instruction}<end>\n<turn>assistant\n"
+        assert batch.prompts[item] == (expected if adds_bos else (tokenizer.bos_token or "") + expected)
+        ids = batch.input_ids[item][batch.attention_mask[item].bool()].tolist()
+        if adds_bos:
+            assert ids.count(tokenizer.bos_token_id) == 1
+        text = batch.input_ids[item][batch.text_mask[item]]
+        assert tokenizer.decode(text).strip() == instruction

@@ -40,6 +40,9 @@ from jaxtyping import Bool, Float, Int
 from PIL import Image
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from hooked_vllm.adapters.prompts import chat_prompt
+from hooked_vllm.adapters.tokens import token_ids_with_spans
+
 
 @dataclass(frozen=True)
 class ImageSlots:
@@ -113,36 +116,53 @@ class VLMAdapter(ABC):
         """A causal LM sharing the HF model's decoder layers, final norm and unembedding."""
 
     @property
-    @abstractmethod
     def text_config(self) -> PretrainedConfig:
         """The language model's config."""
+        return self.hf_model.config.get_text_config()
 
     # 3. Prompts and processing
+    #: What a prompt writes for one image (the processor expands it into the image's slots).
+    image_placeholder: ClassVar[str] = "<image>"
+    #: The prompt where the processor has no chat template: ``{images}`` (the images' text,
+    #: newline-separated) and ``{instruction}``.
+    template: ClassVar[str] = "{images}{instruction}"
+    #: The text of one image in :attr:`template` (default: the placeholder alone).
+    image_text: ClassVar[str | None] = None
+
     @property
-    @abstractmethod
     def image_token_id(self) -> int:
         """Token id of the image placeholder positions in ``input_ids``."""
+        return int(self.hf_model.config.image_token_id)
 
     @property
-    @abstractmethod
     def tokenizer(self) -> Any:
         """The language model's tokenizer."""
+        return self.processor.tokenizer
 
-    @abstractmethod
     def format_prompt(self, instruction: str, n_images: int) -> tuple[str, tuple[int, int]]:
         """The prompt for ``instruction`` in this family's template, and the instruction's
-        ``(start, end)`` character span in it."""
+        ``(start, end)`` character span in it (default: the processor's chat template, else
+        :attr:`template`)."""
+        return chat_prompt(
+            self.processor, instruction, n_images, self.template, self.image_placeholder, self.image_text
+        )
 
-    @abstractmethod
     def count_image_slots(self, prompt: str) -> int:
         """How many images a (templated) prompt takes."""
+        return prompt.count(self.image_placeholder)
 
-    @abstractmethod
     def process(
         self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str
     ) -> Mapping[str, torch.Tensor]:
         """The HF processor call: ``input_ids``, ``attention_mask``, ``pixel_values`` and any
         :attr:`vision_input_names`."""
+        return self.processor(
+            images=list(images) or None,
+            text=list(prompts),
+            return_tensors="pt",
+            padding=True,
+            padding_side=padding_side,
+        )
 
     def normalize_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Fix up processor outputs so results do not depend on batch-mates (default: unchanged).
@@ -150,10 +170,10 @@ class VLMAdapter(ABC):
         Called once, by :func:`hooked_vllm.inputs.build_batch`, on every batch (prepared or raw)."""
         return inputs
 
-    @abstractmethod
     def prompt_token_ids(self, prompt: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids of ``prompt`` with each image slot as one placeholder token, and each token's
         character span (placeholders and added special tokens included)."""
+        return token_ids_with_spans(self.tokenizer, prompt)
 
     # 4. The vision side and where it goes
     @abstractmethod

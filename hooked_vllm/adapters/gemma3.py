@@ -19,14 +19,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from jaxtyping import Float
 from PIL import Image
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.models.gemma3.modeling_gemma3 import (
     create_masks_for_vision_model,
     get_block_sequence_ids_for_mask,
 )
 
 from hooked_vllm.adapters.base import VLMAdapter, causal_lm_view
-from hooked_vllm.adapters.prompts import chat_prompt
 from hooked_vllm.adapters.tokens import token_ids_with_spans
 
 
@@ -35,34 +34,14 @@ class Gemma3Adapter(VLMAdapter):
     architectures = ("Gemma3ForConditionalGeneration",)
     token_input_names = ("input_ids", "attention_mask", "token_type_ids")
     plain_causal = False
-    #: used where the processor has no chat template
-    template = "{images}{instruction}"
 
     def language_model(self) -> PreTrainedModel:
         return causal_lm_view(self.text_config, self.hf_model.model.language_model, self.hf_model.lm_head)
 
     @property
-    def text_config(self) -> PretrainedConfig:
-        return self.hf_model.config.get_text_config()
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.hf_model.config.image_token_id)
-
-    @property
-    def tokenizer(self):
-        return self.processor.tokenizer
-
-    @property
     def image_placeholder(self) -> str:
         """What a prompt writes for an image: ``<start_of_image>``."""
         return self.processor.boi_token
-
-    def format_prompt(self, instruction: str, n_images: int) -> tuple[str, tuple[int, int]]:
-        return chat_prompt(self.processor, instruction, n_images, self.template, self.image_placeholder)
-
-    def count_image_slots(self, prompt: str) -> int:
-        return prompt.count(self.image_placeholder)
 
     def process(
         self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str

@@ -47,10 +47,6 @@ class InstructBlipAdapter(VLMAdapter):
         return int(self.hf_model.config.image_token_index)
 
     @property
-    def tokenizer(self):
-        return self.processor.tokenizer
-
-    @property
     def n_query_tokens(self) -> int:
         return int(self.hf_model.config.num_query_tokens)
 

@@ -8,63 +8,34 @@ model's config, as in HF.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from jaxtyping import Float
-from PIL import Image
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from hooked_vllm.adapters.base import VLMAdapter, causal_lm_view
-from hooked_vllm.adapters.tokens import token_ids_with_spans
 
 
 class LlavaAdapter(VLMAdapter):
     family = "llava"
     architectures = ("LlavaForConditionalGeneration",)
-    #: LLaVA-1.5's conversation template (the ``llava-hf`` model cards' format).
+    #: LLaVA-1.5's conversation template (the ``llava-hf`` model cards' format), used as it is.
     template = "USER: {images}\n{instruction} ASSISTANT:"
-    image_placeholder = "<image>"
 
     def language_model(self) -> PreTrainedModel:
         return causal_lm_view(self.text_config, self.hf_model.model.language_model, self.hf_model.lm_head)
 
-    @property
-    def text_config(self) -> PretrainedConfig:
-        return self.hf_model.config.text_config
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.hf_model.config.image_token_id)
-
-    @property
-    def tokenizer(self):
-        return self.processor.tokenizer
-
     def format_prompt(self, instruction: str, n_images: int) -> tuple[str, tuple[int, int]]:
-        # An instruction that already holds <image> placeholders keeps them where the user put them.
+        """LLaVA-1.5's conversation template, as the ``llava-hf`` model cards write it.
+
+        An instruction that already holds ``<image>`` placeholders keeps them where the user put them.
+        """
         placed_by_user = self.image_placeholder in instruction
         images = "" if placed_by_user else "\n".join([self.image_placeholder] * n_images)
         prefix = self.template.split("{instruction}")[0].format(images=images)
         prompt = self.template.format(images=images, instruction=instruction)
         return prompt, (len(prefix), len(prefix) + len(instruction))
-
-    def count_image_slots(self, prompt: str) -> int:
-        return prompt.count(self.image_placeholder)
-
-    def process(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str
-    ) -> Mapping[str, torch.Tensor]:
-        return self.processor(
-            images=list(images) or None,
-            text=list(prompts),
-            return_tensors="pt",
-            padding=True,
-            padding_side=padding_side,
-        )
-
-    def prompt_token_ids(self, prompt: str) -> tuple[list[int], list[tuple[int, int]]]:
-        return token_ids_with_spans(self.tokenizer, prompt)
 
     def visual_prefix(self, inputs: Mapping[str, torch.Tensor]) -> Float[torch.Tensor, "n_slots d_model"]:
         config = self.hf_model.config

@@ -17,9 +17,8 @@ import torch
 from jaxtyping import Float
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from hooked_vllm.adapters.base import ImageSlots
+from hooked_vllm.adapters.base import ImageSlots, VLMAdapter
 from hooked_vllm.adapters.llava import LlavaAdapter
-from hooked_vllm.adapters.prompts import chat_prompt
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -28,8 +27,8 @@ class LlavaNextAdapter(LlavaAdapter):
     vision_input_names = ("image_sizes",)
     image_input_names = ("pixel_values", "image_sizes")
 
-    def format_prompt(self, instruction: str, n_images: int) -> tuple[str, tuple[int, int]]:
-        return chat_prompt(self.processor, instruction, n_images, self.template, self.image_placeholder)
+    #: The processor's chat template (Vicuna, Mistral and LLaMA-3 checkpoints differ), else LLaVA's.
+    format_prompt = VLMAdapter.format_prompt
 
     def visual_prefix(self, inputs: Mapping[str, torch.Tensor]) -> Float[torch.Tensor, "n_slots d_model"]:
         config = self.hf_model.config

@@ -14,18 +14,24 @@ _SENTINEL = "\x00hooked-vllm-instruction\x00"
 
 
 def chat_prompt(
-    processor: Any, instruction: str, n_images: int, fallback: str, image_placeholder: str
+    processor: Any,
+    instruction: str,
+    n_images: int,
+    fallback: str,
+    image_placeholder: str,
+    image_text: str | None = None,
 ) -> tuple[str, tuple[int, int]]:
     """``(prompt, (start, end))``: the templated prompt and the instruction's span in it.
 
-    ``fallback`` has ``{images}`` (the placeholders, one per image, newline-separated) and
-    ``{instruction}``. An instruction that holds placeholders itself keeps them where they are.
+    ``fallback`` has ``{images}`` (``image_text``, default the placeholder, once per image,
+    newline-separated) and ``{instruction}``. An instruction that holds placeholders itself keeps
+    them where they are.
     """
     placed_by_user = image_placeholder in instruction
     n_images = 0 if placed_by_user else n_images
     rendered = _render_chat_template(processor, n_images)
     if rendered is None or rendered.count(_SENTINEL) != 1:
-        images = "\n".join([image_placeholder] * n_images)
+        images = "\n".join([image_text or image_placeholder] * n_images)
         rendered = fallback.replace("{images}", images).replace("{instruction}", _SENTINEL)
     before, after = rendered.split(_SENTINEL)
     before = _without_added_bos(processor, before)

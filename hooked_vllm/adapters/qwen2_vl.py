@@ -16,16 +16,13 @@ a ViT at dynamic resolution, 2x2 patch merge -> Qwen2 language model with M-RoPE
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from jaxtyping import Float, Int
-from PIL import Image
-from transformers import PretrainedConfig, PreTrainedModel, Qwen2ForCausalLM
+from transformers import PreTrainedModel, Qwen2ForCausalLM
 
 from hooked_vllm.adapters.base import ImageSlots, VLMAdapter, causal_lm_view
-from hooked_vllm.adapters.prompts import chat_prompt
-from hooked_vllm.adapters.tokens import token_ids_with_spans
 
 
 class Qwen2VLAdapter(VLMAdapter):
@@ -34,51 +31,13 @@ class Qwen2VLAdapter(VLMAdapter):
     vision_input_names = ("image_grid_thw",)
     token_input_names = ("input_ids", "attention_mask", "mm_token_type_ids")
     image_input_names = ("image_grid_thw",)
-    #: used where the processor has no chat template
-    template = "<|vision_start|>{images}<|vision_end|>{instruction}"
     image_placeholder = "<|image_pad|>"
+    image_text = "<|vision_start|><|image_pad|><|vision_end|>"
 
     def language_model(self) -> PreTrainedModel:
         return causal_lm_view(
             self.text_config, self.hf_model.model.language_model, self.hf_model.lm_head, Qwen2ForCausalLM
         )
-
-    @property
-    def text_config(self) -> PretrainedConfig:
-        return self.hf_model.config.get_text_config()
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.hf_model.config.image_token_id)
-
-    @property
-    def tokenizer(self):
-        return self.processor.tokenizer
-
-    def format_prompt(self, instruction: str, n_images: int) -> tuple[str, tuple[int, int]]:
-        fallback = self.template.replace(
-            "{images}", "<|vision_end|><|vision_start|>".join([self.image_placeholder] * max(n_images, 1))
-        )
-        if n_images == 0:
-            fallback = "{instruction}"
-        return chat_prompt(self.processor, instruction, n_images, fallback, self.image_placeholder)
-
-    def count_image_slots(self, prompt: str) -> int:
-        return prompt.count(self.image_placeholder)
-
-    def process(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str
-    ) -> Mapping[str, torch.Tensor]:
-        return self.processor(
-            images=list(images) or None,
-            text=list(prompts),
-            return_tensors="pt",
-            padding=True,
-            padding_side=padding_side,
-        )
-
-    def prompt_token_ids(self, prompt: str) -> tuple[list[int], list[tuple[int, int]]]:
-        return token_ids_with_spans(self.tokenizer, prompt)
 
     # -- the vision side
     def n_images(self, inputs: Mapping[str, torch.Tensor]) -> int:
