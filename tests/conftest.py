@@ -15,27 +15,17 @@ import torch
 from PIL import Image
 
 from hooked_vllm import HookedVLM
-from hooked_vllm.testing import (
-    tiny_gemma3,
-    tiny_instructblip,
-    tiny_llava,
-    tiny_llava_next,
-    tiny_qwen2_5_vl,
-    tiny_qwen2_vl,
-)
+from hooked_vllm.testing import tiny_instructblip, tiny_llava
+from hooked_vllm.tiny_models import family_builders
 
 ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_grad_enabled(False)
 
 BUILDERS = {"llava": tiny_llava, "instructblip": tiny_instructblip}
-#: the families of "any visual-prefix VLM" (tiles, M-RoPE, bidirectional image blocks)
-NEW_BUILDERS = {
-    "llava_next": tiny_llava_next,
-    "qwen2_vl": tiny_qwen2_vl,
-    "qwen2_5_vl": tiny_qwen2_5_vl,
-    "gemma3": tiny_gemma3,
-}
+#: the families of "any visual-prefix VLM" (tiles, M-RoPE, bidirectional image blocks...): every
+#: other tiny builder (hooked_vllm/tiny_models/<family>.py for a new one)
+NEW_BUILDERS = {name: builder for name, builder in family_builders().items() if name not in BUILDERS}
 #: (width, height) of the images of a family batch: tiles, grids and token counts differ per item
 FAMILY_IMAGE_SIZES = [(48, 24), (24, 48), (40, 40)]
 INSTRUCTIONS = ["Describe the image.", "What colour?", "How many shapes are there in the picture now?"]

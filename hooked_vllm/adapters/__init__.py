@@ -1,28 +1,44 @@
 """Model-family adapters and their registry.
 
-To add a family: write ``adapters/<family>.py`` with a :class:`VLMAdapter` subclass and add it to
-``ADAPTERS`` below.
+To add a family: write ``adapters/<family>.py`` with a :class:`VLMAdapter` subclass (see
+``adapters/base.py`` for the contract). Every module of this package is read on import and each
+concrete adapter class in it registered in ``ADAPTERS``: nothing else to edit.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
+
 from transformers import PretrainedConfig
 
 from hooked_vllm.adapters.base import ImageSlots, VLMAdapter, causal_lm_view
-from hooked_vllm.adapters.gemma3 import Gemma3Adapter
-from hooked_vllm.adapters.instructblip import InstructBlipAdapter
-from hooked_vllm.adapters.llava import LlavaAdapter
-from hooked_vllm.adapters.llava_next import LlavaNextAdapter
-from hooked_vllm.adapters.qwen2_vl import Qwen2VLAdapter
 from hooked_vllm.errors import UnsupportedModelError
 
-ADAPTERS: tuple[type[VLMAdapter], ...] = (
-    LlavaAdapter,
-    InstructBlipAdapter,
-    LlavaNextAdapter,
-    Qwen2VLAdapter,
-    Gemma3Adapter,
-)
+#: modules of this package that hold no family
+_SHARED_MODULES = ("base", "prompts", "tokens")
+
+
+def _discover_adapters() -> tuple[type[VLMAdapter], ...]:
+    """Every concrete :class:`VLMAdapter` defined in a module of this package, by module name."""
+    found: list[type[VLMAdapter]] = []
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if module_info.name in _SHARED_MODULES:
+            continue
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        found += [
+            obj
+            for obj in vars(module).values()
+            if inspect.isclass(obj)
+            and issubclass(obj, VLMAdapter)
+            and obj.__module__ == module.__name__
+            and not inspect.isabstract(obj)
+        ]
+    return tuple(found)
+
+
+ADAPTERS: tuple[type[VLMAdapter], ...] = _discover_adapters()
 
 
 def supported_architectures() -> list[str]:
@@ -62,12 +78,7 @@ def adapter_class_for(config: PretrainedConfig) -> type[VLMAdapter]:
 
 __all__ = [
     "ADAPTERS",
-    "Gemma3Adapter",
     "ImageSlots",
-    "InstructBlipAdapter",
-    "LlavaAdapter",
-    "LlavaNextAdapter",
-    "Qwen2VLAdapter",
     "VLMAdapter",
     "adapter_class_for",
     "causal_lm_view",

@@ -20,10 +20,15 @@ Example:
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
+import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -588,3 +593,19 @@ def tiny_gemma3(
         image_seq_length=mm_tokens_per_image,
     )
     return model, processor
+
+
+def family_builders() -> dict[str, Callable[..., tuple[torch.nn.Module, Any]]]:
+    """``{family: builder}`` for every tiny model: the ``tiny_<family>`` functions of this module and
+    of its submodules (``hooked_vllm/tiny_models/<family>.py``: a new family's builder goes there)."""
+    modules = [sys.modules[__name__]] + [
+        importlib.import_module(f"{__name__}.{info.name}") for info in pkgutil.iter_modules(__path__)
+    ]
+    return {
+        name[len("tiny_") :]: function
+        for module in modules
+        for name, function in sorted(vars(module).items())
+        if name.startswith("tiny_")
+        and inspect.isfunction(function)
+        and function.__module__ == module.__name__
+    }
