@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from transformer_lens import ActivationCache
+from transformer_lens.utilities import Slice
 
 NORMALIZED = ("LN", "LNPre", "RMS", "RMSPre")
 
@@ -43,7 +44,42 @@ def final_norm_weight(bridge: Any) -> Float[torch.Tensor, " d_model"] | None:
 
 
 class VLMActivationCache(ActivationCache):
-    """``ActivationCache`` whose stacks aimed at the unembedding include the final norm's weight."""
+    """``ActivationCache`` whose stacks aimed at the unembedding include the final norm's weight, and
+    whose residual decompositions count the visual features some families add to the stream between
+    blocks (Qwen3-VL's DeepStack, ``blocks.{l}.hook_deepstack``) as terms of their own."""
+
+    def decompose_resid(
+        self,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        mode: str = "all",
+        apply_ln: bool = False,
+        pos_slice: Any = None,
+        incl_embeds: bool = True,
+        return_labels: bool = False,
+    ) -> Any:
+        """TransformerLens's ``decompose_resid``; with ``mode="all"`` an injection after block l is
+        the term ``"{l}_deepstack"`` (after ``"{l}_mlp_out"``), so the terms still sum to the stream."""
+        components, labels = super().decompose_resid(
+            layer, mlp_input, mode, False, pos_slice, incl_embeds, return_labels=True
+        )
+        last = self.model.cfg.n_layers if layer is None or layer == -1 else layer
+        injected = (
+            [n for n in range(last) if f"blocks.{n}.hook_deepstack" in self.cache_dict]
+            if mode == "all"
+            else []
+        )
+        if injected:
+            slicer = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+            parts, names = list(components), list(labels)
+            for n in injected:
+                at = names.index(f"{n}_mlp_out") + 1 if f"{n}_mlp_out" in names else len(names)
+                parts.insert(at, slicer.apply(self[f"blocks.{n}.hook_deepstack"], dim=-2))
+                names.insert(at, f"{n}_deepstack")
+            components, labels = torch.stack(parts), names
+        if apply_ln:
+            components = self.apply_ln_to_stack(components, layer, pos_slice=pos_slice, mlp_input=mlp_input)
+        return (components, labels) if return_labels else components
 
     def apply_ln_to_stack(
         self,

@@ -105,13 +105,16 @@ class GenerationMixin:
             return tokenizer.batch_decode(empty) if return_str else empty
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        embeds = self.embed(batch)
+        embeds, injections = self._embed_with_injections(batch)
         device = embeds.device
         rows = torch.arange(len(batch), device=device)
         last = batch.last_positions.to(device)
         mask = batch.attention_mask.to(device)
         logits, past = self.bridge(
-            embeds, **self.lm_inputs(batch, embeds), return_type="logits_and_cache", use_cache=True
+            embeds,
+            **self.lm_inputs(batch, embeds, injections),
+            return_type="logits_and_cache",
+            use_cache=True,
         )
         next_logits = logits[rows, last]
         positions = next_position_ids(batch.position_ids.to(device), mask) - 1

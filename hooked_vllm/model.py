@@ -82,6 +82,12 @@ class HookedVLM(TokensMixin, GenerationMixin):
         )
         self.hook_visual_prefix = HookPoint()
         self._extra_hook_points: dict[str, HookPoint] = {"hook_visual_prefix": self.hook_visual_prefix}
+        #: ``blocks.{l}.hook_deepstack``: ``[batch, pos, d_model]`` added to the residual stream after
+        #: block l (zero outside the image positions): Qwen3-VL's DeepStack features
+        self._injection_points = {
+            layer: self._extra_hook_points.setdefault(f"blocks.{layer}.hook_deepstack", HookPoint())
+            for layer in self.adapter.injection_layers
+        }
         for name, module in self.adapter.vision_hook_sites().items():
             point = HookPoint()
             self._extra_hook_points[name] = point
@@ -282,7 +288,12 @@ class HookedVLM(TokensMixin, GenerationMixin):
         residual stream starts from, the visual prefix at image positions (so residual
         decompositions and direct logit attribution are exact there too).
         """
-        batch = self.to_batch(batch)
+        return self._embed_with_injections(self.to_batch(batch))[0]
+
+    def _embed_with_injections(
+        self, batch: VLMBatch
+    ) -> tuple[Float[torch.Tensor, "batch pos d_model"], list[Float[torch.Tensor, "batch pos d_model"]]]:
+        """:meth:`embed`, and the features to add after the injection layers (through their hooks)."""
         device = self.bridge.cfg.device
         embedding = self.bridge.embed
         input_ids = embedding.hook_in(batch.input_ids.to(device))
@@ -297,7 +308,7 @@ class HookedVLM(TokensMixin, GenerationMixin):
                     f"The batch has {n_slots} image placeholder positions but no 'pixel_values'. "
                     "Pass the images through vlm.prepare(images=..., prompts=...) or the processor."
                 )
-            return embedding.hook_out(embeds)
+            return embedding.hook_out(embeds), []
         if n_slots == 0:
             raise MissingImageError(
                 "The batch has 'pixel_values' but no image placeholder tokens in 'input_ids', so the "
@@ -311,24 +322,37 @@ class HookedVLM(TokensMixin, GenerationMixin):
             if k in self.adapter.vision_input_names
         }
         vision_inputs["pixel_values"] = batch.pixel_values.to(vision_param.device, vision_param.dtype)
-        prefix = self.hook_visual_prefix(self.adapter.visual_prefix(vision_inputs))
+        features = self.adapter.visual_features(vision_inputs)
+        prefix = self.hook_visual_prefix(features.prefix)
         if prefix.shape[0] != n_slots:
             raise ImageCountError(
                 f"The images give {prefix.shape[0]} visual tokens but 'input_ids' has {n_slots} image "
                 "placeholder positions. Give one image per placeholder (vlm.prepare checks this for you)."
             )
-        placed = embeds.masked_scatter(placeholders.unsqueeze(-1), prefix.to(embeds.device, embeds.dtype))
-        return embedding.hook_out(placed)
+        slots = placeholders.unsqueeze(-1)
+        placed = embeds.masked_scatter(slots, prefix.to(embeds.device, embeds.dtype))
+        injections = [
+            self._injection_points[layer](
+                torch.zeros_like(embeds).masked_scatter(slots, added.to(embeds.device, embeds.dtype))
+            )
+            for layer, added in zip(self.adapter.injection_layers, features.injections, strict=True)
+        ]
+        return embedding.hook_out(placed), injections
 
-    def lm_inputs(self, batch: VLMBatch, embeds: torch.Tensor) -> dict[str, Any]:
+    def lm_inputs(
+        self, batch: VLMBatch, embeds: torch.Tensor, injections: Sequence[torch.Tensor] = ()
+    ) -> dict[str, Any]:
         """The language model's keyword inputs for the prompt pass of ``batch``: the family's
-        attention mask (2-D, or its own: Gemma 3's bidirectional image blocks) and positions."""
+        attention mask (2-D, or its own: Gemma 3's bidirectional image blocks), positions, and the
+        features added after early layers where the family has them (Qwen3-VL's DeepStack)."""
         device = embeds.device
         inputs = {k: v.to(device) for k, v in batch.inputs.items() if k in batch.token_inputs}
         position_ids = batch.position_ids.to(device)
+        extra = self.adapter.injection_inputs(list(injections)) if injections else {}
         return {
             "attention_mask": self.adapter.lm_attention_mask(inputs, embeds, position_ids),
             "position_ids": position_ids,
+            **extra,
         }
 
     def forward(
@@ -357,9 +381,9 @@ class HookedVLM(TokensMixin, GenerationMixin):
             batch, prepend_bos=prepend_bos, padding_side=padding_side, attention_mask=attention_mask
         )
         self._check_length(batch)
-        embeds = self.embed(batch)
+        embeds, injections = self._embed_with_injections(batch)
         with self._fused_attention(batch):
-            return self.bridge(embeds, **self.lm_inputs(batch, embeds), return_type=return_type)
+            return self.bridge(embeds, **self.lm_inputs(batch, embeds, injections), return_type=return_type)
 
     def _fused_attention(self, batch: VLMBatch) -> AbstractContextManager:
         if not self.use_sdpa or not observed_attention.supported(self):

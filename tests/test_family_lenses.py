@@ -37,7 +37,8 @@ def allowed_pairs_naive(family, batch) -> torch.Tensor:
 def hf_logits_with_blocked(family, batch, blocked: torch.Tensor) -> torch.Tensor:
     """HF's language model on our input embeddings with the family's own masks, ``blocked`` removed."""
     vlm, reference = family.vlm, family.reference
-    embeds = vlm.embed(batch)
+    embeds, injections = vlm._embed_with_injections(batch)  # Qwen3-VL: its DeepStack features too
+    extra = vlm.adapter.injection_inputs(injections) if injections else {}
     minimum = torch.finfo(torch.float32).min
     if family.name == "gemma3":
         masks = create_masks_for_vision_model(
@@ -53,7 +54,7 @@ def hf_logits_with_blocked(family, batch, blocked: torch.Tensor) -> torch.Tensor
         allowed = allowed_pairs_naive(family, batch) & ~blocked
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, minimum)[:, None]
     hidden = reference.model.language_model(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids
+        inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids, **extra
     ).last_hidden_state
     return reference.lm_head(hidden)
 
@@ -190,7 +191,9 @@ def test_patching_everything_reproduces_the_source(new_family):
     assert torch.equal(source.image_mask, target.image_mask)
     everything = source.attention_mask.bool()
     source_logits, source_cache = vlm.run_with_cache(source)
-    name = "blocks.1.hook_resid_post"
+    # the whole stream, once every visual input has entered it (Qwen3-VL adds DeepStack features
+    # after its first layers: a patch before them is partly overwritten by the target's own image)
+    name = f"blocks.{max(vlm.adapter.injection_layers, default=0) + 1}.hook_resid_pre"
     with vlm.hooks(fwd_hooks=[(name, patch_hook(source_cache[name], everything))]):
         patched = vlm(target)
     assert (patched - source_logits)[everything].abs().max() <= TOL

@@ -18,6 +18,9 @@ An adapter knows one HF model family and nothing else. It answers five questions
    :meth:`placeholder_mask` says where they go, :meth:`image_layouts` which slots are image patches
    (and where on the image) and which are structure (LLaVA-NeXT's row newlines);
    :meth:`vision_hook_sites` names the vision-side modules whose outputs get hook points.
+   Families that also add visual features to the residual stream after early layers (Qwen3-VL's
+   DeepStack) return them from :meth:`visual_features` and hand them to the language model with
+   :meth:`injection_inputs`.
 5. **How does the language model see the sequence?** :meth:`position_ids` (``[batch, pos]``, or
    ``[3, batch, pos]`` for M-RoPE) and :meth:`lm_attention_mask` (the 2-D padding mask, or the
    family's own: Gemma 3's bidirectional image blocks) for the prompt pass, as HF's outer
@@ -77,6 +80,16 @@ class ImageSlots:
     def rows_by_cols(cls, rows: int, cols: int, tile: int = 0) -> ImageSlots:
         k = torch.arange(rows * cols)
         return cls(_grid(tile, k // cols, k % cols))
+
+
+@dataclass(frozen=True)
+class VisualFeatures:
+    """What the vision side gives the language model: the prefix scattered into the placeholder
+    slots, and features added to the residual stream at the image positions after layer
+    ``injection_layers[i]`` (Qwen3-VL's DeepStack; none elsewhere). All ``[n_slots, d_model]``."""
+
+    prefix: Float[torch.Tensor, "n_slots d_model"]
+    injections: tuple[Float[torch.Tensor, "n_slots d_model"], ...] = ()
 
 
 def _grid(tile: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -184,6 +197,25 @@ class VLMAdapter(ABC):
     @abstractmethod
     def vision_hook_sites(self) -> dict[str, torch.nn.Module]:
         """``{hook name: module}``: modules whose output (first element if a tuple) gets a hook point."""
+
+    def visual_features(self, inputs: Mapping[str, torch.Tensor]) -> VisualFeatures:
+        """The prefix and any residual-stream injections, from one run of the vision side
+        (default: :meth:`visual_prefix`, no injection)."""
+        return VisualFeatures(self.visual_prefix(inputs))
+
+    @property
+    def injection_layers(self) -> tuple[int, ...]:
+        """The layers after which :meth:`visual_features`' injections are added (default: none)."""
+        return ()
+
+    def injection_inputs(
+        self, injections: Sequence[Float[torch.Tensor, "batch pos d_model"]]
+    ) -> dict[str, Any]:
+        """The language model's keyword inputs that add ``injections`` (one per injection layer,
+        zero outside the image positions) to the residual stream."""
+        if injections:
+            raise NotImplementedError(f"{type(self).__name__} adds no features to the residual stream.")
+        return {}
 
     def placeholder_mask(self, input_ids: Int[torch.Tensor, "batch pos"]) -> Bool[torch.Tensor, "batch pos"]:
         """The positions :meth:`visual_prefix` fills (default: the image token)."""
