@@ -91,6 +91,8 @@ def batch_rows(vlm, items, analysis, batch) -> tuple[list[dict], dict[str, np.nd
                 row["saliency_text"] = (
                     analysis.attention.image_saliency_from_text[:, b, :n].flatten().tolist()
                 )
+                if batch.image_slots and all(slots.spatial for slots in batch.image_slots[b]):
+                    row["image_grid"] = patch_grid(batch.image_slots[b])
         if analysis.lens is not None:
             lens = analysis.lens
             row["lens_final_token"] = int(lens.final_token[b, 0])
@@ -104,6 +106,16 @@ def batch_rows(vlm, items, analysis, batch) -> tuple[list[dict], dict[str, np.nd
         rows.append(row)
     vectors = {"sum_image": s_img.sum(1).numpy(), "sum_text": s_txt.sum(1).numpy()}
     return rows, vectors
+
+
+def patch_grid(images) -> list[int]:
+    """An item's image-patch positions on their images, flattened: (image, tile, row, col) each, in
+    sequence order (structure slots such as LLaVA-NeXT's newlines left out)."""
+    cells = []
+    for image_index, slots in enumerate(images):
+        patches = slots.grid[slots.is_patch]
+        cells += [[image_index, *cell] for cell in patches.tolist()]
+    return [value for cell in cells for value in cell]
 
 
 # ---------------------------------------------------------------- aggregates
@@ -154,16 +166,18 @@ def aggregate(rows: list[dict], sums: dict[str, np.ndarray], *, window: int = 3)
         pair: _stats(np.array([r[f"weight_{pair}"] for r in rows], dtype=float)) for pair in pairs
     }
     if "saliency_last" in rows[0]:
-        # A map is averaged over items whose images give the same number of image tokens (all of
-        # them for fixed-size families; the most common count under dynamic resolution or tiles).
+        # A map is averaged over the items whose images lie on the same grid of image tokens (all of
+        # them for fixed-size families; the most common layout under dynamic resolution or tiles).
         n_layers = out["n_layers"]
-        lengths = [len(r["saliency_last"]) for r in rows]
-        common = max(set(lengths), key=lengths.count)
-        same = [r for r, n in zip(rows, lengths) if n == common]
+        layouts = [(len(r["saliency_last"]), tuple(r.get("image_grid") or ())) for r in rows]
+        common = max(set(layouts), key=layouts.count)
+        same = [r for r, layout in zip(rows, layouts) if layout == common]
         for key in ("saliency_last", "saliency_text"):
             maps = np.array([r[key] for r in same], dtype=float).reshape(len(same), n_layers, -1)
             out[key] = maps.mean(0).tolist()
         out["saliency_items"] = len(same)
+        if common[1]:
+            out["saliency_grid"] = np.asarray(common[1]).reshape(-1, 4).tolist()
     if "lens_kl" in rows[0]:
         out["logit_lens"] = {
             "kl_to_final": _stats(np.array([r["lens_kl"] for r in rows], dtype=float)),

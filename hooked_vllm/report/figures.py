@@ -93,21 +93,54 @@ def attention_by_pair(aggregates: dict) -> go.Figure:
     return fig
 
 
+def tile_mosaic(values: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Image-token values laid out on their images: ``grid[k] = (image, tile, row, col)`` of value k.
+    Each (image, tile) becomes a block of its rows x cols, blocks side by side in order of first
+    appearance, one empty column between them; cells no token covers are NaN. Returns the 2-D
+    array and, per cell, its (image, tile, row, col) (-1 where empty) for hover text."""
+    grid = np.asarray(grid, dtype=int).reshape(-1, 4)
+    blocks = list(dict.fromkeys(map(tuple, grid[:, :2].tolist())))
+    shapes = {b: grid[(grid[:, 0] == b[0]) & (grid[:, 1] == b[1])][:, 2:].max(0) + 1 for b in blocks}
+    height = max(int(shape[0]) for shape in shapes.values())
+    starts, width = {}, 0
+    for b in blocks:
+        starts[b] = width
+        width += int(shapes[b][1]) + 1
+    width -= 1
+    z = np.full((height, width), np.nan)
+    where = np.full((height, width, 4), -1)
+    for value, (image, tile, row, col) in zip(values, grid.tolist()):
+        x = starts[(image, tile)] + col
+        z[row, x] = value
+        where[row, x] = (image, tile, row, col)
+    return z, where
+
+
 def saliency_maps(aggregates: dict, key: str = "saliency_last", n_panels: int = 4) -> go.Figure | None:
     """Norm-based saliency each image token receives (from the last position by default), on the
-    image grid when the image tokens form a square (LLaVA); as a bar per query token otherwise."""
+    image grid: the items' own layout of image tokens (tiles side by side) where the run recorded
+    it, a square grid when the image tokens form one (LLaVA); as a bar per query token otherwise."""
     if key not in aggregates:
         return None
     maps = np.asarray(aggregates[key])  # [layer, n_image]
     n_layers, n_img = maps.shape
     layers = sorted({int(round(v)) for v in np.linspace(0, n_layers - 1, n_panels)})
+    grid = aggregates.get("saliency_grid")
     side = int(math.isqrt(n_img))
+    if grid is None and side * side == n_img:
+        grid = [(0, 0, k // side, k % side) for k in range(n_img)]
     fig = make_subplots(rows=1, cols=len(layers), subplot_titles=[f"layer {layer}" for layer in layers])
     for col, layer in enumerate(layers, 1):
-        if side * side == n_img:
+        if grid is not None:
+            z, where = tile_mosaic(maps[layer], grid)
             fig.add_trace(
                 go.Heatmap(
-                    z=maps[layer].reshape(side, side), colorscale="Viridis", showscale=col == len(layers)
+                    z=z,
+                    customdata=where,
+                    hovertemplate="image %{customdata[0]}, tile %{customdata[1]}, row %{customdata[2]}, "
+                    "col %{customdata[3]}: %{z:.3g}<extra>layer " + str(layer) + "</extra>",
+                    colorscale="Viridis",
+                    showscale=col == len(layers),
                 ),
                 row=1,
                 col=col,
