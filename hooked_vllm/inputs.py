@@ -155,7 +155,8 @@ class VLMBatch:
         inputs = {}
         for name, value in self.inputs.items():
             if name in self.image_rows:
-                inputs[name] = _rows_of_images(value, self.image_rows[name], images)
+                if images:  # a selection without images is a text-only batch: no empty pixel tensors
+                    inputs[name] = _rows_of_images(value, self.image_rows[name], images)
             else:
                 inputs[name] = pick(value)
         return replace(

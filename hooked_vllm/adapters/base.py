@@ -53,7 +53,9 @@ class ImageSlots:
 
     ``grid[k] = (tile, row, col)`` of slot k's patch: tile 0 is the whole image (LLaVA-NeXT's base
     view; the only tile elsewhere), tiles 1.. LLaVA-NeXT's high-resolution crops, row and col on that
-    tile's patch grid (after any merge). A row of ``-1`` marks a structure slot that holds no patch
+    tile's patch grid (after any merge). Where the family resamples the crops into one canvas
+    (LLaVA-OneVision's ``anyres_max`` downscale) no slot is one crop's patch: that canvas is tile 1,
+    row and col on its resampled grid. A row of ``-1`` marks a structure slot that holds no patch
     (LLaVA-NeXT's ``image_newline``). ``spatial`` is False where slots are not patches at all
     (InstructBLIP's Q-Former queries: ``(0, 0, k)``).
     """
