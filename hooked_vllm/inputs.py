@@ -235,13 +235,14 @@ def build_batch(
     real = attention_mask.bool()
     placeholders = adapter.placeholder_mask(input_ids) & real
     image_slots, image_mask = _assign_images(adapter, tensors, placeholders)
+    image_text = adapter.image_text_mask(input_ids) & real
 
     if prompts is not None and instruction_spans is not None:
-        text_mask = _instruction_mask(adapter, input_ids, real, placeholders, prompts, instruction_spans)
+        text_mask = _instruction_mask(adapter, input_ids, real, image_text, prompts, instruction_spans)
         exact = True
     else:
         special_ids = torch.tensor(sorted(adapter.tokenizer.all_special_ids), device=input_ids.device)
-        text_mask = real & ~placeholders & ~torch.isin(input_ids, special_ids)
+        text_mask = real & ~image_text & ~torch.isin(input_ids, special_ids)
         exact = False
     return VLMBatch(
         inputs=tensors,
@@ -298,7 +299,7 @@ def _instruction_mask(
     adapter: VLMAdapter,
     input_ids: torch.Tensor,
     real: torch.Tensor,
-    placeholders: torch.Tensor,
+    image_text: torch.Tensor,
     prompts: Sequence[str],
     spans: Sequence[tuple[int, int]],
 ) -> torch.Tensor:
@@ -312,7 +313,7 @@ def _instruction_mask(
     for row, (prompt, (start, end)) in enumerate(zip(prompts, spans)):
         ids, offsets = adapter.prompt_token_ids(prompt)
         keep = [i for i, tok in enumerate(ids) if tok != adapter.image_token_id]
-        positions = torch.nonzero(real[row] & ~placeholders[row]).flatten()
+        positions = torch.nonzero(real[row] & ~image_text[row]).flatten()
         row_ids = input_ids[row, positions].tolist()
         if row_ids != [ids[i] for i in keep]:
             raise BatchFormatError(

@@ -41,7 +41,7 @@ def max_diff(a, b, where):
 
 
 def hf_layers(family):
-    return family.reference.model.language_model.layers
+    return family.reference.model.get_decoder().layers
 
 
 def layer_output(output):

@@ -223,6 +223,13 @@ class VLMAdapter(ABC):
         """The positions :meth:`visual_prefix` fills (default: the image token)."""
         return input_ids == self.image_token_id
 
+    def image_text_mask(self, input_ids: Int[torch.Tensor, "batch pos"]) -> Bool[torch.Tensor, "batch pos"]:
+        """The positions of the text the processor writes in place of each image placeholder: the
+        slots :meth:`placeholder_mask` names and any structure tokens around them that the prompt does
+        not hold (Idefics3's ``<fake_token_around_image>``, ``<row_i_col_j>``, ``<global-img>`` and row
+        newlines). Never instruction text (default: the placeholders)."""
+        return self.placeholder_mask(input_ids)
+
     def n_images(self, inputs: Mapping[str, torch.Tensor]) -> int:
         """How many images the batch holds (default: ``pixel_values``' first dimension)."""
         pixels = inputs.get("pixel_values")
