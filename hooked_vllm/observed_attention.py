@@ -60,6 +60,8 @@ def supported(vlm) -> bool:
             return False
         if not hasattr(hf_attention, "scaling"):
             return False
+        if getattr(hf_attention, "attn_logit_softcapping", None) is not None:
+            return False  # Gemma 2: sdpa cannot soft-cap attention logits; the step-by-step path does
     return True
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hooked_vllm import HookedVLM
+from hooked_vllm import HookedVLM, UnsupportedModelError
 from hooked_vllm.testing import tiny_instructblip, tiny_llava
 from hooked_vllm.tiny_models import family_builders
 
@@ -39,7 +39,12 @@ class Family:
         hf_model, processor = {**BUILDERS, **NEW_BUILDERS}[name](seed=0, directory=tmp_dir)
         self.reference = copy.deepcopy(hf_model)
         self.processor = processor
-        self.vlm = HookedVLM.from_hf(hf_model, processor)
+        try:
+            self.vlm = HookedVLM.from_hf(hf_model, processor)
+        except UnsupportedModelError as error:  # a family newer than the installed transformers
+            if "needs transformers" not in str(error):
+                raise
+            pytest.skip(str(error))
 
 
 @pytest.fixture(scope="session", params=sorted(BUILDERS))

@@ -242,6 +242,9 @@ def generate_with_step_logits(vlm, batch, n):
         batch, n, eos_token_id=NEVER, return_cache=True, names_filter="unembed.hook_out"
     )
     logits = cache["unembed.hook_out"]  # the prompt pass, then one position per decoding step
+    cap = vlm.cfg.output_logits_soft_cap  # Gemma 2: the logits are soft-capped after the unembedding
+    if cap > 0:
+        logits = torch.tanh(logits / cap) * cap
     width = batch.input_ids.shape[1]
     first = logits[torch.arange(len(batch)), batch.last_positions]
     return tokens, torch.cat([first[:, None], logits[:, width:]], dim=1)
@@ -401,3 +404,19 @@ def test_prompts_follow_the_processors_chat_template(new_family):
             assert ids.count(tokenizer.bos_token_id) == 1
         text = batch.input_ids[item][batch.text_mask[item]]
         assert tokenizer.decode(text).strip() == instruction
+
+
+def test_a_family_newer_than_the_installed_transformers_is_refused(monkeypatch):
+    """PaliGemma was measured exact on transformers 5.23 only (5.22 builds its masks differently):
+    an older release gets an error naming the version to install, before any weight is read."""
+    import transformers
+
+    from hooked_vllm.adapters import base
+
+    config = transformers.PaliGemmaConfig()
+    config.architectures = ["PaliGemmaForConditionalGeneration"]
+    monkeypatch.setattr(base, "installed_transformers", lambda: "5.22.0")
+    with pytest.raises(UnsupportedModelError, match=r"needs transformers >= 5\.23 \(installed: 5\.22\.0\)"):
+        adapter_class_for(config)
+    monkeypatch.setattr(base, "installed_transformers", lambda: "5.23.0")
+    assert adapter_class_for(config).__name__ == "PaliGemmaAdapter"

@@ -18,6 +18,8 @@ from tests.test_analyses import close, naive_norms, naive_pair_mean
 
 PROMPTS = ["Describe the image.", "What colour is the square in the picture?", "cat"]
 TOL = 1e-5
+#: families whose every image fills the same number of slots (a fixed grid or pooled tokens)
+FIXED_IMAGE_TOKENS = ("gemma3", "paligemma", "paligemma2")
 
 
 def allowed_pairs_naive(family, batch) -> torch.Tensor:
@@ -31,6 +33,9 @@ def allowed_pairs_naive(family, batch) -> torch.Tensor:
         run = torch.cumsum(soft & ~torch.nn.functional.pad(soft, (1, 0))[:, :-1], dim=1)
         same_image = soft[:, :, None] & soft[:, None, :] & (run[:, :, None] == run[:, None, :])
         allowed |= same_image
+    elif family.name.startswith("paligemma"):  # prefix LM: the prefix (token type 0) both ways
+        prefix = (batch.inputs["token_type_ids"] == 0) & real
+        allowed |= prefix[:, :, None] & prefix[:, None, :]
     return allowed
 
 
@@ -50,20 +55,38 @@ def hf_logits_with_blocked(family, batch, blocked: torch.Tensor) -> torch.Tensor
             block_sequence_ids=get_block_sequence_ids_for_mask(batch.inputs["token_type_ids"]),
         )
         mask = {name: m.masked_fill(blocked[:, None], minimum) for name, m in masks.items()}
+    elif family.name.startswith("paligemma"):  # HF's prefix-LM masks (PaliGemma 2: full and sliding)
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        config = reference.config.get_text_config()
+        kwargs = dict(
+            config=config,
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            past_key_values=None,
+            position_ids=batch.position_ids,
+            block_sequence_ids=torch.where(batch.inputs["token_type_ids"] == 0, 0, -1),
+        )
+        mask = create_causal_mask(**kwargs).masked_fill(blocked[:, None], minimum)
+        if getattr(config, "sliding_window", None) is not None:
+            sliding = create_sliding_window_causal_mask(**kwargs).masked_fill(blocked[:, None], minimum)
+            mask = {"full_attention": mask, "sliding_attention": sliding}
     else:
         allowed = allowed_pairs_naive(family, batch) & ~blocked
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, minimum)[:, None]
-    hidden = reference.model.language_model(
+    hidden = reference.model.get_decoder()(
         inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids, **extra
     ).last_hidden_state
-    return reference.lm_head(hidden)
+    logits = reference.lm_head(hidden)
+    cap = getattr(reference.config.get_text_config(), "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap  # as HF's forward (Gemma 2)
 
 
 # ---------------------------------------------------------------- lenses
 def test_contextualization_matches_naive(new_family):
     vlm = new_family.vlm
     batch = vlm.prepare(family_images(), PROMPTS, padding_side="right")
-    assert len(set(batch.image_mask.sum(-1).tolist())) > 1 or new_family.name == "gemma3"
+    assert len(set(batch.image_mask.sum(-1).tolist())) > 1 or new_family.name in FIXED_IMAGE_TOKENS
     _, cache = vlm.run_with_cache(batch, names_filter=lambda n: "resid" in n)
     per_item = contextualization_from_cache(cache, batch.image_mask, batch.text_mask).per_item()
     streamed = collect(vlm, batch, analyses=("contextualization",)).contextualization.per_item()

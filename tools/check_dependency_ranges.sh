@@ -74,7 +74,7 @@ for end in "${ENDS[@]}"; do
     echo
     echo "=== $end: installing into $venv"
     rm -rf "$venv"
-    "$UV" venv -q --python "$PYTHON" --python-preference only-system "$venv"
+    "$UV" venv -q --seed --python "$PYTHON" --python-preference only-system "$venv"
     resolution=()
     [ "$end" = lowest ] && resolution=(--resolution lowest-direct)
     if ! (cd "$ROOT" && "$UV" pip install --python "$venv/bin/python" "${resolution[@]}" -e ".[dev]" \

@@ -66,6 +66,7 @@ def adapter_class_for(config: PretrainedConfig) -> type[VLMAdapter]:
             )
     for adapter in ADAPTERS:
         if any(arch in adapter.architectures for arch in architectures):
+            adapter.check_transformers()
             adapter.check_config(config)
             return adapter
     raise UnsupportedModelError(

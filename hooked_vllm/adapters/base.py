@@ -33,6 +33,7 @@ Everything else (the bridge, hooks, caching, generation) is family-independent a
 
 from __future__ import annotations
 
+import importlib.metadata
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,11 +41,13 @@ from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Bool, Float, Int
+from packaging.version import Version
 from PIL import Image
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from hooked_vllm.adapters.prompts import chat_prompt
 from hooked_vllm.adapters.tokens import token_ids_with_spans
+from hooked_vllm.errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,9 @@ class VLMAdapter(ABC):
     token_input_names: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask")
     #: Processor outputs with one entry per image along dim 0, in prompt order.
     image_input_names: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: The oldest transformers release this family was measured exact against (None: the
+    #: package's floor). Older releases compute the family differently; the model is then refused.
+    min_transformers: ClassVar[str | None] = None
     #: Whether :meth:`lm_attention_mask` is causal attention plus padding (fused kernels may then
     #: use their causal shortcut, and the norm-based lens's pairs are key <= query).
     plain_causal: ClassVar[bool] = True
@@ -124,6 +130,19 @@ class VLMAdapter(ABC):
     @classmethod
     def check_config(cls, config: PretrainedConfig) -> None:
         """Raise :class:`~hooked_vllm.errors.UnsupportedModelError` for variants this family can't serve."""
+
+    @classmethod
+    def check_transformers(cls) -> None:
+        """Refuse a transformers release older than :attr:`min_transformers`."""
+        if cls.min_transformers is None:
+            return
+        installed = installed_transformers()
+        if Version(installed) < Version(cls.min_transformers):
+            raise UnsupportedModelError(
+                f"{'/'.join(cls.architectures)} needs transformers >= {cls.min_transformers} (installed: "
+                f"{installed}): older releases compute this family differently from the release our "
+                f"parity tests pass on. Upgrade: pip install 'transformers>={cls.min_transformers},<5.24'."
+            )
 
     # 2. The language model
     @abstractmethod
@@ -280,6 +299,11 @@ class VLMAdapter(ABC):
         if not layer_types and not getattr(config, "use_sliding_window", True):
             return None
         return int(window)
+
+
+def installed_transformers() -> str:
+    """The installed transformers release (its distribution's metadata)."""
+    return importlib.metadata.version("transformers")
 
 
 def positions_from_mask(

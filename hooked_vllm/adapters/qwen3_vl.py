@@ -28,6 +28,7 @@ from hooked_vllm.adapters.qwen2_vl import Qwen2VLAdapter
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     architectures = ("Qwen3VLForConditionalGeneration",)
+    min_transformers = "5.20"  # measured: 5.17 returns DeepStack features in another structure
 
     def language_model(self) -> PreTrainedModel:
         return causal_lm_view(
