@@ -56,8 +56,9 @@ from hooked_vllm.text_tokens import TokensMixin
 
 
 class HookedVLM(TokensMixin, GenerationMixin):
-    """A hooked vision LLM: LLaVA-1.5, InstructBLIP (decoder-only backbones), LLaVA-NeXT, Qwen2-VL,
-    Qwen2.5-VL or Gemma 3 (see ``hooked_vllm.adapters`` for the families).
+    """A hooked vision LLM: any family of ``hooked_vllm.adapters`` (LLaVA-1.5, InstructBLIP with a
+    decoder-only backbone, LLaVA-NeXT, LLaVA-OneVision, Qwen2/2.5/3-VL, Gemma 3, Idefics3, SmolVLM,
+    InternVL, PaliGemma).
 
     Build one with :meth:`from_pretrained` (hub id or local directory) or :meth:`from_hf`
     (an in-memory HF model and its processor). The HF model's language modules are wrapped in

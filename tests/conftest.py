@@ -54,7 +54,7 @@ def family(request, tmp_path_factory) -> Family:
 
 @pytest.fixture(scope="session", params=sorted(NEW_BUILDERS))
 def new_family(request, tmp_path_factory) -> Family:
-    """LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and Gemma 3, each tiny, with its untouched HF copy."""
+    """Every family but LLaVA-1.5 and InstructBLIP (``family``), each tiny, with its untouched HF copy."""
     return Family(request.param, tmp_path_factory.mktemp(request.param))
 
 
