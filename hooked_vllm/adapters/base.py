@@ -162,6 +162,9 @@ class VLMAdapter(ABC):
     template: ClassVar[str] = "{images}{instruction}"
     #: The text of one image in :attr:`template` (default: the placeholder alone).
     image_text: ClassVar[str | None] = None
+    #: Whether the processor takes each prompt's images as a list of their own (Gemma 3, Idefics3,
+    #: LLaVA-OneVision, whose several images in one prompt are then laid out as such).
+    images_per_prompt: ClassVar[bool] = False
 
     @property
     def image_token_id(self) -> int:
@@ -189,7 +192,15 @@ class VLMAdapter(ABC):
         self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str
     ) -> Mapping[str, torch.Tensor]:
         """The HF processor call: ``input_ids``, ``attention_mask``, ``pixel_values`` and any
-        :attr:`vision_input_names`."""
+        :attr:`vision_input_names` (the images one flat list, or one list per prompt where
+        :attr:`images_per_prompt`)."""
+        if self.images_per_prompt:
+            per_prompt, start = [], 0
+            for prompt in prompts:
+                n = self.count_image_slots(prompt)
+                per_prompt.append(list(images[start : start + n]))
+                start += n
+            images = per_prompt if start else []
         return self.processor(
             images=list(images) or None,
             text=list(prompts),

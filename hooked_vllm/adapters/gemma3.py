@@ -14,11 +14,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from jaxtyping import Float
-from PIL import Image
 from transformers import PreTrainedModel
 from transformers.models.gemma3.modeling_gemma3 import (
     create_masks_for_vision_model,
@@ -32,6 +31,7 @@ from hooked_vllm.adapters.tokens import token_ids_with_spans
 class Gemma3Adapter(VLMAdapter):
     family = "gemma3"
     architectures = ("Gemma3ForConditionalGeneration",)
+    images_per_prompt = True  # the processor takes each prompt's images as a list
     token_input_names = ("input_ids", "attention_mask", "token_type_ids")
     plain_causal = False
 
@@ -42,22 +42,6 @@ class Gemma3Adapter(VLMAdapter):
     def image_placeholder(self) -> str:
         """What a prompt writes for an image: ``<start_of_image>``."""
         return self.processor.boi_token
-
-    def process(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str
-    ) -> Mapping[str, torch.Tensor]:
-        per_prompt, start = [], 0
-        for prompt in prompts:  # the processor takes each prompt's images as a list of their own
-            n = self.count_image_slots(prompt)
-            per_prompt.append(list(images[start : start + n]))
-            start += n
-        return self.processor(
-            images=per_prompt if start else None,
-            text=list(prompts),
-            return_tensors="pt",
-            padding=True,
-            padding_side=padding_side,
-        )
 
     def prompt_token_ids(self, prompt: str) -> tuple[list[int], list[tuple[int, int]]]:
         """The tokens of the prompt as the processor expands it (one soft token per image: the

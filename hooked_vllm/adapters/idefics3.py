@@ -44,12 +44,11 @@ SigLIP-style tower on image tiles -> pixel shuffle + linear connector -> LLaMA l
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
-from PIL import Image
 from transformers import PreTrainedModel
 from transformers.models.smolvlm import processing_smolvlm
 
@@ -72,6 +71,7 @@ _ROW_COL = re.compile(r"<row_(\d+)_col_(\d+)>")
 class Idefics3Adapter(VLMAdapter):
     family = "idefics3"
     architectures = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+    images_per_prompt = True  # SmolVLM's processor takes each prompt's images as a list
     min_transformers = "5.22"  # measured: 5.20 does not drop all-zero tiles as 5.22 does
     vision_input_names = ("pixel_attention_mask",)
     image_input_names = ("pixel_values", "pixel_attention_mask")
@@ -98,21 +98,6 @@ class Idefics3Adapter(VLMAdapter):
         return self._token_id(token or "<global-img>")
 
     # -- prompts and processing
-    def process(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str
-    ) -> Mapping[str, torch.Tensor]:
-        per_prompt, start = [], 0
-        for prompt in prompts:  # SmolVLM's processor takes each prompt's images as a list of their own
-            n = self.count_image_slots(prompt)
-            per_prompt.append(list(images[start : start + n]))
-            start += n
-        return self.processor(
-            images=per_prompt if start else None,
-            text=list(prompts),
-            return_tensors="pt",
-            padding=True,
-            padding_side=padding_side,
-        )
 
     def image_text_mask(self, input_ids: Int[torch.Tensor, "batch pos"]) -> Bool[torch.Tensor, "batch pos"]:
         """The text the processor writes for each image, from its first ``<fake_token_around_image>``

@@ -25,11 +25,10 @@ positions are ``cumsum(mask) - 1`` with a 2-D mask, as for LLaVA-NeXT.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from jaxtyping import Float
-from PIL import Image
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
@@ -44,29 +43,15 @@ from hooked_vllm.errors import BatchFormatError
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     architectures = ("LlavaOnevisionForConditionalGeneration",)
+    images_per_prompt = (
+        True  # several images in one prompt go untiled (batch_num_images), as OneVision was trained
+    )
     vision_input_names = ("image_sizes", "batch_num_images")
     image_input_names = ("pixel_values", "image_sizes")
     #: OneVision's chat template (Qwen2's ``<|im_start|>`` turns), for a processor without one
     template = "<|im_start|>user\n{images}\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
 
     # -- processing
-    def process(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str
-    ) -> Mapping[str, torch.Tensor]:
-        """The processor on one image list per prompt: a prompt with several images gets them
-        untiled (``batch_num_images``), as OneVision was trained."""
-        per_prompt, start = [], 0
-        for prompt in prompts:
-            n = self.count_image_slots(prompt)
-            per_prompt.append(list(images[start : start + n]))
-            start += n
-        return self.processor(
-            images=per_prompt if start else None,
-            text=list(prompts),
-            return_tensors="pt",
-            padding=True,
-            padding_side=padding_side,
-        )
 
     def normalize_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``batch_num_images`` one entry per item (0 for an item without images), or dropped where
