@@ -18,6 +18,9 @@ in the rows of the image positions where the map is 1:1 (:func:`image_layout`):
   image position 0.
 - InstructBLIP's Q-Former: query k <-> image position k (the 32 queries are the image positions); the
   Q-Former's instruction tokens that follow the queries are not stored.
+- Gemma 3: its soft tokens on their square grid; its vision patches are pooled (no map). PaliGemma:
+  SigLIP patch k <-> image position k. Families whose images give varying token counts (tiles,
+  dynamic resolution) are refused for now.
 - InstructBLIP's vision tower: no map (its 257 patches reach the language model only through the
   Q-Former's cross-attention): refused, naming the hooks that do map.
 
@@ -118,10 +121,19 @@ def image_layout(vlm) -> ImageLayout:
                 "blocks.{l}.* hooks, or read the patches with vlm.run_with_cache."
             },
         )
+    if family == "paligemma":  # SigLIP's patches are the image tokens, one to one (no pooling)
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        cells = range(side * side)
+        return ImageLayout(
+            grid_row=tuple(p // side for p in cells),
+            grid_col=tuple(p % side for p in cells),
+            tile=(0,) * (side * side),
+            sources={"hook_visual_prefix": 0, "vision.": 0},
+        )
     raise UnsupportedModelError(
         f"The activation store does not support the {family!r} family yet: its images give a varying "
         "number of image tokens (tiles or dynamic resolution), and the store lays out a fixed number per "
-        "image. It supports llava, instructblip and gemma3; for this model use vlm.run_with_cache."
+        "image. It supports llava, instructblip, gemma3 and paligemma; for this model use vlm.run_with_cache."
     )
 
 

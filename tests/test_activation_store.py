@@ -518,3 +518,31 @@ def test_families_with_varying_image_token_counts_are_refused(tmp_path):
             hooks=["blocks.0.hook_resid_post"],
             progress=False,
         )
+
+
+def test_paligemma_store_maps_each_vision_patch_to_its_image_token(tmp_path):
+    """PaliGemma projects every SigLIP patch to one image token (no pooling, no CLS): the vision
+    tower's patch k is stored at image position k, next to the language model's vectors there."""
+    from tests.conftest import Family
+
+    vlm = Family("paligemma", tmp_path / "model").vlm
+    hooks = ["vision.blocks.1.hook_resid_post", "hook_visual_prefix", "blocks.0.hook_resid_post"]
+    items = _items(tmp_path / "images", 3)
+    store = ActivationStore.write(
+        vlm, items, tmp_path / "store", hooks=hooks, positions="image", batch_size=2, progress=False
+    )
+    rows = store[:]
+    images = [load_image(item.image_path) for item in items]
+    batch = vlm.prepare(images, [item.instruction for item in items])
+    _, cache = vlm.run_with_cache(batch, names_filter=hooks)
+    n = int(batch.image_mask[0].sum())
+    assert len(store) == n * len(items)
+    for r in range(len(store)):
+        item, patch = int(rows["item_index"][r]), int(rows["patch"][r])
+        vision = cache["vision.blocks.1.hook_resid_post"][item, patch]
+        assert torch.allclose(rows["vision.blocks.1.hook_resid_post"][r], vision, rtol=0, atol=1e-6)
+        prefix = cache["hook_visual_prefix"].view(len(items), n, -1)[item, patch]
+        assert torch.allclose(rows["hook_visual_prefix"][r], prefix, rtol=0, atol=1e-6)
+        position = batch.image_mask[item].nonzero().flatten()[patch]
+        resid = cache["blocks.0.hook_resid_post"][item, position]
+        assert torch.allclose(rows["blocks.0.hook_resid_post"][r], resid, rtol=0, atol=1e-5)
