@@ -39,12 +39,20 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("--model", default=DEMO, help="hub id or local directory (default: the demo model)")
+    run.add_argument(
+        "--model",
+        default=DEMO,
+        help="hub id or local directory (families with a fixed number of image tokens per image: "
+        "LLaVA-1.5, InstructBLIP, Gemma 3, PaliGemma; default: the demo model)",
+    )
     run.add_argument(
         "--dataset", default=None, choices=DATASETS, help="default: shapes for the demo model, else samples"
     )
     run.add_argument(
-        "--data-dir", type=Path, default=None, help="the coco or winoground folder, or an image folder"
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="the coco or winoground folder, or an image folder (required for those)",
     )
     run.add_argument(
         "--prompt", default=None, help=f"the instruction for --dataset folder ({CAPTION_INSTRUCTION!r})"
@@ -58,7 +66,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         "qformer.blocks.{l}.hook_resid_post, ...",
     )
     run.add_argument(
-        "--positions", default="image", choices=POSITIONS, help="which rows to store (default image)"
+        "--positions", default="image", choices=POSITIONS, help="which rows to store (default: image)"
     )
     run.add_argument(
         "--store-dtype",
@@ -74,23 +82,46 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="number of images/examples (default: all; 16 for shapes). Under torchrun use --num-items",
     )
-    run.add_argument("--batch-size", type=_positive_int, default=8)
-    run.add_argument("--padding-side", default="left", choices=["left", "right"])
-    run.add_argument("--out", type=Path, default=Path("activations-out"))
+    run.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="items per forward pass (default: 8)"
+    )
+    run.add_argument(
+        "--padding-side",
+        default="left",
+        choices=["left", "right"],
+        help="padding of batched prompts (results do not depend on it; default: left)",
+    )
+    run.add_argument(
+        "--out",
+        type=Path,
+        default=Path("activations-out"),
+        help="the store's folder; a rerun resumes it (default: activations-out)",
+    )
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
-    run.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype")
-    run.add_argument("--device-map", default=None, help="split one model over GPUs, e.g. 'auto'")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader workers")
+    run.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype (default: float32)"
+    )
+    run.add_argument(
+        "--device-map",
+        default=None,
+        help="split one model over GPUs, e.g. 'auto' (default: none, the whole model on --device)",
+    )
+    run.add_argument("--seed", type=int, default=0, help="seed of the item sample (default: 0)")
+    run.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader workers (default: 0)")
     run.add_argument("--skip-bad", action="store_true", help="skip missing/corrupt images and list them")
-    run.add_argument("--max-pixels", type=_positive_int, default=None, help="refuse larger images")
+    run.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=None,
+        help="refuse images with more pixels than this (default: Pillow's limit, about 89 million)",
+    )
     run.add_argument(
         "--repair", action="store_true", help="set bad shards aside (quarantine/) and recompute them"
     )
     run.add_argument(
         "--allow-weight-mismatch", action="store_true", help="load a mismatched checkpoint anyway"
     )
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     run.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return run
 

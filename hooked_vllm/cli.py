@@ -72,7 +72,10 @@ def _parser() -> argparse.ArgumentParser:
         "phase-diagram", help="contextualization, norm-based attention and logit lens -> phases"
     )
     run.add_argument(
-        "--model", default=DEMO, help="hub id or local directory (default: the shipped demo model)"
+        "--model",
+        default=DEMO,
+        help="hub id or local directory of any supported family (LLaVA-1.5/NeXT/OneVision, InstructBLIP, "
+        "Qwen2/2.5/3-VL, Gemma 3, Idefics3, SmolVLM, InternVL, PaliGemma; default: the shipped demo model)",
     )
     run.add_argument(
         "--dataset",
@@ -80,7 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=["coco", "winoground", "samples", "shapes"],
         help="default: shapes for the demo model, else samples (photos shipped with the package)",
     )
-    run.add_argument("--data-dir", type=Path, default=None, help="the coco or winoground folder")
+    run.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="the coco or winoground folder (required for those datasets; not read by the others)",
+    )
     run.add_argument(
         "--num-items",
         "--n",
@@ -90,17 +98,33 @@ def _parser() -> argparse.ArgumentParser:
         help="number of images/examples to sample (default: all; 16 for shapes). Under torchrun use "
         "--num-items: torchrun takes --n as an abbreviation of its own flags",
     )
-    run.add_argument("--batch-size", type=_positive_int, default=8)
-    run.add_argument("--out", type=Path, default=Path("phase-diagram-out"))
+    run.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="items per forward pass (default: 8)"
+    )
+    run.add_argument(
+        "--out",
+        type=Path,
+        default=Path("phase-diagram-out"),
+        help="the run folder: results, aggregates and report; a rerun resumes it "
+        "(default: phase-diagram-out)",
+    )
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
-    run.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    run.add_argument("--device-map", default=None, help="split one model over GPUs, e.g. 'auto'")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="model weights' dtype (default: float32)"
+    )
+    run.add_argument(
+        "--device-map",
+        default=None,
+        help="split one model over GPUs, e.g. 'auto' (default: none, the whole model on --device)",
+    )
+    run.add_argument(
+        "--seed", type=int, default=0, help="seed of the item sample and of the run (default: 0)"
+    )
     run.add_argument(
         "--workers",
         type=_non_negative_int,
         default=0,
-        help="DataLoader workers (image decoding and the processor)",
+        help="DataLoader workers (image decoding and the processor; default: 0, in the main process)",
     )
     run.add_argument(
         "--no-verbalize-images",
@@ -126,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         help="load a checkpoint whose tensors are missing, unexpected or mis-shaped (warns instead of "
         "refusing; missing tensors stay at random initialisation)",
     )
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     run.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     add_cache_activations(sub)
     return parser
