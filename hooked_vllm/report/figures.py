@@ -89,7 +89,9 @@ def attention_by_pair(aggregates: dict) -> go.Figure:
     fig.update_layout(
         title="Attention by modality pair (query <- key), mean over items", template="plotly_white"
     )
-    fig.update_xaxes(title_text="layer")
+    fig.update_xaxes(title_text="layer (1 = the first block's attention)")
+    fig.update_yaxes(title_text="head-summed norm, mean over pairs", row=1, col=1)
+    fig.update_yaxes(title_text="attention weight, mean over pairs", row=1, col=2)
     return fig
 
 
@@ -129,7 +131,9 @@ def saliency_maps(aggregates: dict, key: str = "saliency_last", n_panels: int = 
     side = int(math.isqrt(n_img))
     if grid is None and side * side == n_img:
         grid = [(0, 0, k // side, k % side) for k in range(n_img)]
-    fig = make_subplots(rows=1, cols=len(layers), subplot_titles=[f"layer {layer}" for layer in layers])
+    # Layer numbers as in the attention figure: block l's attention is layer l + 1.
+    fig = make_subplots(rows=1, cols=len(layers), subplot_titles=[f"layer {layer + 1}" for layer in layers])
+    scale = {"zmin": float(np.nanmin(maps[layers])), "zmax": float(np.nanmax(maps[layers]))}
     for col, layer in enumerate(layers, 1):
         if grid is not None:
             z, where = tile_mosaic(maps[layer], grid)
@@ -138,8 +142,9 @@ def saliency_maps(aggregates: dict, key: str = "saliency_last", n_panels: int = 
                     z=z,
                     customdata=where,
                     hovertemplate="image %{customdata[0]}, tile %{customdata[1]}, row %{customdata[2]}, "
-                    "col %{customdata[3]}: %{z:.3g}<extra>layer " + str(layer) + "</extra>",
+                    "col %{customdata[3]}: %{z:.3g}<extra>layer " + str(layer + 1) + "</extra>",
                     colorscale="Viridis",
+                    **scale,  # one colour scale for every panel: the bar reads for all of them
                     showscale=col == len(layers),
                 ),
                 row=1,
@@ -170,6 +175,8 @@ def lens_convergence(aggregates: dict) -> go.Figure | None:
     fig.update_layout(
         title="Logit lens at the last position", template="plotly_white", xaxis_title="layer (0 = embedding)"
     )
+    fig.update_yaxes(title_text="KL(final || layer), nats", secondary_y=False)
+    fig.update_yaxes(title_text="fraction of items whose top-1 = final", secondary_y=True)
     return fig
 
 
