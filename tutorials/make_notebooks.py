@@ -40,7 +40,7 @@ NOTEBOOKS = {
         new_markdown_cell(
             "# Contextualization: how alike are image and instruction tokens, layer by layer?\n"
             "Mean cosine similarity within the image tokens, within the instruction tokens, and "
-            "across them (PAPER.md, lens 1), computed in O(n d) from sums of unit vectors."
+            "across them (the first lens of Wei, Shi & Inoue, arXiv 2411.00646), computed in O(n d) from sums of unit vectors."
         ),
         new_code_cell(SETUP),
         new_code_cell("""from hooked_vllm.analysis import contextualization_from_cache, pair_mean_cosine
