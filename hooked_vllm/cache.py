@@ -48,6 +48,39 @@ class VLMActivationCache(ActivationCache):
     whose residual decompositions count the visual features some families add to the stream between
     blocks (Qwen3-VL's DeepStack, ``blocks.{l}.hook_deepstack``) as terms of their own."""
 
+    def __init__(
+        self, cache_dict: dict, model: Any, has_batch_dim: bool = True, injection_layers: tuple[int, ...] = ()
+    ) -> None:
+        super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
+        #: layers after which the family adds visual features to the stream (Qwen3-VL's DeepStack)
+        self.injection_layers = tuple(injection_layers)
+
+    def _injections_before(self, layer: int) -> list[int]:
+        """The injection layers whose features are in the stream at ``resid_pre`` of ``layer``; each
+        must be cached, or a decomposition would silently miss it."""
+        known = set(self.injection_layers) | {
+            int(name.split(".")[1]) for name in self.cache_dict if name.endswith(".hook_deepstack")
+        }
+        injected = sorted(n for n in known if n < layer)
+        missing = [n for n in injected if f"blocks.{n}.hook_deepstack" not in self.cache_dict]
+        if missing:
+            raise ValueError(
+                f"blocks.{missing[0]}.hook_deepstack is not in the cache, but it is added to the residual "
+                "stream there: the decomposition would not sum to the stream. Cache it too (names_filter)."
+            )
+        return injected
+
+    def get_full_resid_decomposition(self, layer: int | None = None, *args: Any, **kwargs: Any) -> Any:
+        """TransformerLens's per-head decomposition; refused where visual features are added to the
+        stream between blocks (it has no term for them): use :meth:`decompose_resid`, which counts them."""
+        last = self.model.cfg.n_layers if layer is None or layer == -1 else layer
+        if self._injections_before(last):
+            raise NotImplementedError(
+                "get_full_resid_decomposition has no term for the visual features this model adds to the "
+                "residual stream (blocks.{l}.hook_deepstack): use decompose_resid, which counts them."
+            )
+        return super().get_full_resid_decomposition(layer, *args, **kwargs)
+
     def decompose_resid(
         self,
         layer: int | None = None,
@@ -64,11 +97,7 @@ class VLMActivationCache(ActivationCache):
             layer, mlp_input, mode, False, pos_slice, incl_embeds, return_labels=True
         )
         last = self.model.cfg.n_layers if layer is None or layer == -1 else layer
-        injected = (
-            [n for n in range(last) if f"blocks.{n}.hook_deepstack" in self.cache_dict]
-            if mode == "all"
-            else []
-        )
+        injected = self._injections_before(last) if mode == "all" else []
         if injected:
             slicer = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
             parts, names = list(components), list(labels)
@@ -115,7 +144,12 @@ class GenerationRecorder:
 
     QUERY_KEY = ("hook_pattern", "hook_attn_scores")
 
-    def __init__(self, points: dict[str, Any], device: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        points: dict[str, Any],
+        device: str | torch.device | None = None,
+        injection_layers: tuple[int, ...] = (),
+    ) -> None:
         """``points``: ``{name: HookPoint}`` to record (aliases of one point are recorded once)."""
         self.names: dict[int, list[str]] = {}
         self.points: dict[int, Any] = {}
@@ -124,6 +158,7 @@ class GenerationRecorder:
             self.points[id(point)] = point
         self.steps: dict[int, list[torch.Tensor]] = {key: [] for key in self.points}
         self.device = device
+        self.injection_layers = tuple(injection_layers)
 
     def hooks(self) -> list[tuple[str, Any]]:
         def recorder(key: int) -> Any:
@@ -152,4 +187,4 @@ class GenerationRecorder:
                 joined[name] = torch.cat(tensors, dim=1)
             for alias in self.names[key][1:]:
                 joined[alias] = joined[name]
-        return VLMActivationCache(joined, bridge, has_batch_dim=True)
+        return VLMActivationCache(joined, bridge, has_batch_dim=True, injection_layers=self.injection_layers)

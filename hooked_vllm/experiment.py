@@ -169,15 +169,17 @@ def aggregate(rows: list[dict], sums: dict[str, np.ndarray], *, window: int = 3)
         # A map is averaged over the items whose images lie on the same grid of image tokens (all of
         # them for fixed-size families; the most common layout under dynamic resolution or tiles).
         n_layers = out["n_layers"]
-        layouts = [(len(r["saliency_last"]), tuple(r.get("image_grid") or ())) for r in rows]
-        common = max(set(layouts), key=layouts.count)
-        same = [r for r, layout in zip(rows, layouts) if layout == common]
-        for key in ("saliency_last", "saliency_text"):
-            maps = np.array([r[key] for r in same], dtype=float).reshape(len(same), n_layers, -1)
-            out[key] = maps.mean(0).tolist()
-        out["saliency_items"] = len(same)
-        if common[1]:
-            out["saliency_grid"] = np.asarray(common[1]).reshape(-1, 4).tolist()
+        with_image = [r for r in rows if r["saliency_last"]]  # text-only items have no map
+        layouts = [(len(r["saliency_last"]), tuple(r.get("image_grid") or ())) for r in with_image]
+        if layouts:
+            common = max(set(layouts), key=lambda layout: (layouts.count(layout), layout))  # ties: fixed
+            same = [r for r, layout in zip(with_image, layouts) if layout == common]
+            for key in ("saliency_last", "saliency_text"):
+                maps = np.array([r[key] for r in same], dtype=float).reshape(len(same), n_layers, -1)
+                out[key] = maps.mean(0).tolist()
+            out["saliency_items"] = len(same)
+            if common[1]:
+                out["saliency_grid"] = np.asarray(common[1]).reshape(-1, 4).tolist()
     if "lens_kl" in rows[0]:
         out["logit_lens"] = {
             "kl_to_final": _stats(np.array([r["lens_kl"] for r in rows], dtype=float)),

@@ -64,7 +64,7 @@ class GenerationMixin:
                 return self._generate(batch, max_new_tokens, do_sample, temperature, eos_token_id, return_str)
         predicate = self._names_predicate(names_filter)
         points = {name: point for name, point in self.hook_dict.items() if predicate(name)}
-        recorder = GenerationRecorder(points, cache_device)
+        recorder = GenerationRecorder(points, cache_device, self.adapter.injection_layers)
         with self.hooks(fwd_hooks=recorder.hooks()), _kv_cache_kwarg_for_bridge(self.blocks):
             tokens = self._generate(batch, max_new_tokens, do_sample, temperature, eos_token_id, return_str)
         return tokens, recorder.cache(self.bridge)

@@ -226,6 +226,7 @@ def build_batch(
             f"The batch has no 'input_ids' (keys: {sorted(inputs)}). Pass the output of the model's "
             "processor or of vlm.prepare(images=..., prompts=...)."
         )
+    _refuse_videos(adapter, inputs)
     tensors = adapter.normalize_inputs({k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)})
     input_ids = tensors["input_ids"]
     if input_ids.dim() == 1:
@@ -257,6 +258,18 @@ def build_batch(
         token_inputs=tuple(name for name in adapter.token_input_names if name in tensors),
         image_rows=adapter.image_input_rows(tensors) if image_slots else {},
     )
+
+
+def _refuse_videos(adapter: VLMAdapter, inputs: Mapping[str, torch.Tensor]) -> None:
+    """Videos are not supported: refused, rather than their placeholders run as text."""
+    video_keys = sorted(k for k in inputs if "video" in k)
+    ids = inputs["input_ids"]
+    video_ids = adapter.video_token_ids
+    if video_keys or (video_ids and bool(torch.isin(ids, torch.tensor(video_ids, device=ids.device)).any())):
+        raise BatchFormatError(
+            f"The batch holds a video ({', '.join(video_keys) or 'video placeholder tokens'}); hooked-vllm "
+            "analyses images only. Pass the video's frames as images instead."
+        )
 
 
 def _assign_images(
@@ -312,7 +325,10 @@ def _instruction_mask(
     text_mask = torch.zeros_like(real)
     for row, (prompt, (start, end)) in enumerate(zip(prompts, spans)):
         ids, offsets = adapter.prompt_token_ids(prompt)
-        keep = [i for i, tok in enumerate(ids) if tok != adapter.image_token_id]
+        # the image's tokens in the prompt (a placeholder, or the processor's expansion) on one side,
+        # the processor's expansion of them on the other: both left out of the comparison
+        written_for_images = adapter.image_text_mask(torch.tensor([ids], dtype=torch.long))[0].tolist()
+        keep = [i for i in range(len(ids)) if not written_for_images[i]]
         positions = torch.nonzero(real[row] & ~image_text[row]).flatten()
         row_ids = input_ids[row, positions].tolist()
         if row_ids != [ids[i] for i in keep]:

@@ -394,7 +394,11 @@ class HookedVLM(TokensMixin, GenerationMixin):
             for layer, block in enumerate(self.blocks)
             if not observed_attention.needs_step_by_step(block.attn)
         ]
-        causal_only = self.adapter.plain_causal and bool(batch.attention_mask.bool().all())
+        causal_only = (
+            self.adapter.plain_causal
+            and self.adapter.sliding_window is None
+            and bool(batch.attention_mask.bool().all())
+        )
         return observed_attention.observed_sdpa_attention(self, causal_only=causal_only, layers=layers)
 
     __call__ = forward
@@ -525,7 +529,12 @@ class HookedVLM(TokensMixin, GenerationMixin):
         )
         with self.hooks(fwd_hooks):
             output = self.forward(batch, return_type=return_type)
-        return output, VLMActivationCache(cache, self.bridge, has_batch_dim=not remove_batch_dim)
+        return output, VLMActivationCache(
+            cache,
+            self.bridge,
+            has_batch_dim=not remove_batch_dim,
+            injection_layers=self.adapter.injection_layers,
+        )
 
 
 def check_loading_info(loading_info: Mapping[str, Any], source: str, *, strict: bool = True) -> None:

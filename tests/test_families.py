@@ -17,7 +17,7 @@ import torch
 from transformers import MllamaConfig
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from hooked_vllm import HookedVLM, UnsupportedModelError
+from hooked_vllm import BatchFormatError, HookedVLM, UnsupportedModelError
 from hooked_vllm.adapters import adapter_class_for, supported_architectures
 from hooked_vllm.errors import GenerationArgumentError
 from tests.conftest import cli, family_images, hf_forward_inputs, make_coco
@@ -420,3 +420,32 @@ def test_a_family_newer_than_the_installed_transformers_is_refused(monkeypatch):
         adapter_class_for(config)
     monkeypatch.setattr(base, "installed_transformers", lambda: "5.23.0")
     assert adapter_class_for(config).__name__ == "PaliGemmaAdapter"
+
+
+def test_videos_are_refused_not_run_as_text(new_family):
+    """A processor output with a video (or video placeholders) is refused in one line: running its
+    placeholders as text gave LLaVA-OneVision logits 17 away from HF's."""
+    vlm = new_family.vlm
+    batch = prepared(new_family, "left")
+    with_video_key = {**batch.inputs, "pixel_values_videos": torch.zeros(1, 1, 3, 8, 8)}
+    with pytest.raises(BatchFormatError, match="video.*images only"):
+        vlm(with_video_key)
+    if vlm.adapter.video_token_ids:
+        ids = batch.input_ids.clone()
+        ids[0, batch.last_positions[0]] = vlm.adapter.video_token_ids[0]
+        with pytest.raises(BatchFormatError, match="video"):
+            vlm({**batch.inputs, "input_ids": ids})
+
+
+def test_raw_processor_output_counts_no_image_structure_as_text(new_family):
+    """Without instruction spans (a processor's own output) text is every real token that is not part
+    of an image's expansion nor a special token: the instruction's tokens are among it, and nothing
+    the processor wrote for an image is (Gemma 3's blank lines, Idefics3's markers...)."""
+    vlm = new_family.vlm
+    prepared_batch = prepared(new_family, "left")
+    raw = vlm.to_batch(dict(prepared_batch.inputs))
+    assert not raw.exact_text_spans
+    assert not (raw.text_mask & ~prepared_batch.attention_mask.bool()).any()
+    assert (raw.text_mask | ~prepared_batch.text_mask).all(), "the instruction is text"
+    expansion = vlm.adapter.image_text_mask(raw.input_ids) & raw.attention_mask.bool()
+    assert not (raw.text_mask & expansion).any()

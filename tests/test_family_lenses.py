@@ -22,21 +22,30 @@ TOL = 1e-5
 FIXED_IMAGE_TOKENS = ("gemma3", "paligemma", "paligemma2")
 
 
-def allowed_pairs_naive(family, batch) -> torch.Tensor:
-    """``[batch, query, key]``: causal attention to real keys, and for Gemma 3 every pair inside one
-    image's run of soft tokens (written out by hand, not with HF's mask functions)."""
+def allowed_pairs_naive(family, batch, layer: int | None = None) -> torch.Tensor:
+    """``[batch, query, key]``: causal attention to real keys, for Gemma 3 also every pair inside one
+    image's run of soft tokens, for PaliGemma every pair of the prefix; in a sliding-window ``layer``
+    only keys within the window of columns (Gemma 3: on top of everything; PaliGemma 2: the causal
+    part only). Written out by hand, not with HF's mask functions."""
     n = batch.input_ids.shape[1]
     real = batch.attention_mask.bool()
-    allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & real[:, None, :]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None] & real[:, None, :]
+    config = family.vlm.adapter.text_config
+    kinds = getattr(config, "layer_types", None) or []
+    sliding = layer is not None and kinds and kinds[layer] == "sliding_attention"
+    columns = torch.arange(n)
+    in_window = (columns[None, :] > columns[:, None] - (getattr(config, "sliding_window", None) or n))[None]
+    extra = torch.zeros_like(causal)
     if family.name == "gemma3":
         soft = batch.inputs["token_type_ids"] == 1
         run = torch.cumsum(soft & ~torch.nn.functional.pad(soft, (1, 0))[:, :-1], dim=1)
-        same_image = soft[:, :, None] & soft[:, None, :] & (run[:, :, None] == run[:, None, :])
-        allowed |= same_image
-    elif family.name.startswith("paligemma"):  # prefix LM: the prefix (token type 0) both ways
+        extra = soft[:, :, None] & soft[:, None, :] & (run[:, :, None] == run[:, None, :])
+        allowed = causal | extra
+        return allowed & in_window if sliding else allowed
+    if family.name.startswith("paligemma"):  # prefix LM: the prefix (token type 0) both ways
         prefix = (batch.inputs["token_type_ids"] == 0) & real
-        allowed |= prefix[:, :, None] & prefix[:, None, :]
-    return allowed
+        extra = prefix[:, :, None] & prefix[:, None, :]
+    return ((causal & in_window) if sliding else causal) | extra
 
 
 def hf_logits_with_blocked(family, batch, blocked: torch.Tensor) -> torch.Tensor:
@@ -110,9 +119,9 @@ def test_norm_based_attention_matches_naive(new_family, padding_side):
     batch = vlm.prepare(family_images(), PROMPTS, padding_side=padding_side)
     streamed = collect(vlm, batch, verbalize_images=True)
     _, cache = vlm.run_with_cache(batch)
-    allowed = allowed_pairs_naive(new_family, batch)
     counts = batch.image_mask.sum(-1).tolist()
     for layer in range(vlm.cfg.n_layers):
+        allowed = allowed_pairs_naive(new_family, batch, layer)
         naive_head, naive_summed = naive_norms(cache["pattern", layer], cache["v", layer], vlm.W_O[layer])
         weights = cache["pattern", layer].double().mean(1)
         for pair, (queries, keys) in modality_pairs(batch).items():

@@ -264,3 +264,12 @@ def test_generated_tokens_are_the_causal_suffix(new_family):
     inputs["token_type_ids"] = torch.zeros_like(inputs["token_type_ids"])  # new tokens as prefix
     _, prefix = vlm.run_with_cache(vlm.to_batch(inputs), names_filter=name)
     assert max_diff(cache[name], prefix[name], real) > 1e-3
+
+
+@PALIGEMMAS
+def test_a_prompt_without_an_image_is_refused_in_one_line(new_family):
+    from hooked_vllm import ImageCountError
+
+    vlm = new_family.vlm
+    with pytest.raises(ImageCountError, match="needs at least one image for every prompt"):
+        vlm.prepare([[], family_images()[0]], ["Just text.", "Describe the image."])

@@ -74,3 +74,17 @@ def test_ablating_a_deepstack_injection_equals_hf(qwen3, monkeypatch):
     real = batch.attention_mask.bool()
     assert (ours - theirs)[real].abs().max() <= 1e-5
     assert (ours - vlm(batch))[real].abs().max() > 1e-4, "the injection must matter"
+
+
+def test_a_decomposition_that_would_miss_an_injection_is_refused(qwen3):
+    """Without the DeepStack hooks in the cache the terms could not sum to the stream: refused in one
+    line, as is TransformerLens's per-head decomposition (it has no term for them)."""
+    vlm = qwen3.vlm
+    batch = vlm.prepare(family_images(), PROMPTS)
+    _, partial = vlm.run_with_cache(batch, names_filter=lambda n: "deepstack" not in n)
+    with pytest.raises(ValueError, match="blocks.0.hook_deepstack is not in the cache"):
+        partial.decompose_resid(layer=2)
+    _, full = vlm.run_with_cache(batch)
+    with pytest.raises(NotImplementedError, match="use decompose_resid"):
+        full.get_full_resid_decomposition(layer=2)
+    assert full.decompose_resid(layer=2).shape[0] == len(full.decompose_resid(layer=2, return_labels=True)[1])

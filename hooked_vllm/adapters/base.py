@@ -249,6 +249,13 @@ class VLMAdapter(ABC):
             raise NotImplementedError(f"{type(self).__name__} adds no features to the residual stream.")
         return {}
 
+    @property
+    def video_token_ids(self) -> list[int]:
+        """Token ids of video placeholders in this family's vocabulary (videos are not supported)."""
+        config = self.hf_model.config
+        ids = [getattr(config, name, None) for name in ("video_token_id", "video_token_index")]
+        return [int(i) for i in ids if i is not None]
+
     def placeholder_mask(self, input_ids: Int[torch.Tensor, "batch pos"]) -> Bool[torch.Tensor, "batch pos"]:
         """The positions :meth:`visual_prefix` fills (default: the image token)."""
         return input_ids == self.image_token_id

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from transformers import PreTrainedModel
 from transformers.models.gemma3.modeling_gemma3 import (
     create_masks_for_vision_model,
@@ -59,6 +59,23 @@ class Gemma3Adapter(VLMAdapter):
             expanded += expansion + piece
         ids, spans = token_ids_with_spans(self.tokenizer, expanded)
         return ids, [_span_in_prompt(span, moved) for span in spans]
+
+    def image_text_mask(self, input_ids: Int[torch.Tensor, "batch pos"]) -> Bool[torch.Tensor, "batch pos"]:
+        """The processor's whole expansion of an image: the soft tokens, ``<start_of_image>``,
+        ``<end_of_image>`` and the blank lines it writes around them (never instruction text)."""
+        config = self.hf_model.config
+        mask = self.placeholder_mask(input_ids)
+        begin, end = input_ids == config.boi_token_index, input_ids == config.eoi_token_index
+        mask = mask | begin | end
+        blank = self.tokenizer("\n\n", add_special_tokens=False).input_ids
+        k = len(blank)
+        for row, at in begin.nonzero().tolist():
+            if at >= k and input_ids[row, at - k : at].tolist() == blank:
+                mask[row, at - k : at] = True
+        for row, at in end.nonzero().tolist():
+            if input_ids[row, at + 1 : at + 1 + k].tolist() == blank:
+                mask[row, at + 1 : at + 1 + k] = True
+        return mask
 
     # -- the vision side
     def visual_prefix(self, inputs: Mapping[str, torch.Tensor]) -> Float[torch.Tensor, "n_slots d_model"]:

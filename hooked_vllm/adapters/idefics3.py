@@ -103,7 +103,7 @@ class Idefics3Adapter(VLMAdapter):
         """The text the processor writes for each image, from its first ``<fake_token_around_image>``
         to the one closing its global image: the slots and the structure tokens around them."""
         ids = input_ids if input_ids.dim() == 2 else input_ids[None]
-        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask = self.placeholder_mask(ids)  # a prompt's own <image> too, before the processor expands it
         for row, tokens in enumerate(ids.tolist()):
             for start, end in self._blocks(tokens):
                 mask[row, start:end] = True

@@ -24,16 +24,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
+from PIL import Image
 from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from hooked_vllm.adapters.base import ImageSlots, VLMAdapter, causal_lm_view
 from hooked_vllm.adapters.prompts import chat_prompt
 from hooked_vllm.adapters.tokens import token_ids_with_spans
+from hooked_vllm.errors import ImageCountError
 
 
 class PaliGemmaAdapter(VLMAdapter):
@@ -59,6 +61,19 @@ class PaliGemmaAdapter(VLMAdapter):
             return chat_prompt(self.processor, instruction, n_images, self.template, self.image_placeholder)
         images = "" if self.image_placeholder in instruction else self.image_placeholder * n_images
         return images + instruction, (len(images), len(images) + len(instruction))
+
+    def process(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str
+    ) -> Mapping[str, torch.Tensor]:
+        """The processor call; every prompt needs an image (PaliGemma's processor writes BOS after a
+        prompt's image tokens, and mixing prompts with and without images breaks that layout)."""
+        bare = [i for i, prompt in enumerate(prompts) if self.count_image_slots(prompt) == 0]
+        if bare:
+            raise ImageCountError(
+                f"Prompt(s) {bare} have no image; PaliGemma needs at least one image for every prompt. "
+                "Run text-only prompts as token input (vlm('text')), or give each prompt an image."
+            )
+        return super().process(images, prompts, padding_side)
 
     def prompt_token_ids(self, prompt: str) -> tuple[list[int], list[tuple[int, int]]]:
         """The tokens of ``prompt`` as the processor writes it (BOS after the last image placeholder,

@@ -101,8 +101,24 @@ class BatchReducer:
         self.pair_query_index = torch.tensor(
             [self.group_names.index(n.split("<-")[0]) for n in self.pair_names]
         )
-        allowed = None if self.causal else allowed_pairs(vlm, batch)
-        self.pair_counts = torch.stack([pair_count(*pairs[n], allowed) for n in self.pair_names], 1)
+        # Block means divide by the pairs a layer lets attend: causal pairs, or those its mask allows
+        # (Gemma 3's image blocks, PaliGemma's prefix, sliding windows), per kind of layer.
+        kinds = layer_kinds(vlm)
+        self.kind_names = sorted(set(kinds))
+        self.layer_kind = [self.kind_names.index(kind) for kind in kinds]
+        exact_causal = self.causal and vlm.adapter.sliding_window is None
+        self.pair_counts = torch.stack(
+            [
+                torch.stack(
+                    [
+                        pair_count(*pairs[n], None if exact_causal else allowed_pairs(vlm, batch, kind))
+                        for n in self.pair_names
+                    ],
+                    1,
+                )
+                for kind in self.kind_names
+            ]
+        )  # [kind, batch, pair]
         counts = self.image.sum(-1)
         self.n_image_tokens = counts.tolist()
         self.has_images = int(counts.max()) > 0
@@ -159,7 +175,7 @@ class BatchReducer:
         queries = self._at(device)["query_matrix"]  # [batch, group, query]
         norm_rows = torch.einsum("bgq,bqk->bgk", queries, summed)
         alpha_rows = grouped_query_sums(queries, pattern, causal=self.causal)
-        self._summarise(norm_rows, alpha_rows, gram)
+        self._summarise(layer, norm_rows, alpha_rows, gram)
 
     def on_qkv(
         self,
@@ -179,10 +195,11 @@ class BatchReducer:
         norm_rows, alpha_rows = attention_group_sums(
             q, k, gram, here["query_matrix"], here["key_mask"], scaling=scaling, causal=True
         )
-        self._summarise(norm_rows, alpha_rows, gram)
+        self._summarise(layer, norm_rows, alpha_rows, gram)
 
     def _summarise(
         self,
+        layer: int,
         norm_rows: Float[torch.Tensor, "batch group key"],
         alpha_rows: Float[torch.Tensor, "batch head group key"],
         gram: Float[torch.Tensor, "batch key head head"],
@@ -193,7 +210,7 @@ class BatchReducer:
         keys = here["key_matrix"]  # [batch, pair, key]
         g = here["pair_query_index"]  # [pair]
         alpha_rows = alpha_rows[:, :, g]  # [batch, head, pair, key]
-        count = here["pair_counts"]  # [batch, pair]
+        count = here["pair_counts"][self.layer_kind[layer]]  # [batch, pair]: pairs this layer allows
         norm_blocks = (norm_rows[:, g] * keys).sum(-1) / count
         head_blocks = (alpha_rows * f_norm[:, :, None, :] * keys[:, None]).sum(-1) / count[:, None]
         weight_blocks = (alpha_rows * keys[:, None]).sum(-1).mean(1) / count
@@ -249,17 +266,35 @@ def _padded_positions(
     return positions, valid
 
 
-def allowed_pairs(vlm, batch) -> Bool[torch.Tensor, "batch query key"]:
-    """Which (query, key) pairs the family's full-attention mask lets attend (Gemma 3: causal, or
-    both in one image's block), from the mask the language model gets."""
+def layer_kinds(vlm) -> list[str]:
+    """Each language-model layer's attention kind, as HF names them (``"full_attention"``,
+    ``"sliding_attention"``): the text config's ``layer_types``, else every layer sliding where the
+    config has a window (Mistral-style), else full."""
+    config = vlm.adapter.text_config
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return list(kinds)
+    kind = "sliding_attention" if vlm.adapter.sliding_window is not None else "full_attention"
+    return [kind] * vlm.cfg.n_layers
+
+
+def allowed_pairs(vlm, batch, kind: str = "full_attention") -> Bool[torch.Tensor, "batch query key"]:
+    """Which (query, key) pairs a layer of ``kind`` lets attend, from the mask the language model
+    gets (Gemma 3: causal or both in one image's block; PaliGemma: the prefix both ways; a sliding
+    layer: within its window of columns, as HF counts it)."""
     embeds = torch.zeros(*batch.input_ids.shape, 1)
     inputs = {k: v for k, v in batch.inputs.items() if k in batch.token_inputs}
     mask = vlm.adapter.lm_attention_mask(inputs, embeds, batch.position_ids)
     if isinstance(mask, dict):
-        mask = mask["full_attention"]
-    if mask.dim() == 2:  # the padding mask: causal attention to real keys
+        mask = mask.get(kind, mask["full_attention"])
+    if mask.dim() == 2:  # the padding mask: causal attention to real keys (within the window)
         n = mask.shape[1]
-        return torch.ones(n, n, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
+        allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
+        window = vlm.adapter.sliding_window
+        if kind == "sliding_attention" and window is not None:
+            columns = torch.arange(n)
+            allowed = allowed & (columns[None, :] > columns[:, None] - window)[None]
+        return allowed
     allowed = mask if mask.dtype == torch.bool else mask == 0
     return allowed[:, 0].expand(len(batch), -1, -1).cpu()
 
@@ -328,9 +363,14 @@ def collect(
     def hook_fn(tensor, hook, name):
         feed(name, tensor)
 
-    # Recomputing alpha from q and k assumes causal attention plus padding; other masks (Gemma 3's
-    # bidirectional image blocks, sliding windows) read the model's own pattern instead.
-    fused = vlm.adapter.plain_causal and (attention == "fused" or (attention == "auto" and supported(vlm)))
+    # Recomputing alpha from q and k assumes causal attention plus padding, no window; other masks
+    # (Gemma 3's bidirectional image blocks, PaliGemma's prefix, sliding windows) read the model's own
+    # pattern instead.
+    fused = (
+        vlm.adapter.plain_causal
+        and vlm.adapter.sliding_window is None
+        and (attention == "fused" or (attention == "auto" and supported(vlm)))
+    )
     names = hook_names(vlm.cfg.n_layers, () if fused else analyses)
     hooks = [(name, partial(hook_fn, name=name)) for name in names]
     if not fused:

@@ -154,8 +154,14 @@ def saliency_maps(aggregates: dict, key: str = "saliency_last", n_panels: int = 
         else:
             fig.add_trace(go.Bar(y=maps[layer], showlegend=False), row=1, col=col)
     source = "the last position" if key == "saliency_last" else "the instruction"
+    used, total = aggregates.get("saliency_items"), aggregates.get("n_items")
+    over = (
+        f"mean over {used} of {total} items (those sharing one image layout)"
+        if used and total
+        else "mean over items"
+    )
     fig.update_layout(
-        title=f"Image-token saliency received from {source} (norm-based, mean over items)",
+        title=f"Image-token saliency received from {source} (norm-based, {over})",
         template="plotly_white",
     )
     return fig
