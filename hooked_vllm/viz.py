@@ -108,4 +108,41 @@ def show_saliency(
     return fig
 
 
-__all__ = ["item_values", "on_image", "show_saliency", "tile_grids"]
+def lens_token_grids(vlm: Any, batch: Any, result: Any, item: int, layer: int) -> dict[int, np.ndarray]:
+    """``{tile: [rows, cols] array of str}``: the logit lens's top-1 token of each of the item's
+    (first) image patches at ``layer`` (0 = the embedding, as the logit-lens figures count), laid out
+    on its tiles ("" where no patch lies). Needs ``collect(..., verbalize_images=True)``."""
+    if result.image_verbalization is None:
+        raise ValueError("The result has no image verbalization: run collect(..., verbalize_images=True).")
+    slots = batch.image_slots[item][0]
+    n = int(slots.is_patch.sum())
+    tokens = result.image_verbalization[layer, item, :n].tolist()
+    words = [vlm.tokenizer.decode([token]) for token in tokens]
+    index_grids = tile_grids(slots, np.arange(n, dtype=float))
+    return {
+        tile: np.vectorize(lambda k: "" if np.isnan(k) else words[int(k)], otypes=[object])(grid)
+        for tile, grid in index_grids.items()
+    }
+
+
+def show_lens_grid(vlm: Any, batch: Any, result: Any, item: int, layer: int) -> Any:
+    """The logit lens's top-1 token of every image patch at ``layer`` (0 = embedding), written on
+    the patch grid of each tile (tile 0: the whole image). Returns a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    grids = lens_token_grids(vlm, batch, result, item, layer)
+    fig, axes = plt.subplots(1, len(grids), figsize=(4 * len(grids), 4), squeeze=False)
+    for ax, (tile, grid) in zip(axes[0], grids.items()):
+        rows, cols = grid.shape
+        ax.set_xlim(-0.5, cols - 0.5)
+        ax.set_ylim(rows - 0.5, -0.5)
+        for (r, c), word in np.ndenumerate(grid):
+            ax.text(c, r, word.strip() or repr(word), ha="center", va="center", fontsize=7)
+        ax.set_title(f"layer {layer}, tile {tile}" if tile else f"layer {layer}, whole image")
+        ax.set_xticks(range(cols))
+        ax.set_yticks(range(rows))
+        ax.grid(False)
+    return fig
+
+
+__all__ = ["item_values", "lens_token_grids", "on_image", "show_lens_grid", "show_saliency", "tile_grids"]

@@ -62,3 +62,21 @@ def test_show_saliency_overlays_the_base_view_and_draws_the_crops(llava_next):
     overlay = panels[0].get_images()[1].get_array()
     assert np.allclose(np.asarray(overlay), on_image(grids[0], image.size), equal_nan=True)
     assert np.allclose(np.asarray(panels[1].get_images()[0].get_array()), grids[1], equal_nan=True)
+
+
+def test_lens_tokens_land_on_their_patches(llava_next):
+    """Each patch's cell holds the logit lens's top-1 token at that patch's own position."""
+    from hooked_vllm.viz import lens_token_grids, show_lens_grid
+
+    vlm = llava_next.vlm
+    image = family_images()[2]
+    batch = vlm.prepare([image], ["Describe the image."])
+    result = collect(vlm, batch, verbalize_images=True)
+    _, cache = vlm.run_with_cache(batch, names_filter="blocks.1.hook_resid_post")
+    top1 = vlm.unembed(vlm.ln_final(cache["blocks.1.hook_resid_post"])).argmax(-1)[0]  # layer 2
+    grids = lens_token_grids(vlm, batch, result, item=0, layer=2)
+    slots = batch.image_slots[0][0]
+    positions = batch.image_mask[0].nonzero().flatten().tolist()
+    for position, (tile, row, col) in zip(positions, slots.grid[slots.is_patch].tolist()):
+        assert grids[tile][row, col] == vlm.tokenizer.decode([int(top1[position])])
+    assert len(show_lens_grid(vlm, batch, result, item=0, layer=2).axes) == len(grids)
