@@ -119,6 +119,21 @@ def patch_grid(images) -> list[int]:
 
 
 # ---------------------------------------------------------------- aggregates
+def _cross_input_baselines(total_img, total_txt, self_img, self_txt, cross, n_img, n_txt) -> dict:
+    """Mean cosine over all token pairs from different items, per group and layer (the anisotropy
+    baseline), from the dataset's unit-vector sums and each item's own."""
+    total_all = total_img + total_txt
+    self_all = self_img + self_txt + 2 * cross
+    n_all = n_img + n_txt
+    return {
+        "intra_image": ((total_img**2).sum(-1) - self_img.sum(0)) / (n_img.sum() ** 2 - (n_img**2).sum()),
+        "intra_text": ((total_txt**2).sum(-1) - self_txt.sum(0)) / (n_txt.sum() ** 2 - (n_txt**2).sum()),
+        "inter": ((total_img * total_txt).sum(-1) - cross.sum(0))
+        / (n_img.sum() * n_txt.sum() - (n_img * n_txt).sum()),
+        "all": ((total_all**2).sum(-1) - self_all.sum(0)) / (n_all.sum() ** 2 - (n_all**2).sum()),
+    }
+
+
 def _stats(matrix: np.ndarray) -> dict[str, list[float]]:
     """Mean, standard deviation and normal-approximation 95% interval half-width over items."""
     n = np.sum(~np.isnan(matrix), axis=0)
@@ -139,16 +154,8 @@ def aggregate(rows: list[dict], sums: dict[str, np.ndarray], *, window: int = 3)
     self_txt = np.array([r["selfdot_text"] for r in rows])
     cross = np.array([r["crossdot"] for r in rows])
     total_img, total_txt = sums["sum_image"], sums["sum_text"]  # [layer, d]
-    total_all = total_img + total_txt
-    self_all = self_img + self_txt + 2 * cross
-    n_all = n_img + n_txt
-    baseline = {
-        "intra_image": ((total_img**2).sum(-1) - self_img.sum(0)) / (n_img.sum() ** 2 - (n_img**2).sum()),
-        "intra_text": ((total_txt**2).sum(-1) - self_txt.sum(0)) / (n_txt.sum() ** 2 - (n_txt**2).sum()),
-        "inter": ((total_img * total_txt).sum(-1) - cross.sum(0))
-        / (n_img.sum() * n_txt.sum() - (n_img * n_txt).sum()),
-        "all": ((total_all**2).sum(-1) - self_all.sum(0)) / (n_all.sum() ** 2 - (n_all**2).sum()),
-    }
+    with np.errstate(divide="ignore", invalid="ignore"):  # one item: no cross-input pair (NaN, unused)
+        baseline = _cross_input_baselines(total_img, total_txt, self_img, self_txt, cross, n_img, n_txt)
     out: dict = {"n_items": len(rows), "n_layers": int(self_img.shape[1]) - 1, "contextualization": {}}
     for group in GROUPS:
         raw = np.array([r[f"ctx_{group}"] for r in rows], dtype=float)
