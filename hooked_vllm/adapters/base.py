@@ -145,9 +145,16 @@ class VLMAdapter(ABC):
             )
 
     # 2. The language model
-    @abstractmethod
+    #: The ``*ForCausalLM`` class of the language-model view (None: ``AutoModelForCausalLM``'s pick for
+    #: the text config; Qwen*-VL name a sibling, their text configs having none of their own).
+    view_class: ClassVar[type[PreTrainedModel] | None] = None
+
     def language_model(self) -> PreTrainedModel:
-        """A causal LM sharing the HF model's decoder layers, final norm and unembedding."""
+        """A causal LM sharing the HF model's decoder layers, final norm and unembedding (default: a
+        :func:`causal_lm_view` of ``hf_model.model.get_decoder()`` and ``hf_model.lm_head``)."""
+        return causal_lm_view(
+            self.text_config, self.hf_model.model.get_decoder(), self.hf_model.lm_head, self.view_class
+        )
 
     @property
     def text_config(self) -> PretrainedConfig:

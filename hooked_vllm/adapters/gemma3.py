@@ -18,13 +18,12 @@ from collections.abc import Mapping
 
 import torch
 from jaxtyping import Bool, Float, Int
-from transformers import PreTrainedModel
 from transformers.models.gemma3.modeling_gemma3 import (
     create_masks_for_vision_model,
     get_block_sequence_ids_for_mask,
 )
 
-from hooked_vllm.adapters.base import VLMAdapter, causal_lm_view
+from hooked_vllm.adapters.base import VLMAdapter
 from hooked_vllm.adapters.tokens import token_ids_with_spans
 
 
@@ -34,9 +33,6 @@ class Gemma3Adapter(VLMAdapter):
     images_per_prompt = True  # the processor takes each prompt's images as a list
     token_input_names = ("input_ids", "attention_mask", "token_type_ids")
     plain_causal = False
-
-    def language_model(self) -> PreTrainedModel:
-        return causal_lm_view(self.text_config, self.hf_model.model.language_model, self.hf_model.lm_head)
 
     @property
     def image_placeholder(self) -> str:

@@ -49,10 +49,9 @@ from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
-from transformers import PreTrainedModel
 from transformers.models.smolvlm import processing_smolvlm
 
-from hooked_vllm.adapters.base import ImageSlots, VLMAdapter, causal_lm_view
+from hooked_vllm.adapters.base import ImageSlots, VLMAdapter
 
 
 def _num2words_missing(number: int, *args: Any, **kwargs: Any) -> str:
@@ -77,9 +76,6 @@ class Idefics3Adapter(VLMAdapter):
     image_input_names = ("pixel_values", "pixel_attention_mask")
     #: Idefics3's and SmolVLM's chat format, where the processor has no chat template
     template = "User:{images}{instruction}<end_of_utterance>\nAssistant:"
-
-    def language_model(self) -> PreTrainedModel:
-        return causal_lm_view(self.text_config, self.hf_model.model.text_model, self.hf_model.lm_head)
 
     # -- tokens
     def _token_id(self, token: str) -> int:

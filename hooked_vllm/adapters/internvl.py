@@ -25,9 +25,8 @@ from collections.abc import Mapping
 
 import torch
 from jaxtyping import Float, Int
-from transformers import PreTrainedModel
 
-from hooked_vllm.adapters.base import ImageSlots, VLMAdapter, causal_lm_view
+from hooked_vllm.adapters.base import ImageSlots, VLMAdapter
 from hooked_vllm.adapters.tokens import token_ids_with_spans
 from hooked_vllm.errors import ImageCountError
 
@@ -37,9 +36,6 @@ class InternVLAdapter(VLMAdapter):
     architectures = ("InternVLForConditionalGeneration",)
     #: InternVL3's chat template (ChatML; an image is ``<IMG_CONTEXT>\\n``), for processors without one.
     template = "<|im_start|>user\n{images}\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
-
-    def language_model(self) -> PreTrainedModel:
-        return causal_lm_view(self.text_config, self.hf_model.model.language_model, self.hf_model.lm_head)
 
     # -- prompts
     @property

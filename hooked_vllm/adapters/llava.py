@@ -12,9 +12,8 @@ from collections.abc import Mapping
 
 import torch
 from jaxtyping import Float
-from transformers import PreTrainedModel
 
-from hooked_vllm.adapters.base import VLMAdapter, causal_lm_view
+from hooked_vllm.adapters.base import VLMAdapter
 
 
 class LlavaAdapter(VLMAdapter):
@@ -22,9 +21,6 @@ class LlavaAdapter(VLMAdapter):
     architectures = ("LlavaForConditionalGeneration",)
     #: LLaVA-1.5's conversation template (the ``llava-hf`` model cards' format), used as it is.
     template = "USER: {images}\n{instruction} ASSISTANT:"
-
-    def language_model(self) -> PreTrainedModel:
-        return causal_lm_view(self.text_config, self.hf_model.model.language_model, self.hf_model.lm_head)
 
     def format_prompt(self, instruction: str, n_images: int) -> tuple[str, tuple[int, int]]:
         """LLaVA-1.5's conversation template, as the ``llava-hf`` model cards write it.

@@ -29,10 +29,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from jaxtyping import Float, Int
 from PIL import Image
-from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from hooked_vllm.adapters.base import ImageSlots, VLMAdapter, causal_lm_view
+from hooked_vllm.adapters.base import ImageSlots, VLMAdapter
 from hooked_vllm.adapters.prompts import chat_prompt
 from hooked_vllm.adapters.tokens import token_ids_with_spans
 from hooked_vllm.errors import ImageCountError
@@ -44,9 +43,6 @@ class PaliGemmaAdapter(VLMAdapter):
     min_transformers = "5.23"  # measured: 5.22 builds PaliGemma 2's masks differently (logits off by 2e-2)
     token_input_names = ("input_ids", "attention_mask", "token_type_ids")
     plain_causal = False
-
-    def language_model(self) -> PreTrainedModel:
-        return causal_lm_view(self.text_config, self.hf_model.model.language_model, self.hf_model.lm_head)
 
     # -- prompts
     @property

@@ -20,24 +20,20 @@ from collections.abc import Mapping
 
 import torch
 from jaxtyping import Float, Int
-from transformers import PreTrainedModel, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
-from hooked_vllm.adapters.base import ImageSlots, VLMAdapter, causal_lm_view
+from hooked_vllm.adapters.base import ImageSlots, VLMAdapter
 
 
 class Qwen2VLAdapter(VLMAdapter):
     family = "qwen2_vl"
     architectures = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    view_class = Qwen2ForCausalLM
     vision_input_names = ("image_grid_thw",)
     token_input_names = ("input_ids", "attention_mask", "mm_token_type_ids")
     image_input_names = ("image_grid_thw",)
     image_placeholder = "<|image_pad|>"
     image_text = "<|vision_start|><|image_pad|><|vision_end|>"
-
-    def language_model(self) -> PreTrainedModel:
-        return causal_lm_view(
-            self.text_config, self.hf_model.model.language_model, self.hf_model.lm_head, Qwen2ForCausalLM
-        )
 
     # -- the vision side
     def n_images(self, inputs: Mapping[str, torch.Tensor]) -> int:

@@ -19,21 +19,17 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from transformers import PreTrainedModel, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
-from hooked_vllm.adapters.base import VisualFeatures, causal_lm_view
+from hooked_vllm.adapters.base import VisualFeatures
 from hooked_vllm.adapters.qwen2_vl import Qwen2VLAdapter
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     architectures = ("Qwen3VLForConditionalGeneration",)
+    view_class = Qwen3ForCausalLM
     min_transformers = "5.20"  # measured: 5.17 returns DeepStack features in another structure
-
-    def language_model(self) -> PreTrainedModel:
-        return causal_lm_view(
-            self.text_config, self.hf_model.model.language_model, self.hf_model.lm_head, Qwen3ForCausalLM
-        )
 
     def visual_features(self, inputs: Mapping[str, torch.Tensor]) -> VisualFeatures:
         output = self.hf_model.model.get_image_features(
