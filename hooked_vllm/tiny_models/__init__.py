@@ -426,16 +426,38 @@ def _qwen_text_kwargs(text: TinyTextConfig, tokenizer: PreTrainedTokenizerFast) 
     )
 
 
-def _tiny_qwen(kind, seed, directory, text, padding_side, *, v2_5):
-    directory = Path(directory) if directory is not None else _default_dir(kind)
+#: The tiny Qwen-VLs' geometry: patch 4, 2x2 merge, 2 frames per temporal patch (a slot is 8x8 px)
+QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 4, 2, 2
+
+
+def _qwen_tokenizer(directory: Path, padding_side: str) -> tuple[PreTrainedTokenizerFast, dict[str, int]]:
+    """A tokenizer with Qwen's vision tokens (no BOS) and the config keywords naming their ids."""
     tokenizer = train_tokenizer(
         directory / "tokenizer",
         add_bos=False,
         extra_special_tokens=tuple(_QWEN_TOKENS.values()),
         padding_side=padding_side,
     )
-    token_ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in _QWEN_TOKENS.items()}
-    patch_size, merge_size, temporal_patch_size = 4, 2, 2
+    return tokenizer, {key: tokenizer.convert_tokens_to_ids(token) for key, token in _QWEN_TOKENS.items()}
+
+
+def _qwen_processor(processor_class: type, video_processor_class: type, tokenizer: Any) -> Any:
+    """A Qwen-VL processor of the tiny geometry; images between 2x2 and 8x8 merged slots."""
+    factor = QWEN_PATCH * QWEN_MERGE
+    sizes = dict(patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL)
+    return processor_class(
+        image_processor=Qwen2VLImageProcessor(
+            size={"shortest_edge": (2 * factor) ** 2, "longest_edge": (8 * factor) ** 2}, **sizes
+        ),
+        tokenizer=tokenizer,
+        video_processor=video_processor_class(**sizes),
+    )
+
+
+def _tiny_qwen(kind, seed, directory, text, padding_side, *, v2_5):
+    directory = Path(directory) if directory is not None else _default_dir(kind)
+    tokenizer, token_ids = _qwen_tokenizer(directory, padding_side)
+    patch_size, merge_size, temporal_patch_size = QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL
     torch.manual_seed(seed)
     if v2_5:
         vision = Qwen2_5_VLVisionConfig(
@@ -478,17 +500,7 @@ def _tiny_qwen(kind, seed, directory, text, padding_side, *, v2_5):
     config.architectures = [model_class.__name__]
     config._attn_implementation = "eager"
     model = _finish(model_class(config), seed, redraw_zeros=True)
-    factor = patch_size * merge_size
-    sizes = dict(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size)
-    processor = processor_class(
-        # size is in pixels: at least 2x2 merged slots, at most 8x8 (64 slots)
-        image_processor=Qwen2VLImageProcessor(
-            size={"shortest_edge": (2 * factor) ** 2, "longest_edge": (8 * factor) ** 2}, **sizes
-        ),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(**sizes),
-    )
-    return model, processor
+    return model, _qwen_processor(processor_class, Qwen2VLVideoProcessor, tokenizer)
 
 
 def tiny_qwen2_vl(

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    Qwen2VLImageProcessor,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
@@ -16,12 +15,15 @@ from transformers import (
 )
 
 from hooked_vllm.tiny_models import (
-    _QWEN_TOKENS,
+    QWEN_MERGE,
+    QWEN_PATCH,
+    QWEN_TEMPORAL,
     TinyTextConfig,
     _default_dir,
     _finish,
+    _qwen_processor,
     _qwen_text_kwargs,
-    train_tokenizer,
+    _qwen_tokenizer,
 )
 
 
@@ -41,14 +43,8 @@ def tiny_qwen3_vl(
     Prompt: ``"<|vision_start|><|image_pad|><|vision_end|>{text}"``.
     """
     directory = Path(directory) if directory is not None else _default_dir("qwen3-vl")
-    tokenizer = train_tokenizer(
-        directory / "tokenizer",
-        add_bos=False,
-        extra_special_tokens=tuple(_QWEN_TOKENS.values()),
-        padding_side=padding_side,
-    )
-    token_ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in _QWEN_TOKENS.items()}
-    patch_size, merge_size, temporal_patch_size = 4, 2, 2
+    tokenizer, token_ids = _qwen_tokenizer(directory, padding_side)
+    patch_size, merge_size, temporal_patch_size = QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL
     torch.manual_seed(seed)
     text_kwargs = _qwen_text_kwargs(text, tokenizer)
     text_kwargs["rope_parameters"]["mrope_interleaved"] = True
@@ -73,13 +69,4 @@ def tiny_qwen3_vl(
     config.architectures = [Qwen3VLForConditionalGeneration.__name__]
     config._attn_implementation = "eager"
     model = _finish(Qwen3VLForConditionalGeneration(config), seed, redraw_zeros=True)
-    factor = patch_size * merge_size
-    sizes = dict(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size)
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(
-            size={"shortest_edge": (2 * factor) ** 2, "longest_edge": (8 * factor) ** 2}, **sizes
-        ),
-        tokenizer=tokenizer,
-        video_processor=Qwen3VLVideoProcessor(**sizes),
-    )
-    return model, processor
+    return model, _qwen_processor(Qwen3VLProcessor, Qwen3VLVideoProcessor, tokenizer)
