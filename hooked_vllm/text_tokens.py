@@ -129,7 +129,10 @@ class TokensMixin:
     def _item_str_tokens(self, batch: VLMBatch, index: int) -> list[str]:
         ids = batch.input_ids[index].tolist()
         real = batch.attention_mask[index].tolist()
-        labels = _image_slot_labels(batch, index)
+        placeholders = (
+            self.adapter.placeholder_mask(batch.input_ids[index]) & batch.attention_mask[index].bool()
+        )
+        labels = _image_slot_labels(batch, index, placeholders)
         out: list[str] = []
         run: list[int] = []  # the text tokens since the last image or padding: decoded in context
 
@@ -147,9 +150,10 @@ class TokensMixin:
         return out
 
 
-def _image_slot_labels(batch: VLMBatch, index: int) -> dict[int, str]:
-    """``{position: label}`` of item ``index``'s image slots: ``<img{i}:{k}>`` for patch k of image
-    i, ``<img{i}:newline>`` for a structure slot (LLaVA-NeXT's row ends)."""
+def _image_slot_labels(batch: VLMBatch, index: int, placeholders: torch.Tensor) -> dict[int, str]:
+    """``{position: label}`` of item ``index``'s image slots (``placeholders``: the positions the
+    visual prefix fills): ``<img{i}:{k}>`` for patch k of image i, ``<img{i}:newline>`` for a
+    structure slot (LLaVA-NeXT's row ends)."""
     image_row = batch.image_mask[index].tolist()
     if not batch.image_slots:  # no images: runs of image positions, one image each
         labels, image_no, patch, previous = {}, -1, 0, False
@@ -166,9 +170,6 @@ def _image_slot_labels(batch: VLMBatch, index: int) -> dict[int, str]:
         for image_no, slots in enumerate(batch.image_slots[index])
         for is_patch in slots.is_patch.tolist()
     ]
-    # The slots the visual prefix fills hold the image token, patch or structure slot alike.
-    ids, real = batch.input_ids[index], batch.attention_mask[index].bool()
-    placeholders = torch.isin(ids, ids[batch.image_mask[index]]) & real
     labels, patches = {}, {}
     for pos, (image_no, is_patch) in zip(placeholders.nonzero().flatten().tolist(), kinds):
         if is_patch:

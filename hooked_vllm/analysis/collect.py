@@ -107,18 +107,11 @@ class BatchReducer:
         self.kind_names = sorted(set(kinds))
         self.layer_kind = [self.kind_names.index(kind) for kind in kinds]
         exact_causal = self.causal and vlm.adapter.sliding_window is None
-        self.pair_counts = torch.stack(
-            [
-                torch.stack(
-                    [
-                        pair_count(*pairs[n], None if exact_causal else allowed_pairs(vlm, batch, kind))
-                        for n in self.pair_names
-                    ],
-                    1,
-                )
-                for kind in self.kind_names
-            ]
-        )  # [kind, batch, pair]
+        per_kind = []
+        for kind in self.kind_names:
+            allowed = None if exact_causal else allowed_pairs(vlm, batch, kind)  # once per kind
+            per_kind.append(torch.stack([pair_count(*pairs[n], allowed) for n in self.pair_names], 1))
+        self.pair_counts = torch.stack(per_kind)  # [kind, batch, pair]
         counts = self.image.sum(-1)
         self.n_image_tokens = counts.tolist()
         self.has_images = int(counts.max()) > 0
