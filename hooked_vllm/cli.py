@@ -132,6 +132,15 @@ def _parser() -> argparse.ArgumentParser:
         help="skip the logit lens of every image position at every layer (the verbalization table): "
         "at 7B it costs about half a forward pass",
     )
+    run.add_argument(
+        "--report-items",
+        type=_non_negative_int,
+        default=8,
+        help="items shown one by one in report.html (the image, saliency over it for every layer and "
+        "head, the logit lens on its grid), spread over the item ids; 0: none. Each costs two "
+        "forward passes and adds layers x (heads + 1) x image tokens x 5.3 bytes to the report "
+        "(about 3 MB at LLaVA-1.5-7B; default: 8)",
+    )
     run.add_argument("--skip-bad", action="store_true", help="skip missing/corrupt images and list them")
     run.add_argument(
         "--max-pixels",
@@ -299,6 +308,16 @@ def _load_data(args, settings):
     )
 
 
+def _explore(vlm, sample, rows, args) -> list:
+    """The report's explored items: ``--report-items`` of the items with an image, spread over ids."""
+    from hooked_vllm.report.explorer import explore_items, spread
+
+    by_id = {item.item_id: item for item in sample.items}
+    with_image = [row["item_id"] for row in rows if row.get("saliency_last") and row["item_id"] in by_id]
+    chosen = [by_id[item_id] for item_id in spread(with_image, args.report_items)]
+    return explore_items(vlm, chosen, batch_size=args.batch_size, max_pixels=args.max_pixels)
+
+
 def phase_diagram(args) -> int:
     from hooked_vllm.experiment import open_run_store, run_phase_diagram
     from hooked_vllm.report.html import write_report
@@ -325,8 +344,15 @@ def phase_diagram(args) -> int:
         if result is None:
             return 0
         title = f"{args.model} on {sample.name} ({result.n_items} items)"
+        explored = _explore(vlm, sample, result.rows, args)
         report = write_report(
-            args.out, result.aggregates, result.rows, vlm.tokenizer, title=title, warning=warning
+            args.out,
+            result.aggregates,
+            result.rows,
+            vlm.tokenizer,
+            title=title,
+            warning=warning,
+            explorer=explored,
         )
     if result.n_resumed:
         print(f"  resumed: {result.n_resumed} of {len(sample.items)} items were already done in {args.out}")

@@ -58,9 +58,10 @@ def test_the_report_draws_a_tiled_models_saliency_on_its_layout(llava_next, tmp_
     slots = batch.image_slots[0][0]
     patches = slots.grid[slots.is_patch]
     assert len({tile for tile, _, _ in patches.tolist()}) > 1, "the image must be tiled"
-    figure = saliency_maps(aggregates, "saliency_last", n_panels=2)
+    figure = saliency_maps(aggregates, "saliency_last")
     saliency = np.asarray(aggregates["saliency_last"])
-    for panel, layer in zip(figure.data, (0, saliency.shape[0] - 1)):
+    assert len(figure.data) == saliency.shape[0]  # every layer, behind the slider
+    for layer, panel in enumerate(figure.data):
         z, where = np.asarray(panel.z, dtype=float), np.asarray(panel.customdata)
         for k, (tile, row, col) in enumerate(patches.tolist()):
             cell = np.argwhere((where == [0, tile, row, col]).all(-1))

@@ -33,6 +33,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 PHASE_NAMES = ("alignment", "intra-modal encoding", "inter-modal encoding", "output preparation")
+#: Each phase's rule in a sentence (the module docstring has them in full), for reports.
+PHASE_RULES = {
+    "alignment": "inter-modal contextualization rises from the embedding to a first peak within the "
+    "first half of the network",
+    "intra-modal encoding": "after that peak, inter-modal contextualization falls to a minimum while the "
+    "intra-modal curves stay above it and hold",
+    "inter-modal encoding": "inter-modal contextualization rises again, from that minimum to its late peak",
+    "output preparation": "all three curves fall from the late peak to the last layer (and the logit "
+    "lens settles on the final answer only there)",
+}
 
 
 @dataclass

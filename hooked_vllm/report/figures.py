@@ -118,41 +118,47 @@ def tile_mosaic(values: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.nd
     return z, where
 
 
-def saliency_maps(aggregates: dict, key: str = "saliency_last", n_panels: int = 4) -> go.Figure | None:
+def saliency_maps(aggregates: dict, key: str = "saliency_last") -> go.Figure | None:
     """Norm-based saliency each image token receives (from the last position by default), on the
-    image grid: the items' own layout of image tokens (tiles side by side) where the run recorded
-    it, a square grid when the image tokens form one (LLaVA); as a bar per query token otherwise."""
+    image grid (the items' own layout of image tokens, tiles side by side, where the run recorded it;
+    a square grid when the image tokens form one, as LLaVA's; a bar per token otherwise), with a
+    slider over every layer and one colour scale for all of them."""
     if key not in aggregates:
         return None
     maps = np.asarray(aggregates[key])  # [layer, n_image]
     n_layers, n_img = maps.shape
-    layers = sorted({int(round(v)) for v in np.linspace(0, n_layers - 1, n_panels)})
     grid = aggregates.get("saliency_grid")
     side = int(math.isqrt(n_img))
     if grid is None and side * side == n_img:
         grid = [(0, 0, k // side, k % side) for k in range(n_img)]
+    scale = {"zmin": float(np.nanmin(maps)), "zmax": float(np.nanmax(maps))}
+    fig = go.Figure()
     # Layer numbers as in the attention figure: block l's attention is layer l + 1.
-    fig = make_subplots(rows=1, cols=len(layers), subplot_titles=[f"layer {layer + 1}" for layer in layers])
-    scale = {"zmin": float(np.nanmin(maps[layers])), "zmax": float(np.nanmax(maps[layers]))}
-    for col, layer in enumerate(layers, 1):
+    for layer in range(n_layers):
         if grid is not None:
             z, where = tile_mosaic(maps[layer], grid)
-            fig.add_trace(
-                go.Heatmap(
-                    z=z,
-                    customdata=where,
-                    hovertemplate="image %{customdata[0]}, tile %{customdata[1]}, row %{customdata[2]}, "
-                    "col %{customdata[3]}: %{z:.3g}<extra>layer " + str(layer + 1) + "</extra>",
-                    colorscale="Viridis",
-                    **scale,  # one colour scale for every panel: the bar reads for all of them
-                    showscale=col == len(layers),
-                ),
-                row=1,
-                col=col,
+            trace = go.Heatmap(
+                z=z,
+                customdata=where,
+                hovertemplate="image %{customdata[0]}, tile %{customdata[1]}, row %{customdata[2]}, "
+                "col %{customdata[3]}, layer " + str(layer + 1) + ": %{z:.3g}<extra></extra>",
+                colorscale="Viridis",
+                colorbar={"title": {"text": "saliency"}},
+                **scale,  # one colour scale for every layer: the bar reads for all of them
             )
-            fig.update_yaxes(autorange="reversed", row=1, col=col)
         else:
-            fig.add_trace(go.Bar(y=maps[layer], showlegend=False), row=1, col=col)
+            trace = go.Bar(y=maps[layer], hovertemplate="image token %{x}: %{y:.3g}<extra></extra>")
+        trace.visible = layer == n_layers - 1
+        trace.name = f"layer {layer + 1}"
+        fig.add_trace(trace)
+    steps = [
+        {
+            "method": "update",
+            "label": str(layer + 1),
+            "args": [{"visible": [other == layer for other in range(n_layers)]}],
+        }
+        for layer in range(n_layers)
+    ]
     source = "the last position" if key == "saliency_last" else "the instruction"
     used, total = aggregates.get("saliency_items"), aggregates.get("n_items")
     over = (
@@ -163,7 +169,13 @@ def saliency_maps(aggregates: dict, key: str = "saliency_last", n_panels: int = 
     fig.update_layout(
         title=f"Image-token saliency received from {source} (norm-based, {over})",
         template="plotly_white",
+        sliders=[{"active": n_layers - 1, "currentvalue": {"prefix": "layer "}, "steps": steps}],
+        xaxis_title="image-token column (tiles side by side)" if grid is not None else "image token",
+        yaxis_title="image-token row" if grid is not None else "saliency",
     )
+    if grid is not None:
+        fig.update_yaxes(autorange="reversed")
+        fig.update_xaxes(scaleanchor="y", constrain="domain")
     return fig
 
 
@@ -183,25 +195,4 @@ def lens_convergence(aggregates: dict) -> go.Figure | None:
     )
     fig.update_yaxes(title_text="KL(final || layer), nats", secondary_y=False)
     fig.update_yaxes(title_text="fraction of items whose top-1 = final", secondary_y=True)
-    return fig
-
-
-def verbalization_table(
-    rows: list[dict], tokenizer, n_positions: int = 12, n_layers: int = 8
-) -> go.Figure | None:
-    """Which word each image position of the first item turns into, by layer (logit lens, top-1)."""
-    if not rows or "image_verbalization" not in rows[0]:
-        return None
-    row = rows[0]
-    total_layers = len(row["lens_kl"])
-    table = np.asarray(row["image_verbalization"]).reshape(total_layers, -1)
-    layers = sorted({int(round(v)) for v in np.linspace(0, total_layers - 1, n_layers)})
-    positions = np.linspace(0, table.shape[1] - 1, min(n_positions, table.shape[1])).astype(int)
-    header = ["layer", *[f"img {p}" for p in positions], "last position"]
-    cells = [[str(layer) for layer in layers]]
-    for p in positions:
-        cells.append([tokenizer.decode([int(table[layer, p])]) for layer in layers])
-    cells.append([tokenizer.decode([int(row["lens_top1"][layer])]) for layer in layers])
-    fig = go.Figure(go.Table(header={"values": header}, cells={"values": cells}))
-    fig.update_layout(title=f"Verbalization (logit lens top-1) of {row['item_id']}: {row['instruction']!r}")
     return fig

@@ -1,4 +1,15 @@
-"""The report: one self-contained HTML file (plotly.js inlined) and PNG exports.
+"""The report: one self-contained HTML file (plotly.js and the explorer's script inlined, images as
+data URIs; it opens offline) and PNG exports.
+
+Layout: an overview (the phase diagram with each phase's rule, where it was found and the evidence,
+and what "not found" means for this run; the dataset figures, each with a line on how to read it),
+then the explorer of a few chosen items (:mod:`hooked_vllm.report.explorer`): the image, the prompt
+as tokens, saliency over the image with a layer slider and a head selector, the logit lens on the
+image grid and at the last position. Layer numbers are the same everywhere: 0 is the embedding,
+layer l (1..L) is block l - 1, its attention and its output.
+
+The file's size does not grow with the number of items: the dataset figures hold per-layer means,
+and only the explored items (``--report-items``) carry per-item data.
 
 PNGs are drawn with matplotlib, so no browser is needed (plotly's own static export requires
 Chrome through kaleido).
@@ -7,58 +18,197 @@ Chrome through kaleido).
 from __future__ import annotations
 
 import html
+import json
+from collections.abc import Sequence
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 
+from hooked_vllm.analysis.phases import PHASE_RULES
 from hooked_vllm.report import figures
+from hooked_vllm.report.explorer import ItemView, payload
+
+STYLE = """body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 12px;color:#222}
+.warn{background:#ffe08a;border:2px solid #c90;padding:12px;font-weight:bold;margin:12px 0}
+td,th{padding:2px 10px;text-align:left;vertical-align:top} table{border-collapse:collapse}
+tr:nth-child(even){background:#f4f4f4} .how{color:#444;max-width:900px}
+.notfound{background:#eef4ff;border-left:4px solid #48c;padding:8px 12px;max-width:900px}
+#item-index{display:flex;flex-wrap:wrap;gap:8px} #item-index a{display:block;width:110px;font-size:12px;
+text-decoration:none;color:#222;border:2px solid transparent} #item-index a.current{border-color:#48c}
+#item-index img{width:106px;height:80px;object-fit:cover;display:block}
+.controls{display:flex;flex-wrap:wrap;gap:16px;align-items:center;margin:8px 0}
+.tiles{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start} figure{margin:0}
+figcaption{font-size:12px;color:#555} canvas{image-rendering:pixelated;border:1px solid #ccc}
+#bar{width:256px;height:12px;vertical-align:middle} .hover{font-family:monospace;min-height:1.3em}
+#prompt{font-family:monospace;line-height:1.8} .tok{padding:1px 2px;margin:0 1px;border-radius:3px;
+white-space:pre} .tok.image{background:#ffd9a8} .tok.text{background:#c8f0c8} .tok.special{background:#e4e4e4}
+#picture img{max-width:256px;border:1px solid #ccc}"""
+
+
+HOW_TO_READ = {
+    "phase": "Mean cosine similarity between tokens, per layer: within the image tokens, within the "
+    "instruction tokens, and across the two (inter-modal), baseline-adjusted for anisotropy (the "
+    "similarity of tokens from different items is subtracted). Bands: 95% intervals over items. "
+    "Shaded: the phases found.",
+    "attention": "How much each modality pair contributes to attention outputs: the norm of the part of "
+    "a query's attention output that comes from the keys of a group (Kobayashi et al. 2020), left; "
+    "the plain attention weight, right. 'text<-image' reads: instruction queries attending to image keys.",
+    "saliency": "The norm-based attention each image patch receives, laid out on the image grid "
+    "(tiles side by side), averaged over the items that share one layout. Every panel of a figure "
+    "shares one colour scale.",
+    "lens": "The logit lens at the last position: each layer's residual stream decoded by the final "
+    "norm and unembedding. Left axis: KL divergence from the final distribution; right axis: the "
+    "fraction of items whose top-1 token is already the final prediction.",
+}
+
+
+def not_found_note(aggregates: dict) -> str | None:
+    """What "not found" means for this run, and what to try; None when every phase was found."""
+    missing = [p["name"] for p in aggregates["phases"] if not p["found"]]
+    if not missing:
+        return None
+    n_items, n_layers = aggregates["n_items"], aggregates["n_layers"]
+    tips = []
+    if n_items < 100:
+        tips.append(
+            f"more items: this run averaged {n_items}; the intervals above show how noisy that is "
+            "(the paper used about 1,000 COCO images); raise --n"
+        )
+    if n_layers < 16:
+        tips.append(
+            f"a deeper model: the rules look for an early peak, a dip, a late peak and a fall of the "
+            f"smoothed curves, which {n_layers} layers barely hold (LLaVA-1.5-7B has 32)"
+        )
+    tips.append("the curves themselves: the evidence column says which part of each rule failed")
+    return (
+        f"Not found ({', '.join(missing)}) means this run's curves do not meet that phase's rule by "
+        "more than the noise margin (10% of the curve's range after smoothing over 3 layers); the "
+        "phase is left out rather than guessed. It is not evidence that the model has no such phase. "
+        "To try: " + "; ".join(tips) + "."
+    )
+
+
+def _overview(aggregates: dict) -> str:
+    def where(phase: dict) -> str:
+        return f"layers {phase['start']}-{phase['end']}" if phase["found"] else "not found"
+
+    rows = "".join(
+        f"<tr><td>{'I II III IV'.split()[i]} {html.escape(p['name'])}</td>"
+        f"<td>{html.escape(PHASE_RULES.get(p['name'], ''))}</td><td>{where(p)}</td>"
+        f"<td>{html.escape(p['evidence'])}</td></tr>"
+        for i, p in enumerate(aggregates["phases"])
+    )
+    note = not_found_note(aggregates)
+    note_html = f'<p class="notfound">{html.escape(note)}</p>' if note else ""
+    return (
+        f"<p>{aggregates['n_items']} items, {aggregates['n_layers']} language-model layers. Layer 0 is "
+        "the embedding; layer l is block l - 1 (its attention, its output) in every figure.</p>"
+        "<table><tr><th>phase</th><th>rule</th><th>where</th><th>evidence</th></tr>"
+        f"{rows}</table>{note_html}"
+    )
+
+
+def _explorer(views: Sequence[ItemView], rows: Sequence[dict], tokenizer) -> str:
+    data = payload(views, tokenizer)
+    predictions = {r["item_id"]: r for r in rows}
+    links = []
+    for k, item in enumerate(data["items"]):
+        row = predictions.get(item["id"], {})
+        answer = (
+            f"<br>answer {html.escape(repr(tokenizer.decode([row['lens_final_token']])))}"
+            if "lens_final_token" in row
+            else ""
+        )
+        links.append(
+            f'<a href="#item-{k}" data-item="{k}"><img src="{item["thumbnail"]}" alt="">'
+            f"{html.escape(item['id'])}{answer}</a>"
+        )
+    script = files("hooked_vllm.report").joinpath("explorer.js").read_text()
+    blob = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
+    return f"""<h2 id="explorer-heading">Items, one by one</h2>
+<p class="how">{len(views)} items, spread over the run's item ids (<code>--report-items</code>). Pick one:</p>
+<nav id="item-index">{"".join(links)}</nav>
+<h3 id="item-title"></h3><div id="picture"></div>
+<p class="how">The prompt as the model reads it (green: instruction, orange: image patches, grey: special
+tokens and chat template):</p><div id="prompt"></div>
+<h3>Where the model looks: norm-based saliency of each image patch</h3>
+<p class="how">For the chosen layer and head, the norm of the part of the attention output that comes
+from each image patch: for all heads together, ||sum_h alpha_h f_h(x)|| (the quantity averaged in the
+figures above); for one head, alpha_h ||f_h(x)||. Received from the instruction (summed over its tokens)
+or from the last position (where the answer is produced). Hover a cell for its value.</p>
+<div class="controls">
+<label>from <select id="source"><option value="text">the instruction</option>
+<option value="last">the last position</option></select></label>
+<label>head <select id="head"></select></label>
+<label>layer <input type="range" id="layer" min="1" max="1" value="1" step="1">
+<span id="layer-label"></span></label>
+<label><input type="checkbox" id="shared"> one scale for all layers</label>
+<label>opacity <input type="range" id="opacity" min="0" max="1" step="0.05" value="0.6"></label></div>
+<p id="sal-title"></p><div class="tiles" id="saliency-tiles"></div>
+<p><span id="bar-low"></span> <canvas id="bar" width="256" height="12"></canvas> <span id="bar-high"></span>
+(colour scale of the panels above)</p><p class="hover" id="sal-hover"></p>
+<h3>What each image patch reads as: the logit lens on the image grid</h3>
+<p class="how">Each image patch's residual stream decoded into the vocabulary (top-1 token), per layer.</p>
+<div class="controls"><label>layer <input type="range" id="lens-layer" min="0" max="1" value="0" step="1">
+<span id="lens-label"></span></label></div>
+<div class="tiles" id="lens-tiles"></div><p class="hover" id="lens-hover"></p>
+<h3>The logit lens at the last position</h3>
+<p class="how">The top tokens (with probabilities) the last position's residual stream decodes to,
+per layer.</p>
+<table id="lens-last"></table>
+<script type="application/json" id="explorer-data">{blob}</script>
+<script>{script}</script>"""
 
 
 def write_report(
     out_dir: str | Path,
     aggregates: dict,
-    rows: list[dict],
+    rows: Sequence[dict],
     tokenizer,
     *,
     title: str,
     warning: str | None = None,
+    explorer: Sequence[ItemView] = (),
 ) -> Path:
-    """Write ``report.html`` and ``phase_diagram.png``/``attention.png`` into ``out_dir``."""
+    """Write ``report.html`` and ``phase_diagram.png``/``attention.png`` into ``out_dir``.
+
+    ``rows``: the run's per-item rows (the explored items' answers come from them); ``explorer``:
+    the items to show one by one (:func:`~hooked_vllm.report.explorer.explore_items`).
+    """
     out_dir = Path(out_dir)
-    figs = [
-        figures.phase_diagram(aggregates, title),
-        figures.attention_by_pair(aggregates),
-        figures.saliency_maps(aggregates, "saliency_last"),
-        figures.saliency_maps(aggregates, "saliency_text"),
-        figures.lens_convergence(aggregates),
-        figures.verbalization_table(rows, tokenizer),
+    sections = [
+        (figures.phase_diagram(aggregates, title), "phase"),
+        (figures.attention_by_pair(aggregates), "attention"),
+        (figures.saliency_maps(aggregates, "saliency_text"), "saliency"),
+        (figures.saliency_maps(aggregates, "saliency_last"), "saliency"),
+        (figures.lens_convergence(aggregates), "lens"),
     ]
-    parts = []
-    for i, fig in enumerate(f for f in figs if f is not None):
-        parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
+    parts, first = [], True
+    for fig, how in sections:
+        if fig is None:
+            continue
+        parts.append(f'<p class="how">{html.escape(HOW_TO_READ[how])}</p>')
+        parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if first else False))
+        first = False
     banner = f'<div class="warn">{html.escape(warning)}</div>' if warning else ""
-
-    def where(phase: dict) -> str:
-        return f"layers {phase['start']}-{phase['end']}" if phase["found"] else "not found"
-
-    phases = "".join(
-        f"<tr><td>{html.escape(p['name'])}</td><td>{where(p)}</td><td>{html.escape(p['evidence'])}</td></tr>"
-        for p in aggregates["phases"]
-    )
     skipped = aggregates.get("skipped") or []
     skipped_html = (
         "<p>Skipped images: " + ", ".join(html.escape(path) for path, _ in skipped) + "</p>"
         if skipped
         else ""
     )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:auto}}
-.warn{{background:#ffe08a;border:2px solid #c90;padding:12px;font-weight:bold;margin:12px 0}}
-td{{padding:2px 10px}}</style></head><body>
+    items_html = _explorer(explorer, rows, tokenizer) if explorer else ""
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1>{banner}
-<p>{aggregates["n_items"]} items, {aggregates["n_layers"]} language-model layers.</p>
-<table><tr><th>phase</th><th>where</th><th>evidence</th></tr>{phases}</table>{skipped_html}
-{"".join(parts)}</body></html>"""
+<h2>Overview</h2>{_overview(aggregates)}{skipped_html}
+{"".join(parts)}
+{items_html}
+<p class="how">Every item's numbers: <a href="items/">items/</a> (Parquet parts; read them with
+<code>hooked_vllm.run_store.ResultStore(folder).read()</code> or pandas), and
+<code>aggregates.json</code>.</p>
+</body></html>"""
     path = out_dir / "report.html"
     path.write_text(page)
     write_pngs(out_dir, aggregates, title, warning)

@@ -1,0 +1,232 @@
+// The report's item explorer: saliency over the image (every layer, every head), the logit lens on
+// the image grid and at the last position. Data: the JSON in <script id="explorer-data">
+// (hooked_vllm/report/explorer.py, payload()). No network, no libraries.
+"use strict";
+(function () {
+  const DATA = JSON.parse(document.getElementById("explorer-data").textContent);
+  const VIRIDIS = [[68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142],
+    [31, 158, 137], [53, 183, 121], [109, 205, 89], [180, 222, 44], [253, 231, 37]];
+  const $ = (id) => document.getElementById(id);
+  const state = { item: 0, source: "text", head: 0, layer: 1, lensLayer: 0, shared: false, opacity: 0.6 };
+  const decoded = new Map(); // item index -> {text, last}: Uint16Array per source
+
+  function colour(t) {
+    if (!Number.isFinite(t)) return [0, 0, 0];
+    const x = Math.min(Math.max(t, 0), 1) * (VIRIDIS.length - 1);
+    const i = Math.min(Math.floor(x), VIRIDIS.length - 2), f = x - i;
+    return VIRIDIS[i].map((c, k) => Math.round(c + f * (VIRIDIS[i + 1][k] - c)));
+  }
+  function codes(item, index) {
+    if (!decoded.has(index)) {
+      const out = {};
+      for (const source of ["text", "last"]) {
+        const bytes = Uint8Array.from(atob(item.saliency[source].data), (c) => c.charCodeAt(0));
+        out[source] = new Uint16Array(bytes.buffer);
+      }
+      decoded.set(index, out);
+    }
+    return decoded.get(index);
+  }
+  // One frame (source, head, layer): the patch values, and the colour scale's ends.
+  function frame(item, index) {
+    const sal = item.saliency[state.source];
+    const nHeads = item.n_heads + 1, n = item.n_patches;
+    const f = (state.layer - 1) * nHeads + state.head;
+    const raw = codes(item, index)[state.source].subarray(f * n, (f + 1) * n);
+    const values = Array.from(raw, (c) => (c === 65535 ? NaN : sal.low[f] + (c / 65534) * (sal.high[f] - sal.low[f])));
+    let low = sal.low[f], high = sal.high[f];
+    if (state.shared) { // one scale over every layer of this head and source
+      low = Infinity; high = -Infinity;
+      for (let l = 0; l < item.n_layers; l++) {
+        low = Math.min(low, sal.low[l * nHeads + state.head]);
+        high = Math.max(high, sal.high[l * nHeads + state.head]);
+      }
+    }
+    return { values, low, high };
+  }
+  function fmt(v) { return Number.isFinite(v) ? v.toPrecision(3) : "none"; }
+
+  function tileCanvas(container, tile, image) {
+    const fig = document.createElement("figure");
+    const canvas = document.createElement("canvas");
+    const side = tile.tile === 0 ? 384 : Math.max(96, Math.min(384, 24 * Math.max(tile.rows, tile.cols)));
+    const aspect = tile.tile === 0 && image ? image.naturalHeight / image.naturalWidth : tile.rows / tile.cols;
+    canvas.width = side; canvas.height = Math.round(side * aspect);
+    const caption = document.createElement("figcaption");
+    caption.textContent = tile.tile === 0 ? "tile 0: the whole image" : `tile ${tile.tile} (a crop, on its own grid)`;
+    fig.append(canvas, caption);
+    container.append(fig);
+    return canvas;
+  }
+  function cellAt(canvas, tile, event) {
+    const box = canvas.getBoundingClientRect();
+    const col = Math.floor(((event.clientX - box.left) / box.width) * tile.cols);
+    const row = Math.floor(((event.clientY - box.top) / box.height) * tile.rows);
+    if (row < 0 || col < 0 || row >= tile.rows || col >= tile.cols) return null;
+    return { row, col, patch: tile.index[row * tile.cols + col] };
+  }
+
+  function drawSaliency() {
+    const index = state.item, item = DATA.items[index];
+    const { values, low, high } = frame(item, index);
+    const image = $("thumb-" + index);
+    for (const tile of item.tiles) {
+      const canvas = $(`sal-${index}-${tile.tile}`);
+      const ctx = canvas.getContext("2d");
+      ctx.clearRect(0, 0, canvas.width, canvas.height);
+      if (tile.tile === 0) ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
+      ctx.globalAlpha = tile.tile === 0 ? state.opacity : 1;
+      const w = canvas.width / tile.cols, h = canvas.height / tile.rows;
+      tile.index.forEach((patch, cell) => {
+        if (patch < 0) return;
+        const [r, g, b] = colour((values[patch] - low) / (high - low || 1));
+        ctx.fillStyle = `rgb(${r},${g},${b})`;
+        const x = (cell % tile.cols) * w, y = Math.floor(cell / tile.cols) * h;
+        ctx.fillRect(Math.floor(x), Math.floor(y), Math.ceil(w), Math.ceil(h));
+      });
+      ctx.globalAlpha = 1;
+      canvas.dataset.frame = `${state.source}/${state.head}/${state.layer}`;
+    }
+    $("bar-low").textContent = fmt(low);
+    $("bar-high").textContent = fmt(high);
+    const who = state.source === "text" ? "the instruction (summed over its tokens)" : "the last position";
+    const head = state.head === 0 ? "all heads: ||sum_h alpha_h f_h(x)||" : `head ${state.head - 1}: alpha_h ||f_h(x)||`;
+    $("sal-title").textContent = `Layer ${state.layer} of ${item.n_layers}, ${head}, received from ${who}`;
+    $("layer-label").textContent = `layer ${state.layer}`;
+  }
+
+  function drawLens() {
+    const index = state.item, item = DATA.items[index];
+    const words = item.lens_grid[state.lensLayer];
+    const image = $("thumb-" + index);
+    for (const tile of item.tiles) {
+      const canvas = $(`lens-${index}-${tile.tile}`);
+      const ctx = canvas.getContext("2d");
+      ctx.clearRect(0, 0, canvas.width, canvas.height);
+      if (tile.tile === 0) ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
+      ctx.fillStyle = "rgba(255,255,255,0.55)";
+      ctx.fillRect(0, 0, canvas.width, canvas.height);
+      const w = canvas.width / tile.cols, h = canvas.height / tile.rows;
+      ctx.fillStyle = "#000"; ctx.textAlign = "center"; ctx.textBaseline = "middle";
+      ctx.font = `${Math.max(7, Math.min(14, Math.floor(h * 0.45)))}px sans-serif`;
+      tile.index.forEach((patch, cell) => {
+        if (patch < 0) return;
+        const text = DATA.vocab[words[patch]].trim() || "\u2423";
+        ctx.fillText(text.slice(0, Math.max(2, Math.floor(w / 6))), (cell % tile.cols + 0.5) * w, (Math.floor(cell / tile.cols) + 0.5) * h);
+      });
+      canvas.dataset.frame = `lens/${state.lensLayer}`;
+    }
+    $("lens-label").textContent = state.lensLayer === 0 ? "layer 0 (embedding)" : `layer ${state.lensLayer}`;
+  }
+
+  function prompt(item) {
+    const box = $("prompt");
+    box.replaceChildren();
+    let run = 0;
+    item.tokens.forEach(([text, modality], k) => {
+      if (modality === "image") {
+        run++;
+        const next = item.tokens[k + 1];
+        if (next && next[1] === "image") return;
+        const span = document.createElement("span");
+        span.className = "tok image";
+        span.textContent = `[${run} image-patch tokens]`;
+        box.append(span);
+        run = 0;
+        return;
+      }
+      const span = document.createElement("span");
+      span.className = "tok " + modality;
+      span.textContent = text;
+      span.title = `position ${k}: ${modality}`;
+      box.append(span);
+    });
+  }
+
+  function lensTable(item) {
+    const table = $("lens-last");
+    table.replaceChildren();
+    const header = table.insertRow();
+    ["layer", ...item.lens_last[0].map((_, k) => `top ${k + 1}`)].forEach((t) => {
+      const th = document.createElement("th"); th.textContent = t; header.append(th);
+    });
+    item.lens_last.forEach((entries, layer) => {
+      const row = table.insertRow();
+      row.insertCell().textContent = layer === 0 ? "0 (embedding)" : String(layer);
+      for (const [word, p] of entries) row.insertCell().textContent = `${JSON.stringify(DATA.vocab[word])} ${p.toFixed(3)}`;
+    });
+  }
+
+  function show(index) {
+    state.item = index;
+    const item = DATA.items[index];
+    $("item-title").textContent = `Item ${item.id}: ${item.instruction}`;
+    document.querySelectorAll("#item-index a").forEach((a) => a.classList.toggle("current", Number(a.dataset.item) === index));
+    prompt(item);
+    const heads = $("head");
+    heads.replaceChildren();
+    for (let h = 0; h <= item.n_heads; h++) {
+      const option = document.createElement("option");
+      option.value = h; option.textContent = h === 0 ? "all heads" : `head ${h - 1}`;
+      heads.append(option);
+    }
+    state.head = Math.min(state.head, item.n_heads); heads.value = state.head;
+    const layer = $("layer"); layer.max = item.n_layers; state.layer = Math.min(state.layer, item.n_layers); layer.value = state.layer;
+    const lens = $("lens-layer"); lens.max = item.n_layers; state.lensLayer = Math.min(state.lensLayer, item.n_layers); lens.value = state.lensLayer;
+    const image = new Image();
+    image.id = "thumb-" + index;
+    image.alt = `the image of item ${item.id}`;
+    image.onload = () => {
+      for (const [prefix, boxId] of [["sal", "saliency-tiles"], ["lens", "lens-tiles"]]) {
+        const box = $(boxId); box.replaceChildren();
+        for (const tile of item.tiles) {
+          const canvas = tileCanvas(box, tile, image);
+          canvas.id = `${prefix}-${index}-${tile.tile}`;
+          canvas.addEventListener("mousemove", (event) => hover(prefix, item, tile, canvas, event));
+        }
+      }
+      drawSaliency(); drawLens();
+      document.body.dataset.explorerReady = String(index);
+    };
+    $("picture").replaceChildren(image);
+    image.src = item.thumbnail;
+    lensTable(item);
+  }
+
+  function hover(prefix, item, tile, canvas, event) {
+    const cell = cellAt(canvas, tile, event);
+    if (!cell || cell.patch < 0) return;
+    const where = `tile ${tile.tile}, row ${cell.row}, col ${cell.col} (patch ${cell.patch})`;
+    if (prefix === "sal") {
+      const { values } = frame(item, state.item);
+      const head = state.head === 0 ? "all heads" : `head ${state.head - 1}`;
+      $("sal-hover").textContent = `${where}, layer ${state.layer}, ${head}: ${fmt(values[cell.patch])}`;
+    } else {
+      const word = DATA.vocab[item.lens_grid[state.lensLayer][cell.patch]];
+      $("lens-hover").textContent = `${where}, layer ${state.lensLayer}: top-1 ${JSON.stringify(word)}`;
+    }
+  }
+
+  function bar() {
+    const canvas = $("bar"), ctx = canvas.getContext("2d");
+    for (let x = 0; x < canvas.width; x++) {
+      const [r, g, b] = colour(x / (canvas.width - 1));
+      ctx.fillStyle = `rgb(${r},${g},${b})`; ctx.fillRect(x, 0, 1, canvas.height);
+    }
+  }
+
+  $("source").addEventListener("change", (e) => { state.source = e.target.value; drawSaliency(); });
+  $("head").addEventListener("change", (e) => { state.head = Number(e.target.value); drawSaliency(); });
+  $("layer").addEventListener("input", (e) => { state.layer = Number(e.target.value); drawSaliency(); });
+  $("shared").addEventListener("change", (e) => { state.shared = e.target.checked; drawSaliency(); });
+  $("opacity").addEventListener("input", (e) => { state.opacity = Number(e.target.value); drawSaliency(); });
+  $("lens-layer").addEventListener("input", (e) => { state.lensLayer = Number(e.target.value); drawLens(); });
+  function fromHash() {
+    const match = /^#item-(\d+)$/.exec(location.hash);
+    const index = match ? Number(match[1]) : 0;
+    if (index < DATA.items.length) show(index);
+  }
+  window.addEventListener("hashchange", fromHash);
+  bar();
+  if (DATA.items.length) fromHash();
+})();

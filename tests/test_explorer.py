@@ -1,0 +1,150 @@
+"""The report explorer's per-item data: per-head and head-summed saliency against naive references
+computed from the model's own cached pattern and values, on families with different masks (causal,
+Gemma 3's bidirectional image blocks, Qwen's GQA); its quantized encoding; the CLI's --report-items."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from hooked_vllm.cli import main
+from hooked_vllm.report.explorer import _quantized, explore, spread, tile_layout
+from hooked_vllm.report.html import not_found_note
+from tests.conftest import INSTRUCTIONS, Family, family_images
+
+
+@pytest.fixture(scope="module", params=["llava", "gemma3", "qwen2_vl"])
+def explored(request, tmp_path_factory):
+    family = Family(request.param, tmp_path_factory.mktemp(f"explore-{request.param}"))
+    vlm = family.vlm
+    images = family_images()
+    batch = vlm.prepare(images, INSTRUCTIONS)
+    views = explore(vlm, batch, images, ["a", "b", "c"], INSTRUCTIONS)
+    _, cache = vlm.run_with_cache(batch, names_filter=lambda name: "hook_pattern" in name or "hook_v" in name)
+    return vlm, batch, views, cache
+
+
+def naive_saliency(vlm, batch, cache, item: int, layer: int) -> dict[str, np.ndarray]:
+    """[1 + head, n_image] from the cache, head by head, key by key: index 0 ||sum_h alpha f_h||."""
+    pattern = cache[f"blocks.{layer}.attn.hook_pattern"][item].double()  # [head, query, key]
+    v = cache[f"blocks.{layer}.attn.hook_v"][item].double()  # [key, kv_head, d_head]
+    w_o = vlm.blocks[layer].attn.W_O.double()  # [head, d_head, d_model]
+    n_heads, n_kv = w_o.shape[0], v.shape[1]
+    positions = batch.image_mask[item].nonzero()[:, 0].tolist()
+    text = batch.text_mask[item].nonzero()[:, 0].tolist()
+    last = int(batch.last_positions[item])
+    out = {source: np.zeros((n_heads + 1, len(positions))) for source in ("text", "last")}
+    for j, key in enumerate(positions):
+        f = torch.stack([v[key, h // (n_heads // n_kv)] @ w_o[h] for h in range(n_heads)])  # [head, d]
+        for h in range(n_heads):
+            out["last"][1 + h, j] = pattern[h, last, key] * f[h].norm()
+            out["text"][1 + h, j] = sum(pattern[h, q, key] for q in text) * f[h].norm()
+        out["last"][0, j] = (pattern[:, last, key, None] * f).sum(0).norm()
+        out["text"][0, j] = sum((pattern[:, q, key, None] * f).sum(0).norm() for q in text)
+    return out
+
+
+def test_every_head_and_the_head_sum_match_a_naive_reference(explored):
+    vlm, batch, views, cache = explored
+    for item in range(len(batch)):
+        slots = batch.image_slots[item][0]
+        n = int(slots.is_patch.sum())
+        for layer in (0, vlm.cfg.n_layers - 1):
+            expected = naive_saliency(vlm, batch, cache, item, layer)
+            for source in ("text", "last"):
+                got = views[item].saliency[source][layer]
+                assert got.shape == (vlm.cfg.n_heads + 1, n)
+                np.testing.assert_allclose(got, expected[source][:, :n], rtol=1e-4, atol=1e-5)
+
+
+def test_the_last_layers_lens_is_the_models_own_prediction(explored):
+    """At the last layer the logit lens is the model's head: its top tokens at every image patch and
+    at the last position are those of the model's logits."""
+    vlm, batch, views, _ = explored
+    logits = vlm(batch).float()
+    capped = getattr(vlm.adapter.text_config, "final_logit_softcapping", None)
+    for item, view in enumerate(views):
+        positions = batch.image_mask[item].nonzero()[:, 0][: view.lens_grid.shape[1]]
+        assert view.lens_grid[-1].tolist() == logits[item, positions].argmax(-1).tolist()
+        last = logits[item, int(batch.last_positions[item])].softmax(-1)
+        top = last.topk(view.lens_last_tokens.shape[1])
+        assert view.lens_last_tokens[-1].tolist() == top.indices.tolist()
+        if not capped:
+            np.testing.assert_allclose(view.lens_last_probs[-1], top.values.numpy(), rtol=1e-4)
+
+
+def test_the_layout_puts_each_patch_on_its_own_cell(explored):
+    _, batch, views, _ = explored
+    for item, view in enumerate(views):
+        cells = batch.image_slots[item][0].grid[batch.image_slots[item][0].is_patch].tolist()
+        for k, (tile, row, col) in enumerate(cells):
+            entry = next(t for t in view.tiles if t["tile"] == tile)
+            assert entry["index"][row * entry["cols"] + col] == k
+        assert sum(i >= 0 for t in view.tiles for i in t["index"]) == len(cells)
+
+
+def test_a_tiled_layout_keeps_its_tiles_apart(tmp_path):
+    family = Family("llava_next", tmp_path)
+    batch = family.vlm.prepare(family_images()[2:], ["Describe the image."])
+    tiles = tile_layout(batch.image_slots[0][0])
+    assert [t["tile"] for t in tiles] == [0, 1, 2, 3, 4]  # the base view and 2 x 2 crops
+    indices = [i for t in tiles for i in t["index"] if i >= 0]
+    assert sorted(indices) == list(range(int(batch.image_slots[0][0].is_patch.sum())))
+
+
+def test_quantized_maps_decode_to_within_1e_5_of_each_frames_range():
+    rng = np.random.default_rng(0)
+    maps = rng.gamma(2.0, 3.0, (4, 3, 50))
+    maps[1, 2] = 7.0  # a flat frame
+    maps[2, 0, 5] = np.nan
+    encoded = _quantized(maps)
+    codes = np.frombuffer(base64.b64decode(encoded["data"]), dtype="<u2").reshape(12, 50)
+    low, high = np.array(encoded["low"])[:, None], np.array(encoded["high"])[:, None]
+    decoded = np.where(codes == 65535, np.nan, low + codes / 65534 * (high - low)).reshape(maps.shape)
+    assert np.isnan(decoded[2, 0, 5]) and np.isnan(decoded).sum() == 1
+    span = (high - low).reshape(4, 3, 1)
+    assert (np.abs(np.nan_to_num(decoded - maps)) <= 1e-5 * np.maximum(span, 1e-12) + 1e-12).all()
+
+
+def test_spread_picks_evenly_and_never_more_than_there_are():
+    ids = [f"{k:03d}" for k in range(10)]
+    assert spread(ids, 3) == ["000", "004", "009"]  # linspace 0, 4.5, 9 (4.5 rounds to even)
+    assert spread(ids, 20) == ids and spread(ids, 0) == []
+
+
+def explorer_data(report: str) -> dict | None:
+    match = re.search(r'<script type="application/json" id="explorer-data">(.*?)</script>', report, re.S)
+    return json.loads(match.group(1)) if match else None
+
+
+def test_the_cli_explores_the_chosen_number_of_items(tmp_path, capsys):
+    assert (
+        main(["phase-diagram", "--out", str(tmp_path / "run"), "--no-progress", "--report-items", "3"]) == 0
+    )
+    report = (tmp_path / "run" / "report.html").read_text()
+    data = explorer_data(report)
+    ids = [item["id"] for item in data["items"]]
+    assert len(set(ids)) == 3 and ids == sorted(ids)
+    assert all(item["thumbnail"].startswith("data:image/jpeg") for item in data["items"])
+    aggregates = json.loads((tmp_path / "run" / "aggregates.json").read_text())
+    if not all(phase["found"] for phase in aggregates["phases"]):
+        assert "Not found" in report and "To try:" in report
+    # again without the explorer (the results are reused: --report-items is not a result setting)
+    assert (
+        main(["phase-diagram", "--out", str(tmp_path / "run"), "--no-progress", "--report-items", "0"]) == 0
+    )
+    assert explorer_data((tmp_path / "run" / "report.html").read_text()) is None
+
+
+def test_not_found_says_what_to_try_for_this_run():
+    phases = [{"name": "alignment", "found": False}, {"name": "output preparation", "found": True}]
+    note = not_found_note({"phases": phases, "n_items": 16, "n_layers": 6})
+    assert "alignment" in note and "16" in note and "6 layers" in note and "output preparation" not in note
+    deep = not_found_note({"phases": phases, "n_items": 5000, "n_layers": 32})
+    assert "more items" not in deep and "deeper model" not in deep
+    assert not_found_note({"phases": phases[1:], "n_items": 16, "n_layers": 6}) is None
