@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from hooked_vllm.analysis import collect
 from hooked_vllm.cli import main
 from hooked_vllm.report.explorer import _quantized, explore, spread, tile_layout
 from hooked_vllm.report.html import not_found_note
@@ -148,3 +149,18 @@ def test_not_found_says_what_to_try_for_this_run():
     deep = not_found_note({"phases": phases, "n_items": 5000, "n_layers": 32})
     assert "more items" not in deep and "deeper model" not in deep
     assert not_found_note({"phases": phases[1:], "n_items": 16, "n_layers": 6}) is None
+
+
+def test_all_heads_is_the_saliency_the_dataset_rows_average(explored):
+    """The explorer's "all heads" frame is the collector's per-item saliency (the run's rows)."""
+    vlm, batch, views, _ = explored
+    result = collect(vlm, batch)
+    for item, view in enumerate(views):
+        n = view.saliency["last"].shape[-1]
+        for source, stored in (
+            ("last", result.attention.image_saliency_from_last),
+            ("text", result.attention.image_saliency_from_text),
+        ):
+            np.testing.assert_allclose(
+                view.saliency[source][:, 0], stored[:, item, :n].numpy(), rtol=1e-4, atol=1e-5
+            )

@@ -8,7 +8,7 @@ image patch per layer, and the logit lens at the last position.
 Saliency of image key j at layer l:
 
 - ``head = "all"``: ``||sum_h alpha_h(q, j) f_h(x_j)||`` (Kobayashi et al.'s norm of the attention
-  output's part coming from j), exactly what :func:`~hooked_vllm.analysis.collect.collect` stores
+  output's part coming from j), the quantity :func:`~hooked_vllm.analysis.collect.collect` stores
   for the dataset (from the last position; from the instruction: summed over its tokens);
 - ``head = h``: ``alpha_h(q, j) ||f_h(x_j)||``, that head's share (the heads' shares do not add up
   to the whole: it is the norm of a sum).
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
-from hooked_vllm.analysis.collect import collect
-from hooked_vllm.analysis.norm_attention import head_gram
+from hooked_vllm.analysis.logit_lens import LogitLens
+from hooked_vllm.analysis.norm_attention import head_gram, summed_norms_key_major
 from hooked_vllm.images import ImageLike, to_rgb
 
 SOURCES = ("text", "last")
@@ -85,43 +85,81 @@ def tile_layout(slots) -> list[dict]:
     return tiles
 
 
+@dataclass
+class _Pass:
+    """What one forward pass gathers for the explorer (``n``: the batch's most image patches)."""
+
+    #: ``{"text" | "last": [layer, batch, 1 + head, n]}``, NaN past an item's patches
+    saliency: dict[str, torch.Tensor]
+    #: logit-lens top-1 of every image patch, ``[lens_layer, batch, n]`` (-1 past an item's patches)
+    lens_grid: torch.Tensor
+    #: logit lens at the last position, ``[lens_layer, batch, k]``
+    lens_last_tokens: torch.Tensor
+    lens_last_probs: torch.Tensor
+
+
 @torch.no_grad()
-def per_head_saliency(vlm, batch) -> dict[str, Float[torch.Tensor, "layer batch head n_image"]]:
-    """``alpha_h(q, j) ||f_h(x_j)||`` of every head for each image key j: from the last position
-    (``"last"``) and summed over the instruction's tokens (``"text"``); NaN past an item's image
-    tokens. One forward pass reading each layer's pattern and values."""
+def explorer_pass(vlm, batch, top_k: int = 5) -> _Pass:
+    """One forward pass reading each layer's pattern, values and residual stream: the saliency of
+    every image patch (all heads, and each head) from the last position and from the instruction,
+    and the logit lens at every image patch and at the last position."""
     batch = vlm.to_batch(batch)
     counts = batch.image_mask.sum(-1)
-    n = int(counts.max())
-    valid = torch.arange(n)[None, :] < counts[:, None]
+    valid = torch.arange(int(counts.max()))[None, :] < counts[:, None]
     positions = torch.zeros(valid.shape, dtype=torch.long)
     positions[valid] = batch.image_mask.nonzero()[:, 1]
-    rows = torch.arange(len(batch))
+    rows, last = torch.arange(len(batch)), batch.last_positions
+    text = batch.text_mask.float()
+    lens = LogitLens.from_vlm(vlm)
     values: dict[int, torch.Tensor] = {}
-    out: dict[str, list[torch.Tensor]] = {source: [] for source in SOURCES}
+    saliency: dict[str, list[torch.Tensor]] = {source: [] for source in SOURCES}
+    grid, last_tokens, last_probs = [], [], []
 
     def keep_values(v, hook, layer):
         values[layer] = v
 
     def reduce_pattern(pattern, hook, layer):
-        w_o = vlm.blocks[layer].attn.W_O.to(pattern.device)
-        f_norm = head_gram(values.pop(layer), w_o).diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()  # [b, k, h]
-        alpha = pattern.float()
-        from_text = torch.einsum("bq,bhqk->bhk", batch.text_mask.float().to(alpha.device), alpha)
-        from_last = alpha[rows, :, batch.last_positions.to(alpha.device)]  # [b, h, k]
-        for source, received in (("text", from_text), ("last", from_last)):
-            received = received * f_norm.transpose(1, 2)
-            picked = received.gather(
-                2, positions.to(alpha.device)[:, None, :].expand(-1, received.shape[1], -1)
-            )
-            out[source].append(picked.masked_fill(~valid.to(alpha.device)[:, None, :], float("nan")).cpu())
+        device = pattern.device
+        gram = head_gram(values.pop(layer), vlm.blocks[layer].attn.W_O.to(device))  # [b, key, h, h]
+        at = positions.to(device)
+        gram = gram[rows.to(device)[:, None], at]  # [b, n, h, h]: the image keys only
+        alpha = pattern.float().gather(3, at[:, None, None, :].expand(*pattern.shape[:3], -1))  # [b,h,q,n]
+        f_norm = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().transpose(1, 2)  # [b, h, n]
+        summed = summed_norms_key_major(alpha, gram)  # [b, n, q]: ||sum_h alpha f_h||
+        from_last = alpha[rows.to(device), :, last.to(device)]  # [b, h, n]
+        pieces = {
+            "text": (
+                torch.einsum("bnq,bq->bn", summed, text.to(device)),
+                torch.einsum("bhqn,bq->bhn", alpha, text.to(device)),
+            ),
+            "last": (summed[rows.to(device), :, last.to(device)], from_last),
+        }
+        hidden = ~valid.to(device)[:, None, :]
+        for source, (all_heads, per_head) in pieces.items():
+            both = torch.cat([all_heads[:, None], per_head * f_norm], dim=1)  # [b, 1 + h, n]
+            saliency[source].append(both.masked_fill(hidden, float("nan")).cpu())
 
-    hooks = []
+    def read_lens(resid, hook):
+        device = resid.device
+        patches = resid[rows.to(device)[:, None], positions.to(device)]  # [b, n, d]
+        grid.append(lens.logits(patches).argmax(-1).masked_fill(~valid.to(device), -1).cpu())
+        probs = lens.logits(resid[rows.to(device), last.to(device)]).float().softmax(-1)  # [b, vocab]
+        top = probs.topk(top_k, dim=-1)
+        last_tokens.append(top.indices.cpu())
+        last_probs.append(top.values.cpu())
+
+    hooks = [("blocks.0.hook_resid_pre", read_lens)]
     for layer in range(vlm.cfg.n_layers):
         hooks.append((f"blocks.{layer}.attn.hook_v", partial(keep_values, layer=layer)))
         hooks.append((f"blocks.{layer}.attn.hook_pattern", partial(reduce_pattern, layer=layer)))
+        hooks.append((f"blocks.{layer}.hook_resid_post", read_lens))
     vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
-    return {source: torch.stack(layers) for source, layers in out.items()}
+    return _Pass(
+        saliency={source: torch.stack(layers) for source, layers in saliency.items()},
+        lens_grid=torch.stack(grid),
+        lens_last_tokens=torch.stack(last_tokens),
+        lens_last_probs=torch.stack(last_probs),
+    )
 
 
 @torch.no_grad()
@@ -136,41 +174,29 @@ def explore(
     thumbnail_side: int = 256,
 ) -> list[ItemView]:
     """Explorer data of every item of ``batch`` (one image each; ``images`` as given to
-    ``vlm.prepare``), from two passes: :func:`collect` (head-summed saliency, the lens) and
-    :func:`per_head_saliency`."""
+    ``vlm.prepare``), from one forward pass (:func:`explorer_pass`)."""
     batch = vlm.to_batch(batch)
-    result = collect(vlm, batch, verbalize_images=True, attention="pattern", top_k=top_k)
-    heads = per_head_saliency(vlm, batch)
-    summed = {
-        "text": result.attention.image_saliency_from_text,
-        "last": result.attention.image_saliency_from_last,
-    }
+    found = explorer_pass(vlm, batch, top_k)
     views = []
     for b, item_id in enumerate(item_ids):
         if not batch.image_slots or not batch.image_slots[b]:
             raise ValueError(f"Item {item_id!r} has no image: the explorer shows items with one.")
         slots = batch.image_slots[b][0]
         n = int(slots.is_patch.sum())
-        saliency = {
-            source: torch.cat([summed[source][:, b, None, :n], heads[source][:, b, :, :n]], dim=1).numpy()
-            for source in SOURCES
-        }
         real = batch.attention_mask[b].bool()
-        modality = np.where(batch.image_mask[b], "image", np.where(batch.text_mask[b], "text", "special"))[
-            real.numpy()
-        ]
+        modality = np.where(batch.image_mask[b], "image", np.where(batch.text_mask[b], "text", "special"))
         views.append(
             ItemView(
                 item_id=str(item_id),
                 instruction=instructions[b],
                 thumbnail=thumbnail(images[b], thumbnail_side),
                 tokens=_real_tokens(vlm, batch, b),
-                modalities=modality.tolist(),
+                modalities=modality[real.numpy()].tolist(),
                 tiles=tile_layout(slots),
-                saliency=saliency,
-                lens_grid=result.image_verbalization[:, b, :n].numpy(),
-                lens_last_tokens=result.lens.top_tokens[:, b, 0].numpy(),
-                lens_last_probs=result.lens.top_probs[:, b, 0].float().numpy(),
+                saliency={source: found.saliency[source][:, b, :, :n].numpy() for source in SOURCES},
+                lens_grid=found.lens_grid[:, b, :n].numpy(),
+                lens_last_tokens=found.lens_last_tokens[:, b].numpy(),
+                lens_last_probs=found.lens_last_probs[:, b].numpy(),
             )
         )
     return views
