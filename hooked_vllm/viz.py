@@ -380,11 +380,13 @@ def show_attention(
     image: ImageLike | None = None,
     alpha: float = 0.55,
     max_labels: int = 64,
+    label: str = "attention",
 ) -> Any:
     """TransformerLens-style attention view of item ``item`` at block ``layer`` (0-based,
     ``L{layer}H{head}``): the query x key pattern of ``head`` (None: the mean over heads) with each
     position's token on the axes and its modality (image / instruction / special) as a colour
-    strip; ``per_head`` draws every head instead, on one colour scale. Padding is left out.
+    strip (``vlm`` gives the tokens; None leaves them out); ``per_head`` draws every head instead,
+    on one colour scale. Padding is left out.
 
     With ``image`` (or ``query``), the attention from position ``query`` (the batch's own index;
     default the item's last position) to the item's first image's patches is laid over ``image``
@@ -392,8 +394,8 @@ def show_attention(
 
     ``cache_or_pattern``: the cache of ``vlm.run_with_cache(batch)`` (``cache["pattern", layer]``) or
     a pattern tensor ``[batch, head, query, key]`` (or ``[batch, query, key]``, e.g.
-    ``head_summed_norms``). Returns a matplotlib figure; its axes are labelled ``"pattern"`` (or
-    ``"head {h}"``) and ``"image tile {t}"``.
+    ``head_summed_norms``; ``label`` names what it holds). Returns a matplotlib figure; its axes are
+    labelled ``"pattern"`` (or ``"head {h}"``) and ``"image tile {t}"``.
 
     Example:
         >>> logits, cache = vlm.run_with_cache(batch)  # doctest: +SKIP
@@ -403,7 +405,8 @@ def show_attention(
     import matplotlib.pyplot as plt
 
     pattern = attention_pattern(cache_or_pattern, layer)[item]
-    if pattern.dim() == 2:
+    one_map = pattern.dim() == 2
+    if one_map:
         if head is not None or per_head:
             raise ValueError("This pattern has no head dimension ([batch, query, key]).")
         pattern = pattern[None]
@@ -414,7 +417,9 @@ def show_attention(
     if head is not None and not -n_heads <= head < n_heads:
         raise ValueError(f"Head {head} out of range: the pattern has {n_heads} heads.")
     modalities = position_modalities(batch, item)
-    labels = [t for t, r in zip(vlm.to_str_tokens(batch, index=item), real.tolist()) if r] if vlm else None
+    labels = None
+    if vlm is not None:  # the tokens as TransformerLens reads them, image slots as <img{i}:{k}>
+        labels = [t for t, r in zip(vlm.to_str_tokens(batch, index=item), real.tolist()) if r]
     where = f"L{layer}" if layer is not None else "pattern"
 
     def one(h: int | None) -> np.ndarray:
@@ -446,7 +451,7 @@ def show_attention(
             shown, top = _attention_panel(ax, matrix, modalities, None, vmax, max_labels)
             ax.set_label(f"head {h}")
             top.set_title(f"{where}H{h}", fontsize=8)
-        left.colorbar(shown, ax=axes[: len(maps)].tolist(), label="attention", shrink=0.8)
+        left.colorbar(shown, ax=axes[: len(maps)].tolist(), label=label, shrink=0.8)
     else:
         ax = left.subplots()
         shown, top = _attention_panel(ax, maps[head], modalities, labels, vmax, max_labels)
@@ -457,9 +462,14 @@ def show_attention(
             row = int(real[:query].sum())
             ax.add_patch(Rectangle((-0.5, row - 0.5), len(maps[head]), 1, fill=False, ec="tab:red", lw=1.2))
         top.set_title(
-            f"{where}H{head}" if head is not None else f"{where}, mean of {n_heads} heads", fontsize=10
+            f"{where}H{head}"
+            if head is not None
+            else where
+            if one_map
+            else f"{where}, mean of {n_heads} heads",
+            fontsize=10,
         )
-        left.colorbar(shown, ax=ax, label="attention", shrink=0.8)
+        left.colorbar(shown, ax=ax, label=label, shrink=0.8)
     _modality_legend(fig, modalities)
     if grids:
         slots = batch.image_slots[item][0]
@@ -479,7 +489,7 @@ def show_attention(
             ax.set_label(f"image tile {tile}")
             ax.set_xticks([])
             ax.set_yticks([])
-        right.colorbar(overlay, ax=tiles.tolist(), label="attention to the image's patches", shrink=0.8)
+        right.colorbar(overlay, ax=tiles.tolist(), label=f"{label} to the image's patches", shrink=0.8)
     return fig
 
 
