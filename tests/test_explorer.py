@@ -164,3 +164,14 @@ def test_all_heads_is_the_saliency_the_dataset_rows_average(explored):
             np.testing.assert_allclose(
                 view.saliency[source][:, 0], stored[:, item, :n].numpy(), rtol=1e-4, atol=1e-5
             )
+
+
+def test_query_tokens_are_marked_as_not_spatial(tmp_path):
+    family = Family("instructblip", tmp_path)
+    images = family_images()[:1]
+    views = explore(family.vlm, family.vlm.prepare(images, INSTRUCTIONS[:1]), images, ["q"], INSTRUCTIONS[:1])
+    assert (
+        views[0].spatial is False
+        and views[0].saliency["last"].shape[-1] == 32
+        or (views[0].saliency["last"].shape[-1] == family.vlm.adapter.n_query_tokens)
+    )

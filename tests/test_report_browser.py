@@ -183,3 +183,24 @@ def test_a_planted_salient_patch_is_drawn_on_its_cell(browser, run_dir, tmp_path
         assert pixel(page, "sal-0-0", *cell(0, 0)) == TOP
         assert pixel(page, "sal-0-0", *cell(2, 4)) == BOTTOM
         view.assert_clean()
+
+
+def test_image_tokens_that_are_not_regions_are_not_drawn_over_the_image(browser, run_dir, tmp_path):
+    """InstructBLIP's 32 Q-Former queries have no place on the image: a row of their own, unblended."""
+    item = planted_item()
+    item.spatial = False
+    item.tiles = [{"tile": 0, "rows": 1, "cols": 22, "index": list(range(22))}]
+    aggregates = json.loads((run_dir / "aggregates.json").read_text())
+    write_report(tmp_path, aggregates, [], _Tokenizer(), title="queries", explorer=[item])
+    with open_page(tmp_path / "report.html", browser, viewport=(1280, 1400)) as view:
+        page = view.page
+        wait_for_item(page, 0)
+        width, height = page.evaluate(
+            "[document.getElementById('sal-0-0').width, document.getElementById('sal-0-0').height]"
+        )
+        assert width > 10 * height  # a strip, not the image's 2:1
+        at = lambda k: ((k + 0.5) * width / 22, height / 2)  # noqa: E731
+        assert pixel(page, "sal-0-0", *at(16)) == TOP and pixel(page, "sal-0-0", *at(20)) == TOP
+        assert pixel(page, "sal-0-0", *at(3)) == BOTTOM  # not blended with the grey picture
+        assert "not image regions" in page.text_content("#saliency-tiles figcaption")
+        view.assert_clean()

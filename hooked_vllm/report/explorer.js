@@ -46,14 +46,20 @@
   }
   function fmt(v) { return Number.isFinite(v) ? v.toPrecision(3) : "none"; }
 
-  function tileCanvas(container, tile, image) {
+  // Tile 0 of a spatial layout lies over the picture; other tiles (crops) and non-spatial tokens
+  // (InstructBLIP's Q-Former queries) get a grid of their own.
+  const overImage = (item, tile) => item.spatial && tile.tile === 0;
+  function tileCanvas(container, item, tile, image) {
     const fig = document.createElement("figure");
     const canvas = document.createElement("canvas");
-    const side = tile.tile === 0 ? 384 : Math.max(96, Math.min(384, 24 * Math.max(tile.rows, tile.cols)));
-    const aspect = tile.tile === 0 && image ? image.naturalHeight / image.naturalWidth : tile.rows / tile.cols;
-    canvas.width = side; canvas.height = Math.round(side * aspect);
+    const over = overImage(item, tile);
+    const side = over ? 384 : Math.max(96, Math.min(768, 24 * Math.max(tile.rows, tile.cols)));
+    const aspect = over ? image.naturalHeight / image.naturalWidth : tile.rows / tile.cols;
+    canvas.width = side; canvas.height = Math.max(24, Math.round(side * aspect));
     const caption = document.createElement("figcaption");
-    caption.textContent = tile.tile === 0 ? "tile 0: the whole image" : `tile ${tile.tile} (a crop, on its own grid)`;
+    caption.textContent = !item.spatial
+      ? `${tile.rows * tile.cols} image tokens that are not image regions (e.g. Q-Former queries): not drawn over the image`
+      : over ? "tile 0: the whole image" : `tile ${tile.tile} (a crop, on its own grid)`;
     fig.append(canvas, caption);
     container.append(fig);
     return canvas;
@@ -74,8 +80,9 @@
       const canvas = $(`sal-${index}-${tile.tile}`);
       const ctx = canvas.getContext("2d");
       ctx.clearRect(0, 0, canvas.width, canvas.height);
-      if (tile.tile === 0) ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
-      ctx.globalAlpha = tile.tile === 0 ? state.opacity : 1;
+      const over = overImage(item, tile);
+      if (over) ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
+      ctx.globalAlpha = over ? state.opacity : 1;
       const w = canvas.width / tile.cols, h = canvas.height / tile.rows;
       tile.index.forEach((patch, cell) => {
         if (patch < 0) return;
@@ -103,7 +110,7 @@
       const canvas = $(`lens-${index}-${tile.tile}`);
       const ctx = canvas.getContext("2d");
       ctx.clearRect(0, 0, canvas.width, canvas.height);
-      if (tile.tile === 0) ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
+      if (overImage(item, tile)) ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
       ctx.fillStyle = "rgba(255,255,255,0.55)";
       ctx.fillRect(0, 0, canvas.width, canvas.height);
       const w = canvas.width / tile.cols, h = canvas.height / tile.rows;
@@ -180,7 +187,7 @@
       for (const [prefix, boxId] of [["sal", "saliency-tiles"], ["lens", "lens-tiles"]]) {
         const box = $(boxId); box.replaceChildren();
         for (const tile of item.tiles) {
-          const canvas = tileCanvas(box, tile, image);
+          const canvas = tileCanvas(box, item, tile, image);
           canvas.id = `${prefix}-${index}-${tile.tile}`;
           canvas.addEventListener("mousemove", (event) => hover(prefix, item, tile, canvas, event));
         }

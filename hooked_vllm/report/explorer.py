@@ -42,7 +42,8 @@ SOURCES = ("text", "last")
 
 @dataclass
 class ItemView:
-    """One item's explorer data (``n``: the patches of the item's first image, in sequence order)."""
+    """One item's explorer data (``n``: the image tokens of the item's first image, in sequence
+    order; only the first image of a multi-image item is shown)."""
 
     item_id: str
     instruction: str
@@ -61,6 +62,9 @@ class ItemView:
     #: logit lens at the last position: top-k token ids and probabilities per lens layer
     lens_last_tokens: Int[np.ndarray, "lens_layer k"]
     lens_last_probs: Float[np.ndarray, "lens_layer k"]
+    #: False where the image tokens are not patches (InstructBLIP's Q-Former queries): they are then
+    #: drawn as a row of tokens beside the image, not over it
+    spatial: bool = True
 
 
 def thumbnail(image: ImageLike, max_side: int = 256, quality: int = 85) -> str:
@@ -197,6 +201,7 @@ def explore(
                 lens_grid=found.lens_grid[:, b, :n].numpy(),
                 lens_last_tokens=found.lens_last_tokens[:, b].numpy(),
                 lens_last_probs=found.lens_last_probs[:, b].numpy(),
+                spatial=bool(slots.spatial),
             )
         )
     return views
@@ -273,6 +278,7 @@ def payload(views: Sequence[ItemView], tokenizer) -> dict:
                 "thumbnail": view.thumbnail,
                 "tokens": [[token, modality] for token, modality in zip(view.tokens, view.modalities)],
                 "tiles": view.tiles,
+                "spatial": view.spatial,
                 "n_layers": n_layers,
                 "n_heads": n_heads_and_all - 1,
                 "n_patches": n,
