@@ -204,3 +204,27 @@ def test_image_tokens_that_are_not_regions_are_not_drawn_over_the_image(browser,
         assert pixel(page, "sal-0-0", *at(3)) == BOTTOM  # not blended with the grey picture
         assert "not image regions" in page.text_content("#saliency-tiles figcaption")
         view.assert_clean()
+
+
+def test_a_tiled_models_item_shows_every_tile(browser, run_dir, tmp_path):
+    """LLaVA-NeXT (base view + 2 x 2 crops): one canvas per tile, the base view over the picture."""
+    from hooked_vllm.report.explorer import explore
+    from tests.conftest import Family, family_images
+
+    vlm = Family("llava_next", tmp_path / "model").vlm
+    images = family_images()[2:]
+    views = explore(
+        vlm, vlm.prepare(images, ["Describe the image."]), images, ["tiled"], ["Describe the image."]
+    )
+    aggregates = json.loads((run_dir / "aggregates.json").read_text())
+    write_report(tmp_path, aggregates, [], vlm.tokenizer, title="tiled", explorer=views)
+    with open_page(tmp_path / "report.html", browser, viewport=(1280, 1400)) as view:
+        page = view.page
+        wait_for_item(page, 0)
+        tiles = [tile["tile"] for tile in views[0].tiles]
+        assert len(tiles) == 5
+        assert page.locator("#saliency-tiles canvas").count() == len(tiles)
+        assert page.locator("#lens-tiles canvas").count() == len(tiles)
+        captions = page.locator("#saliency-tiles figcaption").all_text_contents()
+        assert captions[0] == "tile 0: the whole image" and all("crop" in c for c in captions[1:])
+        view.assert_clean()
