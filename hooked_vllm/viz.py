@@ -41,16 +41,13 @@ def tile_grids(
     """``{tile: [rows, cols] array}`` of one image's per-patch ``values`` (in the order of its patch
     slots, structure slots left out), NaN where no patch lies."""
     values = np.asarray(values, dtype=float)
-    cells = slots.grid[slots.is_patch].numpy()
-    if len(cells) != len(values):
-        raise ValueError(f"{len(values)} values for an image of {len(cells)} image-patch tokens.")
+    n_patches = int(slots.is_patch.sum())
+    if n_patches != len(values):
+        raise ValueError(f"{len(values)} values for an image of {n_patches} image-patch tokens.")
     grids = {}
-    for tile in sorted(set(cells[:, 0].tolist())):
-        here = cells[:, 0] == tile
-        rows, cols = cells[here, 1].max() + 1, cells[here, 2].max() + 1
-        grid = np.full((rows, cols), np.nan)
-        grid[cells[here, 1], cells[here, 2]] = values[here]
-        grids[tile] = grid
+    for tile, index in slots.patch_index().items():
+        index = index.numpy()
+        grids[tile] = np.where(index >= 0, values[np.maximum(index, 0)], np.nan)
     return grids
 
 

@@ -73,6 +73,24 @@ class ImageSlots:
     def is_patch(self) -> Bool[torch.Tensor, " n_slots"]:
         return self.grid[:, 1] >= 0
 
+    def patch_index(self) -> dict[int, Int[torch.Tensor, "rows cols"]]:
+        """``{tile: [rows, cols]}``: which patch (counting patch slots only, in sequence order) lies
+        in each cell of each tile's grid; -1 where none does.
+
+        Example:
+            >>> ImageSlots.rows_by_cols(2, 3).patch_index()[0].tolist()
+            [[0, 1, 2], [3, 4, 5]]
+        """
+        cells = self.grid[self.is_patch]
+        index = {}
+        for tile in sorted(set(cells[:, 0].tolist())):
+            here = (cells[:, 0] == tile).nonzero().flatten()
+            rows, cols = int(cells[here, 1].max()) + 1, int(cells[here, 2].max()) + 1
+            grid = torch.full((rows, cols), -1, dtype=torch.long)
+            grid[cells[here, 1], cells[here, 2]] = here
+            index[tile] = grid
+        return index
+
     @classmethod
     def square(cls, n_slots: int) -> ImageSlots:
         """Row-major slots of one square grid (LLaVA-1.5, Gemma 3); a non-square count is one row."""

@@ -77,16 +77,17 @@ def thumbnail(image: ImageLike, max_side: int = 256, quality: int = 85) -> str:
 
 
 def tile_layout(slots) -> list[dict]:
-    """Where each patch of one image lies: per tile, its grid and the patch index in each cell."""
-    cells = slots.grid[slots.is_patch].numpy()
-    tiles = []
-    for tile in sorted(set(cells[:, 0].tolist())):
-        here = np.nonzero(cells[:, 0] == tile)[0]
-        rows, cols = int(cells[here, 1].max()) + 1, int(cells[here, 2].max()) + 1
-        index = np.full((rows, cols), -1)
-        index[cells[here, 1], cells[here, 2]] = here
-        tiles.append({"tile": int(tile), "rows": rows, "cols": cols, "index": index.ravel().tolist()})
-    return tiles
+    """Where each patch of one image lies: per tile, its grid and the patch index in each cell
+    (:meth:`~hooked_vllm.adapters.base.ImageSlots.patch_index`), as JSON-ready values."""
+    return [
+        {
+            "tile": tile,
+            "rows": int(index.shape[0]),
+            "cols": int(index.shape[1]),
+            "index": index.flatten().tolist(),
+        }
+        for tile, index in slots.patch_index().items()
+    ]
 
 
 @dataclass
