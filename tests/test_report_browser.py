@@ -126,15 +126,20 @@ def _grey_thumbnail(width: int, height: int) -> str:
 
 
 def planted_item() -> ItemView:
-    """A 3 x 6 grid (a 2:1 image, as Qwen's 48 x 24) plus a 2 x 2 second tile: at layer 1 patches
-    16 (tile 0, row 2, col 4) and 20 (tile 1, row 1, col 0) are salient, at layer 2 patch 0."""
+    """A 3 x 6 grid (a 2:1 image, as Qwen's 48 x 24) plus a 2 x 2 second tile. From the instruction,
+    all heads: at layer 1 patches 16 (tile 0, row 2, col 4) and 20 (tile 1, row 1, col 0) are
+    salient, at layer 2 patch 0; head 0 at layer 1: patch 5; from the last position, all heads at
+    layer 1: patch 3 (so a wrong head or source index draws the wrong cell)."""
     tiles = [
         {"tile": 0, "rows": 3, "cols": 6, "index": list(range(18))},
         {"tile": 1, "rows": 2, "cols": 2, "index": list(range(18, 22))},
     ]
     saliency = np.zeros((2, 3, 22))
-    saliency[0, :, [16, 20]] = 1.0
+    saliency[0, 0, [16, 20]] = 1.0
     saliency[1, :, 0] = 1.0
+    saliency[0, 1, 5] = saliency[0, 2, 7] = 1.0
+    from_last = np.zeros((2, 3, 22))
+    from_last[:, 0, 3] = from_last[:, 1:, 9] = 1.0
     return ItemView(
         item_id="planted",
         instruction="Where?",
@@ -142,7 +147,7 @@ def planted_item() -> ItemView:
         tokens=["<s>", "<img0:0>", " Where", "?"],
         modalities=["special", "image", "text", "text"],
         tiles=tiles,
-        saliency={"text": saliency, "last": saliency},
+        saliency={"text": saliency, "last": from_last},
         lens_grid=np.zeros((3, 22), dtype=int),
         lens_last_tokens=np.zeros((3, 5), dtype=int),
         lens_last_probs=np.full((3, 5), 0.2),
@@ -177,6 +182,18 @@ def test_a_planted_salient_patch_is_drawn_on_its_cell(browser, run_dir, tmp_path
         assert page.text_content("#sal-hover").startswith(
             "tile 0, row 2, col 4 (patch 16), layer 1, all heads: 1.00"
         )
+        # just inside the cell's left and right edges (mouse positions are whole CSS pixels)
+        for edge in (4 * width / 6 + 1.5, 5 * width / 6 - 1.5):
+            page.locator("#sal-0-0").hover(position={"x": edge, "y": y})
+            assert page.text_content("#sal-hover").startswith("tile 0, row 2, col 4 (patch 16)")
+
+        page.select_option("#head", "1")  # head 0: patch 5 (row 0, col 5)
+        assert pixel(page, "sal-0-0", *cell(0, 5)) == TOP and pixel(page, "sal-0-0", *cell(2, 4)) == BOTTOM
+        page.select_option("#source", "last")  # head 0 from the last position: patch 9 (row 1, col 3)
+        assert pixel(page, "sal-0-0", *cell(1, 3)) == TOP and pixel(page, "sal-0-0", *cell(0, 5)) == BOTTOM
+        page.select_option("#head", "0")  # all heads from the last position: patch 3
+        assert pixel(page, "sal-0-0", *cell(0, 3)) == TOP
+        page.select_option("#source", "text")
 
         page.locator("#layer").focus()
         page.keyboard.press("ArrowRight")  # layer 2: patch 0 is the salient one

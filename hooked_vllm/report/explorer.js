@@ -16,12 +16,19 @@
     const i = Math.min(Math.floor(x), VIRIDIS.length - 2), f = x - i;
     return VIRIDIS[i].map((c, k) => Math.round(c + f * (VIRIDIS[i + 1][k] - c)));
   }
+  // IEEE half precision (the maps are float16 of value / frame scale; explorer.py, _encoded)
+  function half(h) {
+    const sign = h & 0x8000 ? -1 : 1, exponent = (h >> 10) & 0x1f, fraction = h & 0x3ff;
+    if (exponent === 0) return sign * 2 ** -14 * (fraction / 1024);
+    if (exponent === 31) return fraction ? NaN : sign * Infinity;
+    return sign * 2 ** (exponent - 15) * (1 + fraction / 1024);
+  }
   function codes(item, index) {
     if (!decoded.has(index)) {
       const out = {};
       for (const source of ["text", "last"]) {
         const bytes = Uint8Array.from(atob(item.saliency[source].data), (c) => c.charCodeAt(0));
-        out[source] = new Uint16Array(bytes.buffer);
+        out[source] = Float64Array.from(new Uint16Array(bytes.buffer), half);
       }
       decoded.set(index, out);
     }
@@ -33,7 +40,7 @@
     const nHeads = item.n_heads + 1, n = item.n_patches;
     const f = (state.layer - 1) * nHeads + state.head;
     const raw = codes(item, index)[state.source].subarray(f * n, (f + 1) * n);
-    const values = Array.from(raw, (c) => (c === 65535 ? NaN : sal.low[f] + (c / 65534) * (sal.high[f] - sal.low[f])));
+    const values = Array.from(raw, (v) => v * sal.scale[f]);
     let low = sal.low[f], high = sal.high[f];
     if (state.shared) { // one scale over every layer of this head and source
       low = Infinity; high = -Infinity;
@@ -65,9 +72,9 @@
     return canvas;
   }
   function cellAt(canvas, tile, event) {
-    const box = canvas.getBoundingClientRect();
-    const col = Math.floor(((event.clientX - box.left) / box.width) * tile.cols);
-    const row = Math.floor(((event.clientY - box.top) / box.height) * tile.rows);
+    // offsetX/Y and clientWidth/Height: the content box (the CSS border is not part of the grid)
+    const col = Math.floor((event.offsetX / canvas.clientWidth) * tile.cols);
+    const row = Math.floor((event.offsetY / canvas.clientHeight) * tile.rows);
     if (row < 0 || col < 0 || row >= tile.rows || col >= tile.cols) return null;
     return { row, col, patch: tile.index[row * tile.cols + col] };
   }
@@ -160,7 +167,7 @@
     item.lens_last.forEach((entries, layer) => {
       const row = table.insertRow();
       row.insertCell().textContent = layer === 0 ? "0 (embedding)" : String(layer);
-      for (const [word, p] of entries) row.insertCell().textContent = `${JSON.stringify(DATA.vocab[word])} ${p.toFixed(3)}`;
+      for (const [word, p] of entries) row.insertCell().textContent = `${JSON.stringify(DATA.vocab[word])} ${p === null ? "none" : p.toFixed(3)}`;
     });
   }
 
@@ -184,6 +191,7 @@
     image.id = "thumb-" + index;
     image.alt = `the image of item ${item.id}`;
     image.onload = () => {
+      if (state.item !== index) return; // another item was picked while this one loaded
       for (const [prefix, boxId] of [["sal", "saliency-tiles"], ["lens", "lens-tiles"]]) {
         const box = $(boxId); box.replaceChildren();
         for (const tile of item.tiles) {

@@ -114,7 +114,12 @@ def explorer_pass(vlm, batch, top_k: int = 5) -> _Pass:
     positions = torch.zeros(valid.shape, dtype=torch.long)
     positions[valid] = batch.image_mask.nonzero()[:, 1]
     rows, last = torch.arange(len(batch)), batch.last_positions
-    text = batch.text_mask.float()
+    # Only the queries the explorer reads: the instruction's and each item's last position.
+    is_last = torch.zeros_like(batch.text_mask)
+    is_last[rows, last] = True
+    queries = (batch.text_mask | is_last).any(0).nonzero().flatten()  # columns, ascending
+    text = batch.text_mask[:, queries].float()  # [b, n_queries]
+    last_query = torch.searchsorted(queries, last)  # each item's last position among them
     lens = LogitLens.from_vlm(vlm)
     values: dict[int, torch.Tensor] = {}
     saliency: dict[str, list[torch.Tensor]] = {source: [] for source in SOURCES}
@@ -125,19 +130,20 @@ def explorer_pass(vlm, batch, top_k: int = 5) -> _Pass:
 
     def reduce_pattern(pattern, hook, layer):
         device = pattern.device
-        gram = head_gram(values.pop(layer), vlm.blocks[layer].attn.W_O.to(device))  # [b, key, h, h]
-        at = positions.to(device)
-        gram = gram[rows.to(device)[:, None], at]  # [b, n, h, h]: the image keys only
-        alpha = pattern.float().gather(3, at[:, None, None, :].expand(*pattern.shape[:3], -1))  # [b,h,q,n]
+        at, b = positions.to(device), rows.to(device)
+        v = values.pop(layer)[b[:, None], at]  # [b, n, kv_head, d_head]: the image keys only
+        gram = head_gram(v, vlm.blocks[layer].attn.W_O.to(device))  # [b, n, h, h]
+        alpha = pattern[:, :, queries.to(device)].float()  # [b, h, n_queries, key]
+        alpha = alpha.gather(3, at[:, None, None, :].expand(*alpha.shape[:3], -1))  # [b, h, n_queries, n]
         f_norm = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().transpose(1, 2)  # [b, h, n]
-        summed = summed_norms_key_major(alpha, gram)  # [b, n, q]: ||sum_h alpha f_h||
-        from_last = alpha[rows.to(device), :, last.to(device)]  # [b, h, n]
+        summed = summed_norms_key_major(alpha, gram)  # [b, n, n_queries]: ||sum_h alpha f_h||
+        j = last_query.to(device)
         pieces = {
             "text": (
                 torch.einsum("bnq,bq->bn", summed, text.to(device)),
                 torch.einsum("bhqn,bq->bhn", alpha, text.to(device)),
             ),
-            "last": (summed[rows.to(device), :, last.to(device)], from_last),
+            "last": (summed[b, :, j], alpha[b, :, j]),
         }
         hidden = ~valid.to(device)[:, None, :]
         for source, (all_heads, per_head) in pieces.items():
@@ -194,7 +200,7 @@ def explore(
             ItemView(
                 item_id=str(item_id),
                 instruction=instructions[b],
-                thumbnail=thumbnail(images[b], thumbnail_side),
+                thumbnail=thumbnail(_first(images[b]), thumbnail_side),
                 tokens=_real_tokens(vlm, batch, b),
                 modalities=modality[real.numpy()].tolist(),
                 tiles=tile_layout(slots),
@@ -206,6 +212,11 @@ def explore(
             )
         )
     return views
+
+
+def _first(images: ImageLike | Sequence[ImageLike]) -> ImageLike:
+    """An item's first image (``vlm.prepare`` takes an image or a list of them per item)."""
+    return images[0] if isinstance(images, (list, tuple)) else images
 
 
 def _real_tokens(vlm, batch, b: int) -> list[str]:
@@ -239,19 +250,22 @@ def spread(ids: Sequence[str], k: int) -> list[str]:
     return [ids[int(i)] for i in np.linspace(0, len(ids) - 1, k).round().astype(int)]
 
 
-def _quantized(maps: np.ndarray) -> dict:
-    """``[layer, head, n]`` maps as uint16 per (layer, head) frame between its own min and max
-    (65535: no value), base64: 2 bytes a value, relative error below 1e-5 of the frame's range."""
+def _encoded(maps: np.ndarray) -> dict:
+    """``[layer, head, n]`` maps as float16 of each value over its (layer, head) frame's largest
+    magnitude ``scale`` (NaN: no value), base64: 2 bytes a value, relative error below 5e-4 for
+    values above 6e-5 of the frame's largest (float16's normal range), absolute error below 6e-8 of
+    it under that. ``low``/``high``: each frame's finite min and max, exact (the colour scale)."""
     frames = maps.reshape(-1, maps.shape[-1]).astype(np.float64)
     finite = np.isfinite(frames)
     low = np.where(finite, frames, np.inf).min(-1)
     high = np.where(finite, frames, -np.inf).max(-1)
     low, high = np.where(np.isfinite(low), low, 0.0), np.where(np.isfinite(high), high, 0.0)
-    span = np.where(high > low, high - low, 1.0)
-    codes = np.round((frames - low[:, None]) / span[:, None] * 65534)
-    codes = np.where(finite, codes, 65535).astype("<u2")
+    scale = np.maximum(np.abs(low), np.abs(high))
+    scale = np.where(scale > 0, scale, 1.0)
+    codes = np.where(finite, frames / scale[:, None], np.nan).astype("<f2")
     return {
         "data": base64.b64encode(codes.tobytes()).decode("ascii"),
+        "scale": scale.tolist(),
         "low": low.tolist(),
         "high": high.tolist(),
     }
@@ -259,7 +273,7 @@ def _quantized(maps: np.ndarray) -> dict:
 
 def payload(views: Sequence[ItemView], tokenizer) -> dict:
     """The explorer's data as JSON-ready values: token ids become indices into one shared
-    ``vocab`` of decoded strings; saliency maps are quantized (:func:`_quantized`)."""
+    ``vocab`` of decoded strings; saliency maps are float16 (:func:`_encoded`)."""
     vocab: dict[int, int] = {}
     words: list[str] = []
 
@@ -283,10 +297,13 @@ def payload(views: Sequence[ItemView], tokenizer) -> dict:
                 "n_layers": n_layers,
                 "n_heads": n_heads_and_all - 1,
                 "n_patches": n,
-                "saliency": {source: _quantized(view.saliency[source]) for source in SOURCES},
+                "saliency": {source: _encoded(view.saliency[source]) for source in SOURCES},
                 "lens_grid": [[word(int(t)) for t in layer] for layer in view.lens_grid],
                 "lens_last": [
-                    [[word(int(t)), round(float(p), 4)] for t, p in zip(tokens, probs)]
+                    [
+                        [word(int(t)), round(float(p), 4) if np.isfinite(p) else None]
+                        for t, p in zip(tokens, probs)
+                    ]
                     for tokens, probs in zip(view.lens_last_tokens, view.lens_last_probs)
                 ],
             }

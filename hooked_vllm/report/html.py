@@ -125,7 +125,8 @@ def _explorer(views: Sequence[ItemView], rows: Sequence[dict], tokenizer) -> str
             f"{html.escape(item['id'])}{answer}</a>"
         )
     script = files("hooked_vllm.report").joinpath("explorer.js").read_text()
-    blob = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
+    # NaN is not JSON: a stray one would blank the whole explorer (payload writes null instead)
+    blob = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     return f"""<h2 id="explorer-heading">Items, one by one</h2>
 <p class="how">{len(views)} items, spread over the run's item ids (<code>--report-items</code>). Pick one:</p>
 <nav id="item-index">{"".join(links)}</nav>
