@@ -51,10 +51,20 @@ def tile_grids(
     return grids
 
 
+def seen_part(vlm: Any, image: ImageLike) -> Any:
+    """The part of ``image`` that tile 0's patch grid covers (``adapter.image_region``: LLaVA-1.5's
+    processor keeps the centre square of a non-square image; most resize the whole image)."""
+    picture = to_rgb(image)
+    if vlm is None:
+        return picture
+    left, top, right, bottom = vlm.adapter.image_region(picture.size)
+    return picture.crop((round(left), round(top), round(right), round(bottom)))
+
+
 def on_image(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A ``[rows, cols]`` grid stretched over an image of ``size`` (width, height): cell (r, c)
-    covers rows ``[r * H / rows, (r + 1) * H / rows)`` and likewise columns (the processors resize
-    the whole image onto the patch grid)."""
+    covers rows ``[r * H / rows, (r + 1) * H / rows)`` and likewise columns. Pass the part of the
+    image the grid covers (:func:`seen_part`)."""
     width, height = size
     rows, cols = grid.shape
     row_of = np.minimum((np.arange(height) * rows) // height, rows - 1)
@@ -87,8 +97,10 @@ def show_saliency(
     source: str = "last",
     alpha: float = 0.55,
 ) -> Any:
-    """Norm-based saliency of item ``item``'s (first) image tokens at attention layer ``layer``
-    (0-based; titled ``layer + 1`` as in the report), laid over ``image``; crops beside it.
+    """Norm-based saliency of item ``item``'s (first) image tokens at block ``layer``'s attention
+    (0-based; the report calls it layer ``layer + 1``), laid over the part of ``image`` the model
+    saw (:func:`seen_part`); crops beside it. Image tokens that are not regions (InstructBLIP's
+    queries) are drawn as a grid of their own.
 
     Returns a matplotlib figure (one colour scale for every panel)."""
     import matplotlib.pyplot as plt
@@ -98,15 +110,19 @@ def show_saliency(
     if not images:
         raise ValueError(f"Item {item} has no image.")
     slots = images[0]
-    grids = tile_grids(slots, values[: int(slots.is_patch.sum())])
-    picture = to_rgb(image)
+    values = values[: int(slots.is_patch.sum())]  # the first image's (the scale too)
+    grids = tile_grids(slots, values)
+    picture = seen_part(vlm, image)
     low, high = np.nanmin(values), np.nanmax(values)
     fig, axes = plt.subplots(1, len(grids), figsize=(4 * len(grids), 4), squeeze=False)
     for ax, (tile, grid) in zip(axes[0], grids.items()):
-        if tile == 0:
+        if tile == 0 and slots.spatial:
             ax.imshow(picture)
             shown = ax.imshow(on_image(grid, picture.size), alpha=alpha, cmap="viridis", vmin=low, vmax=high)
-            ax.set_title(f"layer {layer + 1}, on the image")
+            ax.set_title(f"block {layer} (report: layer {layer + 1}), on the image")
+        elif not slots.spatial:
+            shown = ax.imshow(grid, cmap="viridis", vmin=low, vmax=high)
+            ax.set_title(f"block {layer}: image tokens that are not regions")
         else:
             shown = ax.imshow(grid, cmap="viridis", vmin=low, vmax=high)
             ax.set_title(f"tile {tile}")
@@ -470,7 +486,7 @@ def show_attention(
     _modality_legend(fig, modalities)
     if grids:
         slots = batch.image_slots[item][0]
-        picture = to_rgb(image) if image is not None and slots.spatial else None
+        picture = seen_part(vlm, image) if image is not None and slots.spatial else None
         high = max(float(np.nanmax(g)) for g in grids.values()) or 1.0
         tiles = right.subplots(1, len(grids), squeeze=False)[0]
         for ax, (tile, grid) in zip(tiles, grids.items()):
@@ -491,6 +507,7 @@ def show_attention(
 
 
 __all__ = [
+    "seen_part",
     "MODALITY_COLOURS",
     "attention_grids",
     "attention_pattern",

@@ -5,12 +5,14 @@ Gemma 3's bidirectional image blocks, Qwen's GQA); its quantized encoding; the C
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from hooked_vllm.analysis import collect
 from hooked_vllm.cli import main
@@ -193,3 +195,15 @@ def test_a_multi_image_item_shows_its_first_image(tmp_path):
         np.testing.assert_allclose(
             views[0].saliency[source][-1], expected[source][:, :first], rtol=1e-4, atol=1e-5
         )
+
+
+def test_the_thumbnail_is_the_part_of_the_image_the_model_saw(tmp_path):
+    """LLaVA-1.5 centre-crops a 48 x 24 image to its middle 24 x 24: the thumbnail under the grid is
+    that square; Gemma 3 resizes the whole image onto its grid: the thumbnail keeps 2:1."""
+    wide = family_images()[0]  # 48 x 24
+    for name, cropped in (("llava", True), ("gemma3", False)):
+        vlm = Family(name, tmp_path / name).vlm
+        view = explore(vlm, vlm.prepare([wide], ["Describe."]), [wide], ["w"], ["Describe."])[0]
+        shown = Image.open(io.BytesIO(base64.b64decode(view.thumbnail.split(",", 1)[1])))
+        assert view.cropped is cropped
+        assert shown.size[0] / shown.size[1] == pytest.approx(1.0 if cropped else 2.0, abs=0.05)

@@ -238,3 +238,19 @@ def test_show_attention_reads_the_layers_pattern_from_a_cache(llava):
     _, no_patterns = vlm.run_with_cache(batch, names_filter="blocks.0.hook_resid_post")
     with pytest.raises(ValueError, match="hook_pattern"):
         show_attention(vlm, no_patterns, batch, item=0, layer=1)
+
+
+def test_show_saliency_lays_the_grid_over_the_part_the_model_saw(tmp_path):
+    """LLaVA-1.5 keeps the centre 24 x 24 of a 48 x 24 image: the picture under the overlay is that
+    square; InstructBLIP's queries are not regions: no picture under them."""
+    wide = family_images()[0]
+    llava = Family("llava", tmp_path / "llava").vlm
+    batch = llava.prepare([wide], ["Describe."])
+    figure = show_saliency(llava, batch, collect(llava, batch), 0, 0, image=wide)
+    picture = figure.axes[0].images[0].get_array()
+    assert picture.shape[:2] == (24, 24)
+    np.testing.assert_array_equal(picture, np.asarray(wide)[:, 12:36])
+    blip = Family("instructblip", tmp_path / "blip").vlm
+    batch = blip.prepare([wide], ["Describe."])
+    figure = show_saliency(blip, batch, collect(blip, batch), 0, 0, image=wide)
+    assert len(figure.axes[0].images) == 1 and "not regions" in figure.axes[0].get_title()

@@ -308,6 +308,14 @@ class VLMAdapter(ABC):
         )
         return [ImageSlots.square(n_slots // n_images)] * n_images
 
+    def image_region(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The box ``(left, top, right, bottom)``, in pixels of an original image of ``size``
+        (width, height), that tile 0's patch grid covers: what a figure lays that grid over.
+        Default: the whole image (processors that resize the whole image onto the grid, or keep its
+        aspect ratio); LLaVA-1.5's centre crop overrides it."""
+        width, height = size
+        return (0.0, 0.0, float(width), float(height))
+
     def image_input_rows(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
         """For each per-image input, how many rows along dim 0 each image has (default: one row
         per image in :attr:`image_input_names`); selecting items slices these by image."""

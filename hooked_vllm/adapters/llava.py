@@ -33,6 +33,21 @@ class LlavaAdapter(VLMAdapter):
         prompt = self.template.format(images=images, instruction=instruction)
         return prompt, (len(prefix), len(prefix) + len(instruction))
 
+    def image_region(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """CLIP's processor (``do_center_crop``, as ``llava-hf/llava-1.5-*`` ship it) resizes the
+        shorter side to ``size["shortest_edge"]`` and keeps the centre ``crop_size``: the patch grid
+        covers that centre box of a non-square image, not the whole of it."""
+        processor = self.processor.image_processor
+        width, height = size
+        if not getattr(processor, "do_center_crop", False) or not getattr(processor, "crop_size", None):
+            return super().image_region(size)
+        shortest = processor.size.get("shortest_edge") if getattr(processor, "do_resize", True) else None
+        scale = shortest / min(width, height) if shortest else 1.0
+        crop_w = min(processor.crop_size["width"] / scale, width)
+        crop_h = min(processor.crop_size["height"] / scale, height)
+        left, top = (width - crop_w) / 2, (height - crop_h) / 2
+        return (left, top, left + crop_w, top + crop_h)
+
     def visual_prefix(self, inputs: Mapping[str, torch.Tensor]) -> Float[torch.Tensor, "n_slots d_model"]:
         config = self.hf_model.config
         features = self.hf_model.model.get_image_features(

@@ -29,6 +29,8 @@ class LlavaNextAdapter(LlavaAdapter):
 
     #: The processor's chat template (Vicuna, Mistral and LLaMA-3 checkpoints differ), else LLaVA's.
     format_prompt = VLMAdapter.format_prompt
+    #: The base view is the whole image resized onto the grid (no centre crop, unlike LLaVA-1.5).
+    image_region = VLMAdapter.image_region
 
     def visual_prefix(self, inputs: Mapping[str, torch.Tensor]) -> Float[torch.Tensor, "n_slots d_model"]:
         config = self.hf_model.config

@@ -66,7 +66,8 @@
     const caption = document.createElement("figcaption");
     caption.textContent = !item.spatial
       ? `${tile.rows * tile.cols} image tokens that are not image regions (e.g. Q-Former queries): not drawn over the image`
-      : over ? "tile 0: the whole image" : `tile ${tile.tile} (a crop, on its own grid)`;
+      : over ? (item.cropped ? "tile 0: the centre of the image, the part the model sees (its processor crops)" : "tile 0: the whole image")
+      : `tile ${tile.tile} (a crop, on its own grid)`;
     fig.append(canvas, caption);
     container.append(fig);
     return canvas;

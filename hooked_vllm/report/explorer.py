@@ -36,6 +36,7 @@ from jaxtyping import Float, Int
 from hooked_vllm.analysis.logit_lens import LogitLens
 from hooked_vllm.analysis.norm_attention import head_gram, summed_norms_key_major
 from hooked_vllm.images import ImageLike, to_rgb
+from hooked_vllm.viz import seen_part
 
 SOURCES = ("text", "last")
 
@@ -65,6 +66,9 @@ class ItemView:
     #: False where the image tokens are not patches (InstructBLIP's Q-Former queries): they are then
     #: drawn as a row of tokens beside the image, not over it
     spatial: bool = True
+    #: True where the thumbnail is the part of the image the model saw, not all of it (LLaVA-1.5's
+    #: centre crop of a non-square image: ``adapter.image_region``)
+    cropped: bool = False
 
 
 def thumbnail(image: ImageLike, max_side: int = 256, quality: int = 85) -> str:
@@ -194,13 +198,15 @@ def explore(
             raise ValueError(f"Item {item_id!r} has no image: the explorer shows items with one.")
         slots = batch.image_slots[b][0]
         n = int(slots.is_patch.sum())
+        picture = to_rgb(_first(images[b]))
+        seen = seen_part(vlm, picture)
         real = batch.attention_mask[b].bool()
         modality = np.where(batch.image_mask[b], "image", np.where(batch.text_mask[b], "text", "special"))
         views.append(
             ItemView(
                 item_id=str(item_id),
                 instruction=instructions[b],
-                thumbnail=thumbnail(_first(images[b]), thumbnail_side),
+                thumbnail=thumbnail(seen, thumbnail_side),
                 tokens=_real_tokens(vlm, batch, b),
                 modalities=modality[real.numpy()].tolist(),
                 tiles=tile_layout(slots),
@@ -209,6 +215,7 @@ def explore(
                 lens_last_tokens=found.lens_last_tokens[:, b].numpy(),
                 lens_last_probs=found.lens_last_probs[:, b].numpy(),
                 spatial=bool(slots.spatial),
+                cropped=seen.size != picture.size,
             )
         )
     return views
@@ -294,6 +301,7 @@ def payload(views: Sequence[ItemView], tokenizer) -> dict:
                 "tokens": [[token, modality] for token, modality in zip(view.tokens, view.modalities)],
                 "tiles": view.tiles,
                 "spatial": view.spatial,
+                "cropped": view.cropped,
                 "n_layers": n_layers,
                 "n_heads": n_heads_and_all - 1,
                 "n_patches": n,
