@@ -207,3 +207,24 @@ def test_the_thumbnail_is_the_part_of_the_image_the_model_saw(tmp_path):
         shown = Image.open(io.BytesIO(base64.b64decode(view.thumbnail.split(",", 1)[1])))
         assert view.cropped is cropped
         assert shown.size[0] / shown.size[1] == pytest.approx(1.0 if cropped else 2.0, abs=0.05)
+
+
+def test_a_soft_capped_heads_lens_is_capped_as_the_model_is(tmp_path):
+    """PaliGemma 2 caps its logits (cap * tanh(x / cap)); with a cap small enough to bite, the last
+    layer's lens (the explorer's and the collector's) gives the model's own probabilities."""
+    family = Family("paligemma2", tmp_path)
+    vlm = family.vlm
+    vlm.adapter.text_config.final_logit_softcapping = 0.5  # the model reads the same config object
+    images = family_images()[:2]
+    batch = vlm.prepare(images, INSTRUCTIONS[:2])
+    probs = vlm(batch).float().softmax(-1)
+    views = explore(vlm, batch, images, ["a", "b"], INSTRUCTIONS[:2])
+    result = collect(vlm, batch)
+    for item, view in enumerate(views):
+        last = probs[item, int(batch.last_positions[item])]
+        top = last.topk(view.lens_last_tokens.shape[1])
+        assert view.lens_last_tokens[-1].tolist() == top.indices.tolist()
+        np.testing.assert_allclose(view.lens_last_probs[-1], top.values.numpy(), rtol=1e-4)
+        np.testing.assert_allclose(
+            float(result.lens.final_prob[-1, item, 0]), float(top.values[0]), rtol=1e-4
+        )

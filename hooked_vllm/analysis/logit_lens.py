@@ -38,19 +38,26 @@ class LogitLens:
     norm: torch.nn.Module
     W_U: Float[torch.Tensor, "d_model d_vocab"]
     b_U: Float[torch.Tensor, " d_vocab"] | None = None
+    #: the head's final soft cap, ``cap * tanh(logits / cap)`` (Gemma 2 backbones: PaliGemma 2)
+    softcap: float | None = None
 
     @classmethod
     def from_vlm(cls, vlm) -> LogitLens:
-        """The lens of a :class:`~hooked_vllm.HookedVLM` (the HF norm module itself, un-hooked)."""
+        """The lens of a :class:`~hooked_vllm.HookedVLM` (the HF norm module itself, un-hooked,
+        and the text config's ``final_logit_softcapping``)."""
         ln_final = vlm.bridge.ln_final
         norm = getattr(ln_final, "original_component", ln_final)
         b_U = getattr(vlm.bridge.unembed, "b_U", None)
-        return cls(norm=norm, W_U=vlm.W_U, b_U=b_U)
+        softcap = getattr(vlm.adapter.text_config, "final_logit_softcapping", None)
+        return cls(norm=norm, W_U=vlm.W_U, b_U=b_U, softcap=softcap)
 
     def logits(self, resid: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
         """Decode residual vectors to logits (in the model's dtype, as its own head does)."""
         out = self.norm(resid.to(self.W_U.dtype)) @ self.W_U
-        return out + self.b_U if self.b_U is not None else out
+        out = out + self.b_U if self.b_U is not None else out
+        if self.softcap is not None:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
 
     def summarize(
         self,
