@@ -14,7 +14,9 @@ Saliency of image key j at layer l:
   to the whole: it is the norm of a sum).
 
 Layers are numbered as everywhere in the report: attention layer ``l + 1`` is block ``l``'s
-attention, lens layer 0 is the embedding and lens layer ``l + 1`` block ``l``'s output.
+attention, lens layer 0 is the embedding and lens layer ``l + 1`` block ``l``'s output
+(``hook_resid_post``, as Hugging Face's ``hidden_states``: for Qwen3-VL, before the DeepStack
+features are added, as in :func:`~hooked_vllm.analysis.collect.collect`).
 
 Example:
     >>> views = explore(vlm, batch, images, ["cat"], ["What is this?"])  # doctest: +SKIP

@@ -150,7 +150,9 @@ or from the last position (where the answer is produced). Hover a cell for its v
 <p><span id="bar-low"></span> <canvas id="bar" width="256" height="12"></canvas> <span id="bar-high"></span>
 (colour scale of the panels above)</p><p class="hover" id="sal-hover"></p>
 <h3>What each image patch reads as: the logit lens on the image grid</h3>
-<p class="how">Each image patch's residual stream decoded into the vocabulary (top-1 token), per layer.</p>
+<p class="how">Each image patch's residual stream decoded into the vocabulary (top-1 token), per layer:
+the embedding, then each block's output as Hugging Face's hidden_states hold it (Qwen3-VL adds its
+DeepStack features to the image positions after that).</p>
 <div class="controls"><label>layer <input type="range" id="lens-layer" min="0" max="1" value="0" step="1">
 <span id="lens-label"></span></label></div>
 <div class="tiles" id="lens-tiles"></div><p class="hover" id="lens-hover"></p>
