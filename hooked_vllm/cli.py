@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
         help="items shown one by one in report.html (the image, saliency over it for every layer and "
         "head, the logit lens on its grid), spread over the item ids; 0: none. Each costs one "
         "more forward pass and adds layers x (heads + 1) x image tokens x 5.3 bytes to the report "
-        "(3.5 MB at LLaVA-1.5-7B; default: 8)",
+        "(3.6 MB at LLaVA-1.5-7B; default: 8)",
     )
     run.add_argument("--skip-bad", action="store_true", help="skip missing/corrupt images and list them")
     run.add_argument(
