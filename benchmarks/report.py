@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import image_folder, mid_llava  # noqa: E402
+from common import best_time, image_folder, mid_llava, peak_memory_mb, sample_images  # noqa: E402
 
 from hooked_vllm import HookedVLM  # noqa: E402
 from hooked_vllm.experiment import aggregate, run_phase_diagram  # noqa: E402
-from hooked_vllm.report.explorer import ItemView, explore_items, payload, spread  # noqa: E402
+from hooked_vllm.report.explorer import ItemView, explore_items, explorer_pass, payload, spread  # noqa: E402
 from hooked_vllm.report.html import write_report  # noqa: E402
 from hooked_vllm.run_store import ResultStore  # noqa: E402
 
@@ -77,9 +77,7 @@ def main() -> None:
         print(f"phase diagram of 16 items (for reference): {time.perf_counter() - start:.1f} s")
         rows, sums = ResultStore(tmp / "run").read()
         by_id = {item.item_id: item for item in sample.items}
-        print(
-            "items | aggregate s | explorer s | write s | report MB | report MB with --report-items 0"
-        )
+        print("items | aggregate s | explorer s | write s | report MB | report MB with --report-items 0")
         for n in args.sizes:
             many, many_sums = repeated(rows, sums, n)
             start = time.perf_counter()
@@ -93,8 +91,19 @@ def main() -> None:
             path = write_report(tmp / "run", aggregates, many, vlm.tokenizer, title="bench", explorer=views)
             t_write = time.perf_counter() - start
             size = path.stat().st_size / 1e6
-            bare = write_report(tmp / "run", aggregates, many, vlm.tokenizer, title="bench").stat().st_size / 1e6
-            print(f"{n:5d} | {t_aggregate:11.2f} | {t_explore:10.2f} | {t_write:7.2f} | {size:9.2f} | {bare:.2f}")
+            bare = (
+                write_report(tmp / "run", aggregates, many, vlm.tokenizer, title="bench").stat().st_size / 1e6
+            )
+            print(
+                f"{n:5d} | {t_aggregate:11.2f} | {t_explore:10.2f} | {t_write:7.2f} | {size:9.2f} "
+                f"| {bare:.2f}"
+            )
+    batch = vlm.prepare(sample_images(4), ["Describe the image in one sentence."] * 4)
+    print("explorer pass, batch 4 (628 positions): attention path | best of 3 s | peak MiB")
+    for path in ("pattern", "fused"):
+        seconds = best_time(lambda path=path: explorer_pass(vlm, batch, attention=path), repeats=3)
+        memory = peak_memory_mb(lambda path=path: explorer_pass(vlm, batch, attention=path))
+        print(f"{path:7s} | {seconds:.2f} | {memory:.0f}")
     for label, shape in (("mid LLaVA", (8, 8, 576)), ("LLaVA-1.5-7B", (32, 32, 576))):
         print(f"one explored item at {label}'s shape {shape}: {explored_item_bytes(*shape) / 1e6:.2f} MB")
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from hooked_vllm.analysis import collect
 from hooked_vllm.cli import main
-from hooked_vllm.report.explorer import _encoded, explore, spread, tile_layout
+from hooked_vllm.report.explorer import _encoded, explore, explorer_pass, spread, tile_layout
 from hooked_vllm.report.html import not_found_note
 from tests.conftest import INSTRUCTIONS, Family, family_images
 
@@ -228,3 +228,17 @@ def test_a_soft_capped_heads_lens_is_capped_as_the_model_is(tmp_path):
         np.testing.assert_allclose(
             float(result.lens.final_prob[-1, item, 0]), float(top.values[0]), rtol=1e-4
         )
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "internvl"])
+def test_the_fused_path_equals_the_pattern_path(name, tmp_path):
+    """The fused path recomputes alpha for the kept queries from q and k (no full pattern); on
+    padded batches of causal families it gives the pattern path's numbers."""
+    vlm = Family(name, tmp_path).vlm
+    images = family_images()
+    batch = vlm.prepare(images, INSTRUCTIONS)
+    fused = explorer_pass(vlm, batch, attention="fused")
+    pattern = explorer_pass(vlm, batch, attention="pattern")
+    for source in ("text", "last"):
+        np.testing.assert_allclose(fused.saliency[source], pattern.saliency[source], rtol=1e-4, atol=1e-5)
+    assert torch.equal(fused.lens_grid, pattern.lens_grid)

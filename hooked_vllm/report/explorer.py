@@ -38,6 +38,7 @@ from jaxtyping import Float, Int
 from hooked_vllm.analysis.logit_lens import LogitLens
 from hooked_vllm.analysis.norm_attention import head_gram, summed_norms_key_major
 from hooked_vllm.images import ImageLike, to_rgb
+from hooked_vllm.observed_attention import observed_sdpa_attention, supported
 from hooked_vllm.viz import seen_part
 
 SOURCES = ("text", "last")
@@ -110,37 +111,46 @@ class _Pass:
 
 
 @torch.no_grad()
-def explorer_pass(vlm, batch, top_k: int = 5) -> _Pass:
-    """One forward pass reading each layer's pattern, values and residual stream: the saliency of
+def explorer_pass(vlm, batch, top_k: int = 5, attention: str = "auto") -> _Pass:
+    """One forward pass reading each layer's attention, values and residual stream: the saliency of
     every image patch (all heads, and each head) from the last position and from the instruction,
-    and the logit lens at every image patch and at the last position."""
+    and the logit lens at every image patch and at the last position.
+
+    Only the queries the explorer reads (the instruction's and each item's last position) are kept.
+    ``attention``: "fused" runs HF sdpa and recomputes alpha for those queries alone from q and k
+    (no ``[batch, head, query, key]`` pattern: long sequences fit); "pattern" reads the bridge's
+    ``hook_pattern``; "auto": "fused" where the mask is causal plus padding with no window (as
+    :func:`~hooked_vllm.analysis.collect.collect` decides), else "pattern". Both give the same
+    numbers to float rounding."""
+    if attention not in ("auto", "fused", "pattern"):
+        raise ValueError(f"attention={attention!r} is not one of auto, fused, pattern.")
     batch = vlm.to_batch(batch)
     counts = batch.image_mask.sum(-1)
     valid = torch.arange(int(counts.max()))[None, :] < counts[:, None]
     positions = torch.zeros(valid.shape, dtype=torch.long)
     positions[valid] = batch.image_mask.nonzero()[:, 1]
     rows, last = torch.arange(len(batch)), batch.last_positions
-    # Only the queries the explorer reads: the instruction's and each item's last position.
     is_last = torch.zeros_like(batch.text_mask)
     is_last[rows, last] = True
     queries = (batch.text_mask | is_last).any(0).nonzero().flatten()  # columns, ascending
     text = batch.text_mask[:, queries].float()  # [b, n_queries]
     last_query = torch.searchsorted(queries, last)  # each item's last position among them
+    # the fused path's own mask for those queries: causal, and no padding key
+    allowed = (torch.arange(batch.input_ids.shape[1])[None, :] <= queries[:, None])[
+        None
+    ] & batch.attention_mask.bool()[:, None, :]  # [b, n_queries, key]
     lens = LogitLens.from_vlm(vlm)
     values: dict[int, torch.Tensor] = {}
     saliency: dict[str, list[torch.Tensor]] = {source: [] for source in SOURCES}
     grid, last_tokens, last_probs = [], [], []
 
-    def keep_values(v, hook, layer):
-        values[layer] = v
-
-    def reduce_pattern(pattern, hook, layer):
-        device = pattern.device
+    def reduce(layer, alpha, v):
+        """``alpha``: [b, h, n_queries, key] for the kept queries; ``v``: [b, key, kv_head, d_head]."""
+        device = alpha.device
         at, b = positions.to(device), rows.to(device)
-        v = values.pop(layer)[b[:, None], at]  # [b, n, kv_head, d_head]: the image keys only
+        v = v[b[:, None], at]  # [b, n, kv_head, d_head]: the image keys only
         gram = head_gram(v, vlm.blocks[layer].attn.W_O.to(device))  # [b, n, h, h]
-        alpha = pattern[:, :, queries.to(device)].float()  # [b, h, n_queries, key]
-        alpha = alpha.gather(3, at[:, None, None, :].expand(*alpha.shape[:3], -1))  # [b, h, n_queries, n]
+        alpha = alpha.float().gather(3, at[:, None, None, :].expand(*alpha.shape[:3], -1))  # [b, h, nq, n]
         f_norm = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().transpose(1, 2)  # [b, h, n]
         summed = summed_norms_key_major(alpha, gram)  # [b, n, n_queries]: ||sum_h alpha f_h||
         j = last_query.to(device)
@@ -156,6 +166,20 @@ def explorer_pass(vlm, batch, top_k: int = 5) -> _Pass:
             both = torch.cat([all_heads[:, None], per_head * f_norm], dim=1)  # [b, 1 + h, n]
             saliency[source].append(both.masked_fill(hidden, float("nan")).cpu())
 
+    def keep_values(v, hook, layer):
+        values[layer] = v
+
+    def reduce_pattern(pattern, hook, layer):
+        reduce(layer, pattern[:, :, queries.to(pattern.device)], values.pop(layer))
+
+    def observe(layer, q, k, v, scaling):
+        """Post-RoPE q [b, h, query, d], k and v [b, kv_head, key, d]: alpha of the kept queries."""
+        n_heads = q.shape[1]
+        k = k.repeat_interleave(n_heads // k.shape[1], dim=1)
+        scores = q[:, :, queries.to(q.device)].float() @ k.float().transpose(-1, -2) * scaling
+        scores = scores.masked_fill(~allowed.to(q.device)[:, None], float("-inf"))
+        reduce(layer, scores.softmax(-1).nan_to_num(0.0), v.transpose(1, 2))
+
     def read_lens(resid, hook):
         device = resid.device
         patches = resid[rows.to(device)[:, None], positions.to(device)]  # [b, n, d]
@@ -165,12 +189,22 @@ def explorer_pass(vlm, batch, top_k: int = 5) -> _Pass:
         last_tokens.append(top.indices.cpu())
         last_probs.append(top.values.cpu())
 
+    fused = attention == "fused" or (
+        attention == "auto"
+        and vlm.adapter.plain_causal
+        and vlm.adapter.sliding_window is None
+        and supported(vlm)
+    )
     hooks = [("blocks.0.hook_resid_pre", read_lens)]
-    for layer in range(vlm.cfg.n_layers):
-        hooks.append((f"blocks.{layer}.attn.hook_v", partial(keep_values, layer=layer)))
-        hooks.append((f"blocks.{layer}.attn.hook_pattern", partial(reduce_pattern, layer=layer)))
-        hooks.append((f"blocks.{layer}.hook_resid_post", read_lens))
-    vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
+    hooks += [(f"blocks.{layer}.hook_resid_post", read_lens) for layer in range(vlm.cfg.n_layers)]
+    if fused:
+        with observed_sdpa_attention(vlm, observe):
+            vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
+    else:
+        for layer in range(vlm.cfg.n_layers):
+            hooks.append((f"blocks.{layer}.attn.hook_v", partial(keep_values, layer=layer)))
+            hooks.append((f"blocks.{layer}.attn.hook_pattern", partial(reduce_pattern, layer=layer)))
+        vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
     return _Pass(
         saliency={source: torch.stack(layers) for source, layers in saliency.items()},
         lens_grid=torch.stack(grid),
@@ -189,11 +223,12 @@ def explore(
     *,
     top_k: int = 5,
     thumbnail_side: int = 256,
+    attention: str = "auto",
 ) -> list[ItemView]:
     """Explorer data of every item of ``batch`` (one image each; ``images`` as given to
     ``vlm.prepare``), from one forward pass (:func:`explorer_pass`)."""
     batch = vlm.to_batch(batch)
-    found = explorer_pass(vlm, batch, top_k)
+    found = explorer_pass(vlm, batch, top_k, attention)
     views = []
     for b, item_id in enumerate(item_ids):
         if not batch.image_slots or not batch.image_slots[b]:
