@@ -61,6 +61,7 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2_5_VLTextConfig,
     Qwen2_5_VLVisionConfig,
+    Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
@@ -167,6 +168,18 @@ class TinyTextConfig:
             tie_word_embeddings=False,
         )
 
+    def qwen2_config(self, tokenizer: PreTrainedTokenizerFast, **overrides) -> Qwen2Config:
+        """A Qwen2 backbone (no BOS, untied head) of these sizes: LLaVA-OneVision's, InternVL's."""
+        return Qwen2Config(
+            vocab_size=len(tokenizer),
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+            **overrides,
+            **self._sizes(),
+        )
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
@@ -181,6 +194,10 @@ class TinyTextConfig:
             num_key_value_heads=self.n_kv_heads,
             max_position_embeddings=self.n_ctx,
         )
+
+
+#: The vision tower of every tiny model with a CLIP/SigLIP-style config (hidden size, MLP, depth, heads).
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
 def _default_dir(kind: str) -> Path:
@@ -238,10 +255,7 @@ def tiny_llava(
     torch.manual_seed(seed)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=4,
+            **{**TINY_VISION, "num_hidden_layers": vision_layers},
             image_size=image_size,
             patch_size=patch_size,
             projection_dim=32,
@@ -299,10 +313,7 @@ def tiny_instructblip(
     torch.manual_seed(seed)
     config = InstructBlipConfig(
         vision_config=InstructBlipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **TINY_VISION,
             image_size=image_size,
             patch_size=patch_size,
         ).to_dict(),
@@ -362,10 +373,7 @@ def tiny_llava_next(
     torch.manual_seed(seed)
     config = LlavaNextConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **TINY_VISION,
             image_size=image_size,
             patch_size=patch_size,
             projection_dim=32,
@@ -583,10 +591,7 @@ def tiny_gemma3(
     config = Gemma3Config(
         text_config=text_config,
         vision_config=SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **TINY_VISION,
             image_size=image_size,
             patch_size=patch_size,
         ),

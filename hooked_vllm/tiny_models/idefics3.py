@@ -30,7 +30,14 @@ from transformers import (
 )
 
 import hooked_vllm.adapters.idefics3  # noqa: F401 (SmolVLM's processor without num2words: see there)
-from hooked_vllm.tiny_models import IMAGE_TOKEN, TinyTextConfig, _default_dir, _finish, train_tokenizer
+from hooked_vllm.tiny_models import (
+    IMAGE_TOKEN,
+    TINY_VISION,
+    TinyTextConfig,
+    _default_dir,
+    _finish,
+    train_tokenizer,
+)
 
 FAKE_TOKEN = "<fake_token_around_image>"
 GLOBAL_TOKEN = "<global-img>"
@@ -84,10 +91,7 @@ def _tiny_tiled(
     )
     config = config_class(
         vision_config=vision_class(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **TINY_VISION,
             image_size=tile,
             patch_size=patch_size,
         ).to_dict(),

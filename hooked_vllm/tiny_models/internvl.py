@@ -13,10 +13,9 @@ from transformers import (
     InternVLProcessor,
     InternVLVideoProcessor,
     InternVLVisionConfig,
-    Qwen2Config,
 )
 
-from hooked_vllm.tiny_models import TinyTextConfig, _default_dir, _finish, train_tokenizer
+from hooked_vllm.tiny_models import TINY_VISION, TinyTextConfig, _default_dir, _finish, train_tokenizer
 
 #: the tokenizer attributes InternVLProcessor reads (a real checkpoint's ``extra_special_tokens``)
 _INTERNVL_TOKENS = {
@@ -69,21 +68,10 @@ def tiny_internvl(
     downsample_ratio = 0.5
     per_tile = int((tile_size // patch_size * downsample_ratio) ** 2)
     torch.manual_seed(seed)
-    text_config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        use_sliding_window=False,
-        **text._sizes(),
-    )
+    text_config = text.qwen2_config(tokenizer, use_sliding_window=False)
     config = InternVLConfig(
         vision_config=InternVLVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **TINY_VISION,
             image_size=tile_size,
             patch_size=patch_size,
         ),

@@ -12,11 +12,10 @@ from transformers import (
     LlavaOnevisionImageProcessor,
     LlavaOnevisionProcessor,
     LlavaOnevisionVideoProcessor,
-    Qwen2Config,
     SiglipVisionConfig,
 )
 
-from hooked_vllm.tiny_models import TinyTextConfig, _default_dir, _finish, train_tokenizer
+from hooked_vllm.tiny_models import TINY_VISION, TinyTextConfig, _default_dir, _finish, train_tokenizer
 
 #: the special tokens of a LLaVA-OneVision (Qwen2) tokenizer that its prompts use
 _ONEVISION_TOKENS = ("<image>", "<video>", "<|im_start|>", "<|im_end|>")
@@ -83,20 +82,10 @@ def tiny_llava_onevision(
     image_size, patch_size = 24, 6
     pinpoints = [[image_size, 2 * image_size], [3 * image_size, image_size], [2 * image_size, 2 * image_size]]
     torch.manual_seed(seed)
-    text_config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        **text._sizes(),
-    )
+    text_config = text.qwen2_config(tokenizer)
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **TINY_VISION,
             image_size=image_size,
             patch_size=patch_size,
             vision_use_head=False,

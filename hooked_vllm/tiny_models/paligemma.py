@@ -15,7 +15,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from hooked_vllm.tiny_models import TinyTextConfig, _default_dir, _finish, train_tokenizer
+from hooked_vllm.tiny_models import TINY_VISION, TinyTextConfig, _default_dir, _finish, train_tokenizer
 
 IMAGE_TOKEN = "<image>"
 
@@ -102,10 +102,7 @@ def _tiny_paligemma(kind, seed, directory, text, padding_side, *, sliding_window
         )
     config = PaliGemmaConfig(
         vision_config=SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **TINY_VISION,
             image_size=image_size,
             patch_size=patch_size,
             vision_use_head=False,
