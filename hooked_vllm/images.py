@@ -55,6 +55,7 @@ import threading
 import warnings
 import zipfile
 import zlib
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -338,6 +339,12 @@ def _pil_to_rgb(image: Image.Image) -> Image.Image:
         raise ImageLoadError(
             f"Could not convert a {mode} image to RGB: {exc}. Convert it to RGB yourself first."
         ) from exc
+
+
+def item_images(entry: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
+    """One prompt's images as ``vlm.prepare`` takes them: an image, or a list of images for a
+    prompt with several."""
+    return list(entry) if isinstance(entry, (list, tuple)) else [entry]
 
 
 def to_rgb(image: ImageLike, *, max_pixels: int | None = None) -> Image.Image:

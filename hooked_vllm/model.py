@@ -50,7 +50,7 @@ from hooked_vllm.errors import (
     SequenceTooLongError,
 )
 from hooked_vllm.generation import GenerationMixin
-from hooked_vllm.images import ImageLike, to_rgb
+from hooked_vllm.images import ImageLike, item_images, to_rgb
 from hooked_vllm.inputs import BatchLike, ModelInput, NamesFilter, VLMBatch, build_batch
 from hooked_vllm.text_tokens import TokensMixin
 
@@ -203,17 +203,17 @@ class HookedVLM(TokensMixin, GenerationMixin):
                 f"Got {len(images)} image entries for {len(prompts)} prompts. Pass one entry per "
                 "prompt (a list of images for a prompt that takes several)."
             )
-        per_item = [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
+        per_item = [item_images(item) for item in images]
         texts, spans = [], []
-        for instruction, item_images in zip(prompts, per_item):
+        for instruction, prompt_images in zip(prompts, per_item):
             if apply_template:
-                text, span = self.adapter.format_prompt(instruction, len(item_images))
+                text, span = self.adapter.format_prompt(instruction, len(prompt_images))
             else:
                 text, span = instruction, (0, len(instruction))
             slots = self.adapter.count_image_slots(text)
-            if slots != len(item_images):
+            if slots != len(prompt_images):
                 raise ImageCountError(
-                    f"Prompt {text!r} has {slots} image placeholder(s) but {len(item_images)} "
+                    f"Prompt {text!r} has {slots} image placeholder(s) but {len(prompt_images)} "
                     "image(s) were given for it. Give one image per placeholder."
                 )
             texts.append(text)

@@ -37,7 +37,7 @@ from jaxtyping import Float, Int
 
 from hooked_vllm.analysis.logit_lens import LogitLens
 from hooked_vllm.analysis.norm_attention import head_gram, summed_norms_key_major
-from hooked_vllm.images import ImageLike, to_rgb
+from hooked_vllm.images import ImageLike, item_images, load_image, to_rgb
 from hooked_vllm.observed_attention import observed_sdpa_attention, supported
 from hooked_vllm.viz import seen_part
 
@@ -235,7 +235,7 @@ def explore(
             raise ValueError(f"Item {item_id!r} has no image: the explorer shows items with one.")
         slots = batch.image_slots[b][0]
         n = int(slots.is_patch.sum())
-        picture = to_rgb(_first(images[b]))
+        picture = to_rgb(item_images(images[b])[0])
         seen = seen_part(vlm, picture)
         real = batch.attention_mask[b].bool()
         modality = np.where(batch.image_mask[b], "image", np.where(batch.text_mask[b], "text", "special"))
@@ -258,11 +258,6 @@ def explore(
     return views
 
 
-def _first(images: ImageLike | Sequence[ImageLike]) -> ImageLike:
-    """An item's first image (``vlm.prepare`` takes an image or a list of them per item)."""
-    return images[0] if isinstance(images, (list, tuple)) else images
-
-
 def _real_tokens(vlm, batch, b: int) -> list[str]:
     tokens = vlm.to_str_tokens(batch, b)
     real = batch.attention_mask[b].bool().tolist()
@@ -273,8 +268,6 @@ def explore_items(
     vlm, items: Sequence, *, batch_size: int = 4, max_pixels: int | None = None, top_k: int = 5
 ) -> list[ItemView]:
     """:func:`explore` for dataset items (``item_id``, ``image_path``, ``instruction``), in batches."""
-    from hooked_vllm.images import load_image
-
     views: list[ItemView] = []
     for start in range(0, len(items), batch_size):
         chunk = list(items[start : start + batch_size])
