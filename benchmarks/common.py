@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hooked_vllm.data.datasets import DatasetItem, DatasetSample
+from hooked_vllm.runs.datasets import DatasetItem, DatasetSample
 from hooked_vllm.testing import TinyTextConfig, tiny_llava
 
 MID_TEXT = TinyTextConfig(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_mlp=1376, n_ctx=2048)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import image_folder, mid_llava, peak_memory_mb  # noqa: E402
 
 from hooked_vllm import HookedVLM  # noqa: E402
-from hooked_vllm.experiment import run_phase_diagram  # noqa: E402
+from hooked_vllm.runs.phase_diagram import run_phase_diagram  # noqa: E402
 from hooked_vllm.testing import TinyTextConfig, tiny_llava  # noqa: E402
 
 

@@ -48,8 +48,8 @@ from common import (  # noqa: E402
 
 from hooked_vllm import HookedVLM  # noqa: E402
 from hooked_vllm.analysis import collect  # noqa: E402
-from hooked_vllm.experiment import run_phase_diagram  # noqa: E402
-from hooked_vllm.images import load_image  # noqa: E402
+from hooked_vllm.model.images import load_image  # noqa: E402
+from hooked_vllm.runs.phase_diagram import run_phase_diagram  # noqa: E402
 from hooked_vllm.testing import TinyTextConfig, tiny_instructblip, tiny_llava, tiny_qwen2_5_vl  # noqa: E402
 
 # LLaMA-7B / Vicuna-7B text backbone with CLIP ViT-L/14-336 or EVA ViT-g/14 + Q-Former ("full"

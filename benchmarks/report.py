@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_time, image_folder, mid_llava, peak_memory_mb, sample_images  # noqa: E402
 
 from hooked_vllm import HookedVLM  # noqa: E402
-from hooked_vllm.experiment import aggregate, run_phase_diagram  # noqa: E402
 from hooked_vllm.report.explorer import ItemView, explore_items, explorer_pass, payload, spread  # noqa: E402
 from hooked_vllm.report.html import write_report  # noqa: E402
-from hooked_vllm.run_store import ResultStore  # noqa: E402
+from hooked_vllm.runs.phase_diagram import aggregate, run_phase_diagram  # noqa: E402
+from hooked_vllm.runs.store import ResultStore  # noqa: E402
 
 
 def repeated(rows: list[dict], sums: dict, n: int) -> tuple[list[dict], dict]:

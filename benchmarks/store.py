@@ -38,10 +38,10 @@ from common import (  # noqa: E402
 )
 
 from hooked_vllm import HookedVLM  # noqa: E402
-from hooked_vllm.activation_layout import capture, row_metadata, select_rows  # noqa: E402
-from hooked_vllm.activation_run import StorePlan, _batch_columns  # noqa: E402
-from hooked_vllm.activation_shards import write_shard  # noqa: E402
-from hooked_vllm.activation_store import ActivationStore  # noqa: E402
+from hooked_vllm.activations.layout import capture, row_metadata, select_rows  # noqa: E402
+from hooked_vllm.activations.run import StorePlan, _batch_columns  # noqa: E402
+from hooked_vllm.activations.shards import write_shard  # noqa: E402
+from hooked_vllm.activations.store import ActivationStore  # noqa: E402
 
 HOOKS = [
     "blocks.7.hook_resid_post",

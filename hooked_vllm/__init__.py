@@ -16,7 +16,7 @@ import transformers as _transformers  # noqa: E402,F401  (configures its logger 
 
 _transformers_log_level = _logging.getLogger("transformers").level
 
-from hooked_vllm.activation_store import ActivationStore  # noqa: E402
+from hooked_vllm.activations.store import ActivationStore  # noqa: E402
 from hooked_vllm.errors import (  # noqa: E402
     BatchFormatError,
     CheckpointError,
@@ -28,9 +28,8 @@ from hooked_vllm.errors import (  # noqa: E402
     SequenceTooLongError,
     UnsupportedModelError,
 )
-from hooked_vllm.inputs import VLMBatch, build_batch, positions_from_mask  # noqa: E402
-from hooked_vllm.model import HookedVLM  # noqa: E402
-from hooked_vllm.sae import SAE, SAEError, run_with_cache_with_saes, run_with_saes, vlm_saes  # noqa: E402
+from hooked_vllm.model import HookedVLM, VLMBatch, build_batch, positions_from_mask  # noqa: E402
+from hooked_vllm.model.sae import SAE, SAEError, run_with_cache_with_saes, run_with_saes, vlm_saes  # noqa: E402
 
 _logging.getLogger("transformers").setLevel(_transformers_log_level)
 

@@ -20,17 +20,17 @@ import pytest
 import torch
 
 from hooked_vllm import HookedVLMError
-from hooked_vllm.activation_cli import main as cli_main
-from hooked_vllm.activation_run import StorePlan
-from hooked_vllm.activation_shards import read_shard
-from hooked_vllm.activation_store import (
+from hooked_vllm.activations.run import StorePlan
+from hooked_vllm.activations.shards import read_shard
+from hooked_vllm.activations.store import (
     ActivationStore,
     ActivationStoreError,
     DiskBudgetError,
     HookSelectionError,
 )
-from hooked_vllm.data.datasets import DatasetItem, DatasetSample
-from hooked_vllm.images import load_image
+from hooked_vllm.cli import main as cli_main
+from hooked_vllm.model.images import load_image
+from hooked_vllm.runs.datasets import DatasetItem, DatasetSample
 from tests.conftest import INSTRUCTIONS, ROOT, random_images
 
 #: per family: an LM hook, a per-head hook (flattened), a vision-side hook and the visual prefix
@@ -431,8 +431,8 @@ def test_cli_stores_a_folder_and_resumes(tmp_path, model_dir, capsys):
 @pytest.mark.skipif(not (ROOT / "hooked_vllm/demo/model/model.safetensors").is_file(), reason="no demo model")
 def test_probes_on_the_demo_model_find_colour_and_shape_per_patch(tmp_path):
     from hooked_vllm import HookedVLM
+    from hooked_vllm.analysis.probing import linear_probe
     from hooked_vllm.demo import demo_model_dir, shapes
-    from hooked_vllm.probing import linear_probe
 
     n = 300
     examples = shapes.examples(seed=shapes.HELD_OUT_SEED_BASE + 40_000, n=n)
@@ -464,7 +464,7 @@ def test_probes_on_the_demo_model_find_colour_and_shape_per_patch(tmp_path):
 
 
 def test_a_second_writer_is_refused_and_told_who_holds_the_folder(llava, tmp_path):
-    from hooked_vllm.run_store import FolderLock, RunLockedError
+    from hooked_vllm.runs.store import FolderLock, RunLockedError
 
     (tmp_path / "store").mkdir()
     holder = FolderLock(tmp_path / "store", 0)

@@ -15,7 +15,7 @@ import torch
 from hooked_vllm.analysis import collect
 from hooked_vllm.analysis.attention_lenses import attention_group_sums
 from hooked_vllm.analysis.norm_attention import head_gram
-from hooked_vllm.observed_attention import observed_sdpa_attention
+from hooked_vllm.model.observed_attention import observed_sdpa_attention
 from tests.conftest import INSTRUCTIONS
 
 REPO = Path(__file__).resolve().parents[1]

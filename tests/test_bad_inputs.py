@@ -14,7 +14,7 @@ from hooked_vllm import (
     MissingImageError,
     SequenceTooLongError,
 )
-from hooked_vllm.images import load_image, to_rgb
+from hooked_vllm.model.images import load_image, to_rgb
 from tests.conftest import INSTRUCTIONS, random_images
 
 

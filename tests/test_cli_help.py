@@ -6,11 +6,11 @@ import argparse
 
 import pytest
 
-from hooked_vllm.cli import _parser
+from hooked_vllm.cli import build_parser
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
-    parser = _parser()
+    parser = build_parser()
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
 

@@ -20,16 +20,16 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from hooked_vllm.data.datasets import (
+from hooked_vllm.errors import HookedVLMError, ImageLoadError
+from hooked_vllm.model.images import load_image
+from hooked_vllm.runs.datasets import (
     DatasetError,
     load_coco,
     load_dataset,
     load_samples,
     load_winoground,
 )
-from hooked_vllm.data.shapes_dataset import load_shapes
-from hooked_vllm.errors import HookedVLMError, ImageLoadError
-from hooked_vllm.images import load_image
+from hooked_vllm.runs.shapes_dataset import load_shapes
 
 
 # ---------------------------------------------------------------- fixture files

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from hooked_vllm.data.datasets import DatasetError, load_coco, load_dataset, load_winoground
 from hooked_vllm.errors import ImageLoadError
+from hooked_vllm.runs.datasets import DatasetError, load_coco, load_dataset, load_winoground
 from tests.conftest import ROOT, cli, make_coco, make_winoground
 
 
@@ -166,7 +166,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, data: str, out:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from hooked_vllm import HookedVLM
-        from hooked_vllm.experiment import run_phase_diagram
+        from hooked_vllm.runs.phase_diagram import run_phase_diagram
 
         vlm = HookedVLM.from_pretrained(model_dir)
         run_phase_diagram(vlm, load_coco(data, n=6, seed=0), out, batch_size=2, progress=False)
@@ -176,7 +176,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, data: str, out:
 
 def test_two_gloo_processes_equal_one_process(tmp_path, model_dir):
     from hooked_vllm import HookedVLM
-    from hooked_vllm.experiment import run_phase_diagram
+    from hooked_vllm.runs.phase_diagram import run_phase_diagram
 
     data = make_coco(tmp_path / "coco", n_images=6)
     single = run_phase_diagram(
@@ -213,7 +213,7 @@ def test_processor_runs_in_the_dataloader_workers(tmp_path, model_dir):
     """With workers, decoding and the processor happen in the worker processes (the main process
     only feeds the model) and the results are the same as without."""
     from hooked_vllm import HookedVLM
-    from hooked_vllm.experiment import run_phase_diagram
+    from hooked_vllm.runs.phase_diagram import run_phase_diagram
 
     data = load_coco(make_coco(tmp_path / "coco", n_images=6), n=6)
     results, main_process_calls = {}, {}
@@ -241,7 +241,7 @@ def test_cli_without_image_verbalization_and_resuming_older_runs(tmp_path, model
     """--no-verbalize-images drops the per-image logit lens from every item's row; it is a
     setting of the run, so resuming with the other value is refused, while a run.json written
     before the setting existed resumes as the default it had."""
-    from hooked_vllm.experiment import ResultStore
+    from hooked_vllm.runs.phase_diagram import ResultStore
 
     data = make_coco(tmp_path / "coco", n_images=4)
     common = ["--model", str(model_dir), "--dataset", "coco", "--data-dir", str(data), "--n", "4"]

@@ -12,7 +12,7 @@ import torch
 from transformers.models.smolvlm import processing_smolvlm
 
 from hooked_vllm.errors import ImageCountError
-from hooked_vllm.inputs import build_batch
+from hooked_vllm.model.batch import build_batch
 from tests.conftest import family_images, hf_forward_inputs
 
 PROMPTS = ["Describe the image.", "What colour is the square in the picture?", "cat"]

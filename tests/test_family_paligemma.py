@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hooked_vllm.analysis.collect import allowed_pairs
-from hooked_vllm.generation import next_position_ids
+from hooked_vllm.model.generation import next_position_ids
 from tests.conftest import family_images
 from tests.test_families import NEVER, PROMPTS, hf_run, max_diff
 

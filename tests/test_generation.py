@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hooked_vllm.inputs import positions_from_mask
+from hooked_vllm.model.batch import positions_from_mask
 from tests.conftest import INSTRUCTIONS
 
 NEW_TOKENS = 40

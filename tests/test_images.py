@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from hooked_vllm import images
 from hooked_vllm.errors import HookedVLMError, ImageLoadError
-from hooked_vllm.images import load_image, to_rgb, zip_member_path
+from hooked_vllm.model import images
+from hooked_vllm.model.images import load_image, to_rgb, zip_member_path
 
 CHANNELS = (1, 3, 4)
 FLOATS = ("float16", "float32", "float64", "bfloat16")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from hooked_vllm.analysis import collect
-from hooked_vllm.data.datasets import DatasetItem
-from hooked_vllm.experiment import aggregate, batch_rows
 from hooked_vllm.report.figures import saliency_maps, tile_mosaic
+from hooked_vllm.runs.datasets import DatasetItem
+from hooked_vllm.runs.phase_diagram import aggregate, batch_rows
 from tests.conftest import Family, family_images
 
 

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from hooked_vllm import cli as hooked_cli
-from hooked_vllm.data.datasets import DatasetItem, DatasetSample, load_coco
-from hooked_vllm.run_store import (
+from hooked_vllm.cli.common import UsageError
+from hooked_vllm.runs.datasets import DatasetItem, DatasetSample, load_coco
+from hooked_vllm.runs.store import (
     ResultStore,
     RunLockedError,
     RunStoreError,
@@ -123,7 +124,8 @@ def test_settings_compare_as_values():
 
 # ---------------------------------------------------------------- the runner
 def test_duplicate_item_ids_are_refused_before_any_compute(tmp_path, model_dir, monkeypatch):
-    from hooked_vllm import HookedVLM, experiment
+    from hooked_vllm import HookedVLM
+    from hooked_vllm.runs import phase_diagram as experiment
 
     sample = load_coco(make_coco(tmp_path / "coco", n_images=3))
     doubled = DatasetSample("coco", [*sample.items, DatasetItem(sample.items[0].item_id, Path("x.jpg"), "q")])
@@ -136,7 +138,7 @@ def test_duplicate_item_ids_are_refused_before_any_compute(tmp_path, model_dir, 
 
 def test_a_repaired_run_equals_a_clean_run(tmp_path, model_dir):
     from hooked_vllm import HookedVLM
-    from hooked_vllm.experiment import run_phase_diagram
+    from hooked_vllm.runs.phase_diagram import run_phase_diagram
 
     vlm = HookedVLM.from_pretrained(str(model_dir))
     sample = load_coco(make_coco(tmp_path / "coco", n_images=6))
@@ -216,7 +218,7 @@ def test_bad_flags_and_inputs_are_one_line_errors(tmp_path, model_dir, capsys):
         assert says in _one_line_error(code, err), (name, err)
     code, _, err = run_cli(capsys, "--n", "0", "--debug")
     assert code == 2  # a bad flag is argparse's one line even with --debug
-    with pytest.raises(hooked_cli.UsageError):
+    with pytest.raises(UsageError):
         hooked_cli.main(["phase-diagram", *model, "--data-dir", str(coco), "--debug"])
 
 
@@ -279,7 +281,7 @@ def test_torchrun_passes_the_readme_command_through(capsys):
     ours = ["phase-diagram", "--model", "demo", "--num-items", "64", "--batch-size", "8"]
     args = torchrun.parse_args(["--nproc-per-node", "4", "-m", "hooked_vllm.cli", *ours])
     assert args.training_script == "hooked_vllm.cli" and args.training_script_args == ours
-    assert hooked_cli._parser().parse_args(args.training_script_args).n == 64
+    assert hooked_cli.build_parser().parse_args(args.training_script_args).n == 64
     with pytest.raises(SystemExit):  # why --num-items exists: torchrun reads --n as its own prefix
         torchrun.parse_args(["--nproc-per-node", "4", "-m", "hooked_vllm.cli", "phase-diagram", "--n", "64"])
     capsys.readouterr()

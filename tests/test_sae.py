@@ -1,4 +1,4 @@
-"""SAEs spliced into HookedVLM (hooked_vllm.sae): parity with plain hooks, the error term, SAELens's
+"""SAEs spliced into HookedVLM (hooked_vllm.model.sae): parity with plain hooks, the error term, SAELens's
 folder format and formulas, alias hook names, duck-typed SAEs, position masks, and bad input."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from hooked_vllm.errors import HookedVLMError
-from hooked_vllm.sae import (
+from hooked_vllm.model.sae import (
     SAE,
     SAE_HOOK_SUFFIXES,
     SAEConfig,

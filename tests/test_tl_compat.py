@@ -13,7 +13,7 @@ from transformer_lens import utilities as utils
 
 from hooked_vllm import HookedVLM, MissingImageError
 from hooked_vllm.demo import MODEL_DIR, shapes
-from hooked_vllm.inputs import positions_from_mask
+from hooked_vllm.model.batch import positions_from_mask
 from hooked_vllm.testing import tiny_instructblip, tiny_llava
 from tests.conftest import INSTRUCTIONS, random_images
 

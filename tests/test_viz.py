@@ -12,7 +12,7 @@ import torch
 from hooked_vllm.adapters.base import ImageSlots
 from hooked_vllm.analysis import collect
 from hooked_vllm.interventions.patching import PatchingResult
-from hooked_vllm.viz import (
+from hooked_vllm.report.viz import (
     MODALITY_COLOURS,
     attention_grids,
     on_image,
@@ -98,7 +98,7 @@ def test_show_saliency_overlays_the_base_view_and_draws_the_crops(llava_next):
 
 def test_lens_tokens_land_on_their_patches(llava_next):
     """Each patch's cell holds the logit lens's top-1 token at that patch's own position."""
-    from hooked_vllm.viz import lens_token_grids, show_lens_grid
+    from hooked_vllm.report.viz import lens_token_grids, show_lens_grid
 
     vlm = llava_next.vlm
     image = family_images()[2]

@@ -42,10 +42,10 @@ def setup(plots: bool = True, viz: bool = True) -> str:
         + imports
         + """import torch
 import transformers
-from hooked_vllm import HookedVLM"""
-        + (", viz" if viz else "")
-        + """
-from hooked_vllm.demo import demo_model_dir, shapes
+from hooked_vllm import HookedVLM
+"""
+        + ("from hooked_vllm.report import viz\n" if viz else "")
+        + """from hooked_vllm.demo import demo_model_dir, shapes
 
 transformers.logging.set_verbosity_error()  # nor Hugging Face's log lines
 torch.set_grad_enabled(False)
@@ -227,8 +227,8 @@ plt.show()"""),
         ),
         new_code_cell(setup(plots=False, viz=False)),
         new_code_cell("""import tempfile
-from hooked_vllm.data.shapes_dataset import load_shapes
-from hooked_vllm.experiment import ResultStore, run_phase_diagram
+from hooked_vllm.runs.shapes_dataset import load_shapes
+from hooked_vllm.runs.phase_diagram import ResultStore, run_phase_diagram
 from hooked_vllm.report.html import write_report
 
 out = tempfile.mkdtemp()
@@ -458,7 +458,7 @@ plt.show()"""),
             "and read which feature fires on each patch."
         ),
         new_code_cell("""import tempfile
-from hooked_vllm.sae import SAE, SAEConfig, run_with_cache_with_saes
+from hooked_vllm.model.sae import SAE, SAEConfig, run_with_cache_with_saes
 
 hook = "blocks.2.hook_resid_post"
 train = shapes.examples(seed=shapes.HELD_OUT_SEED_BASE + 77, n=256, kinds=("colour", "shape"))

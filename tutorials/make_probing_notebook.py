@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 import transformers
 from hooked_vllm import HookedVLM
-from hooked_vllm.activation_store import ActivationStore
-from hooked_vllm.data.datasets import DatasetItem, DatasetSample
+from hooked_vllm.activations.store import ActivationStore
+from hooked_vllm.runs.datasets import DatasetItem, DatasetSample
 from hooked_vllm.demo import demo_model_dir, shapes
 
 transformers.logging.set_verbosity_error()  # nor Hugging Face's log lines
@@ -129,7 +129,7 @@ n_objects = count[meta["item_index"]]
 test = meta["item_index"] >= int(0.8 * N)
 objects = colour > 0
 print(f"{len(store):,} rows; {int(objects.sum()):,} patches hold an object")"""),
-    new_code_cell("""from hooked_vllm.probing import linear_probe
+    new_code_cell("""from hooked_vllm.analysis.probing import linear_probe
 
 results = {"colour": [], "shape": [], "count": []}
 for hook in HOOKS:

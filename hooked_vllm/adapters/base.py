@@ -28,7 +28,7 @@ An adapter knows one HF model family and nothing else. It answers five questions
    Decoding steps always use the 2-D mask and continue after the largest position.
 
 Everything else (the bridge, hooks, caching, generation) is family-independent and lives in
-:mod:`hooked_vllm.model`, :mod:`hooked_vllm.inputs` and :mod:`hooked_vllm.generation`.
+:mod:`hooked_vllm.model`, :mod:`hooked_vllm.model.batch` and :mod:`hooked_vllm.model.generation`.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ class VLMAdapter(ABC):
     def normalize_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Fix up processor outputs so results do not depend on batch-mates (default: unchanged).
 
-        Called once, by :func:`hooked_vllm.inputs.build_batch`, on every batch (prepared or raw)."""
+        Called once, by :func:`hooked_vllm.model.batch.build_batch`, on every batch (prepared or raw)."""
         return inputs
 
     def prompt_token_ids(self, prompt: str) -> tuple[list[int], list[tuple[int, int]]]:

@@ -58,7 +58,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         every entry is 1 (HF then tiles every image, as it does without it).
 
         The processor gives one entry per item that has images (a flat image list: one per image,
-        all 1); one per item is what :meth:`VLMBatch.select <hooked_vllm.inputs.VLMBatch.select>`
+        all 1); one per item is what :meth:`VLMBatch.select <hooked_vllm.model.batch.VLMBatch.select>`
         slices along with the items."""
         counts = inputs.get("batch_num_images")
         if counts is None:

@@ -19,7 +19,7 @@ from hooked_vllm.analysis.norm_attention import (
     transformed_values,
 )
 from hooked_vllm.analysis.phases import PhaseReport, detect_phases
-from hooked_vllm.observed_attention import observed_sdpa_attention
+from hooked_vllm.model.observed_attention import observed_sdpa_attention
 
 __all__ = [
     "ANALYSES",

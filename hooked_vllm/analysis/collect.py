@@ -1,7 +1,7 @@
 """One forward pass, three lenses, O(one layer) of activations kept.
 
 :func:`collect` hooks the residual stream of every layer and taps each layer's queries, keys and
-values (attention runs as HF sdpa, see :mod:`hooked_vllm.observed_attention`), and reduces each as
+values (attention runs as HF sdpa, see :mod:`hooked_vllm.model.observed_attention`), and reduces each as
 it goes (contextualization sums, norm-based attention aggregates from alpha recomputed block by
 block, logit lens at the chosen positions); nothing of a layer outlives its reduction, and no
 attention pattern is ever stored. ``attention="pattern"`` hooks the bridge's ``hook_pattern``
@@ -31,7 +31,7 @@ from hooked_vllm.analysis.norm_attention import (
     head_summed_norms_from_gram,
     modality_pairs,
 )
-from hooked_vllm.observed_attention import observed_sdpa_attention, supported
+from hooked_vllm.model.observed_attention import observed_sdpa_attention, supported
 
 ANALYSES = ("contextualization", "norm_attention", "logit_lens")
 
@@ -341,7 +341,7 @@ def collect(
     """Run ``batch`` once and reduce every layer on the fly (see the module docstring).
 
     ``attention``: "fused" runs each layer's attention as HF sdpa and recomputes alpha from q and k
-    block by block for the norm-based lens (:mod:`~hooked_vllm.observed_attention`,
+    block by block for the norm-based lens (:mod:`~hooked_vllm.model.observed_attention`,
     :func:`~hooked_vllm.analysis.attention_lenses.attention_group_sums`; a Triton kernel on CUDA);
     "pattern" hooks ``hook_pattern`` of the bridge's step-by-step attention; "auto" is "fused"
     where the backbone supports it. Both give the same numbers (to float rounding). Families whose

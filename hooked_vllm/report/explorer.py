@@ -37,9 +37,9 @@ from jaxtyping import Float, Int
 
 from hooked_vllm.analysis.logit_lens import LogitLens
 from hooked_vllm.analysis.norm_attention import head_gram, summed_norms_key_major
-from hooked_vllm.images import ImageLike, item_images, load_image, to_rgb
-from hooked_vllm.observed_attention import observed_sdpa_attention, supported
-from hooked_vllm.viz import seen_part
+from hooked_vllm.model.images import ImageLike, item_images, load_image, to_rgb
+from hooked_vllm.model.observed_attention import observed_sdpa_attention, supported
+from hooked_vllm.report.viz import seen_part
 
 SOURCES = ("text", "last")
 

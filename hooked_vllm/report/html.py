@@ -209,7 +209,7 @@ def write_report(
 {"".join(parts)}
 {items_html}
 <p class="how">Every item's numbers: <a href="items/">items/</a> (Parquet parts; read them with
-<code>hooked_vllm.run_store.ResultStore(folder).read()</code> or pandas), and
+<code>hooked_vllm.runs.store.ResultStore(folder).read()</code> or pandas), and
 <code>aggregates.json</code>.</p>
 </body></html>"""
     path = out_dir / "report.html"

@@ -30,12 +30,12 @@ from transformers import (
 )
 
 import hooked_vllm.adapters.idefics3  # noqa: F401 (SmolVLM's processor without num2words: see there)
-from hooked_vllm.tiny_models import (
+from hooked_vllm.tiny_models.common import (
     IMAGE_TOKEN,
     TINY_VISION,
     TinyTextConfig,
-    _default_dir,
-    _finish,
+    default_dir,
+    finish_init,
     train_tokenizer,
 )
 
@@ -59,7 +59,7 @@ def _tiny_tiled(
     patch_size: int,
     scale_factor: int,
 ):
-    directory = Path(directory) if directory is not None else _default_dir(kind)
+    directory = Path(directory) if directory is not None else default_dir(kind)
     if smolvlm:
         # SmolVLM's tokenizer names its image tokens (its processor reads them from the tokenizer);
         # SmolLM2 adds no BOS.
@@ -103,7 +103,7 @@ def _tiny_tiled(
     )
     config.architectures = [model_class.__name__]
     config._attn_implementation = "eager"
-    model = _finish(model_class(config), seed, redraw_zeros=True)
+    model = finish_init(model_class(config), seed, redraw_zeros=True)
     image_seq_len = (tile // patch_size) ** 2 // scale_factor**2
     image_processor_class = SmolVLMImageProcessor if smolvlm else Idefics3ImageProcessor
     image_processor = image_processor_class(

@@ -15,7 +15,13 @@ from transformers import (
     InternVLVisionConfig,
 )
 
-from hooked_vllm.tiny_models import TINY_VISION, TinyTextConfig, _default_dir, _finish, train_tokenizer
+from hooked_vllm.tiny_models.common import (
+    TINY_VISION,
+    TinyTextConfig,
+    default_dir,
+    finish_init,
+    train_tokenizer,
+)
 
 #: the tokenizer attributes InternVLProcessor reads (a real checkpoint's ``extra_special_tokens``)
 _INTERNVL_TOKENS = {
@@ -57,7 +63,7 @@ def tiny_internvl(
     position embeddings). No chat template: prompts are
     ``"<|im_start|>user\\n<IMG_CONTEXT>\\n{text}<|im_end|>\\n<|im_start|>assistant\\n"``.
     """
-    directory = Path(directory) if directory is not None else _default_dir("internvl")
+    directory = Path(directory) if directory is not None else default_dir("internvl")
     tokenizer = train_tokenizer(
         directory / "tokenizer",
         add_bos=False,
@@ -85,7 +91,7 @@ def tiny_internvl(
     )
     config.architectures = ["InternVLForConditionalGeneration"]
     config._attn_implementation = "eager"
-    model = _finish(InternVLForConditionalGeneration(config), seed, redraw_zeros=True)
+    model = finish_init(InternVLForConditionalGeneration(config), seed, redraw_zeros=True)
     processor = InternVLProcessor(
         image_processor=GotOcr2ImageProcessor(
             size={"height": tile_size, "width": tile_size},

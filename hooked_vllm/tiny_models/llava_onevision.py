@@ -15,7 +15,13 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from hooked_vllm.tiny_models import TINY_VISION, TinyTextConfig, _default_dir, _finish, train_tokenizer
+from hooked_vllm.tiny_models.common import (
+    TINY_VISION,
+    TinyTextConfig,
+    default_dir,
+    finish_init,
+    train_tokenizer,
+)
 
 #: the special tokens of a LLaVA-OneVision (Qwen2) tokenizer that its prompts use
 _ONEVISION_TOKENS = ("<image>", "<video>", "<|im_start|>", "<|im_end|>")
@@ -72,7 +78,7 @@ def tiny_llava_onevision(
     re-drawn. The processor carries OneVision's chat template: ``"<|im_start|>user\\n<image>\\n{text}
     <|im_end|>\\n<|im_start|>assistant\\n"``.
     """
-    directory = Path(directory) if directory is not None else _default_dir("llava-onevision")
+    directory = Path(directory) if directory is not None else default_dir("llava-onevision")
     tokenizer = train_tokenizer(
         directory / "tokenizer",
         add_bos=False,
@@ -102,7 +108,7 @@ def tiny_llava_onevision(
     )
     config.architectures = ["LlavaOnevisionForConditionalGeneration"]
     config._attn_implementation = "eager"
-    model = _finish(
+    model = finish_init(
         LlavaOnevisionForConditionalGeneration(config), seed, widen=("image_newline",), redraw_zeros=True
     )
     size = {"height": image_size, "width": image_size}

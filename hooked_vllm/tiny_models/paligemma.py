@@ -15,7 +15,13 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from hooked_vllm.tiny_models import TINY_VISION, TinyTextConfig, _default_dir, _finish, train_tokenizer
+from hooked_vllm.tiny_models.common import (
+    TINY_VISION,
+    TinyTextConfig,
+    default_dir,
+    finish_init,
+    train_tokenizer,
+)
 
 IMAGE_TOKEN = "<image>"
 
@@ -65,7 +71,7 @@ def tiny_paligemma2(
 
 
 def _tiny_paligemma(kind, seed, directory, text, padding_side, *, sliding_window):
-    directory = Path(directory) if directory is not None else _default_dir(kind)
+    directory = Path(directory) if directory is not None else default_dir(kind)
     tokenizer = train_tokenizer(
         directory / "tokenizer",
         extra_special_tokens=(),
@@ -117,5 +123,5 @@ def _tiny_paligemma(kind, seed, directory, text, padding_side, *, sliding_window
     )
     config.architectures = ["PaliGemmaForConditionalGeneration"]
     config._attn_implementation = "eager"
-    model = _finish(PaliGemmaForConditionalGeneration(config), seed, embed_std=0.1, redraw_zeros=True)
+    model = finish_init(PaliGemmaForConditionalGeneration(config), seed, embed_std=0.1, redraw_zeros=True)
     return model, processor

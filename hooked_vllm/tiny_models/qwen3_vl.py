@@ -14,16 +14,14 @@ from transformers import (
     Qwen3VLVisionConfig,
 )
 
-from hooked_vllm.tiny_models import (
+from hooked_vllm.tiny_models.common import TinyTextConfig, default_dir, finish_init
+from hooked_vllm.tiny_models.qwen2_vl import (
     QWEN_MERGE,
     QWEN_PATCH,
     QWEN_TEMPORAL,
-    TinyTextConfig,
-    _default_dir,
-    _finish,
-    _qwen_processor,
-    _qwen_text_kwargs,
-    _qwen_tokenizer,
+    qwen_processor,
+    qwen_text_kwargs,
+    qwen_tokenizer,
 )
 
 
@@ -42,11 +40,11 @@ def tiny_qwen3_vl(
     slot covers 8x8 pixels. No BOS. All-zero parameters are re-drawn.
     Prompt: ``"<|vision_start|><|image_pad|><|vision_end|>{text}"``.
     """
-    directory = Path(directory) if directory is not None else _default_dir("qwen3-vl")
-    tokenizer, token_ids = _qwen_tokenizer(directory, padding_side)
+    directory = Path(directory) if directory is not None else default_dir("qwen3-vl")
+    tokenizer, token_ids = qwen_tokenizer(directory, padding_side)
     patch_size, merge_size, temporal_patch_size = QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL
     torch.manual_seed(seed)
-    text_kwargs = _qwen_text_kwargs(text, tokenizer)
+    text_kwargs = qwen_text_kwargs(text, tokenizer)
     text_kwargs["rope_parameters"]["mrope_interleaved"] = True
     vision = Qwen3VLVisionConfig(
         depth=3,
@@ -68,5 +66,5 @@ def tiny_qwen3_vl(
     )
     config.architectures = [Qwen3VLForConditionalGeneration.__name__]
     config._attn_implementation = "eager"
-    model = _finish(Qwen3VLForConditionalGeneration(config), seed, redraw_zeros=True)
-    return model, _qwen_processor(Qwen3VLProcessor, Qwen3VLVideoProcessor, tokenizer)
+    model = finish_init(Qwen3VLForConditionalGeneration(config), seed, redraw_zeros=True)
+    return model, qwen_processor(Qwen3VLProcessor, Qwen3VLVideoProcessor, tokenizer)

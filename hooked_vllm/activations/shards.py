@@ -1,5 +1,5 @@
 """The activation store's folder, kept by the rules of the phase-diagram store
-(:mod:`hooked_vllm.run_store`), in the format ``datasets.save_to_disk`` writes.
+(:mod:`hooked_vllm.runs.store`), in the format ``datasets.save_to_disk`` writes.
 
 - **Shards.** One Arrow IPC stream file per batch, ``data-b{batch:07d}.arrow`` (the batch is
   ``items[batch * batch_size:(batch + 1) * batch_size]``, whichever rank computed it), written under
@@ -12,7 +12,7 @@
   and when it finishes, under a lock shared by the ranks (``.state-lock``).
 - **Settings** live in ``run.json`` and in every shard; a resume with other settings is refused, as is
   a folder whose ``run.json`` is gone (``repair`` rewrites it when every shard agrees).
-- **One writer per rank**: ``.lock-r{rank}``, the run store's :class:`~hooked_vllm.run_store.FolderLock`.
+- **One writer per rank**: ``.lock-r{rank}``, the run store's :class:`~hooked_vllm.runs.store.FolderLock`.
 - **Verified on open**: every shard is read back (memory-mapped: headers, row counts, item ids).
   Unreadable or truncated shards, shards whose items are not their batch's, or that repeat another's
   items are reported; ``repair`` moves them to ``quarantine/`` and their batches are computed again.
@@ -37,8 +37,8 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from hooked_vllm.activation_layout import MODALITIES
-from hooked_vllm.run_store import (
+from hooked_vllm.activations.layout import MODALITIES
+from hooked_vllm.runs.store import (
     FolderLock,
     RunStoreError,
     SettingsMismatchError,

@@ -1,7 +1,7 @@
 """The phase-diagram experiment at dataset scale: dataset -> batches -> one-pass collector -> a
 resumable results store -> aggregates -> phases.
 
-Results go to a :class:`~hooked_vllm.run_store.ResultStore` (per-batch Parquet parts, written
+Results go to a :class:`~hooked_vllm.runs.store.ResultStore` (per-batch Parquet parts, written
 atomically, verified on resume, one writer per folder, settings stored with the results): a killed
 run leaves only whole parts and a restarted run skips the items they hold. Nothing is lost, counted
 twice or mixed with results of other settings.
@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 
 from hooked_vllm.analysis.collect import collect
 from hooked_vllm.analysis.phases import detect_phases
-from hooked_vllm.data.datasets import DatasetSample
-from hooked_vllm.images import load_image
-from hooked_vllm.run_store import ResultStore, RunStoreError
+from hooked_vllm.model.images import load_image
+from hooked_vllm.runs.datasets import DatasetSample
+from hooked_vllm.runs.store import ResultStore, RunStoreError
 
 __all__ = ["ResultStore", "RunResult", "aggregate", "batch_rows", "run_phase_diagram"]
 
@@ -322,7 +322,7 @@ def run_phase_diagram(
     Returns the aggregates on rank 0 (``None`` on other ranks). ``max_batches`` stops early (for
     tests and quick looks); a later call resumes. ``settings`` identify the run's results (default:
     :func:`default_settings`); a folder holding results of other settings is refused. ``repair``
-    sets corrupt or doubled parts aside and recomputes their items (see :mod:`hooked_vllm.run_store`).
+    sets corrupt or doubled parts aside and recomputes their items (see :mod:`hooked_vllm.runs.store`).
     ``out_dir`` may be an open :class:`ResultStore` (the CLI opens it before loading the model).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -19,7 +19,7 @@ Any object with ``encode``, ``decode`` and a hook name (``cfg.metadata.hook_name
 after the SAE); the clean activation is ``{hook_name}.hook_sae_input``.
 
 Example:
-    >>> from hooked_vllm.sae import SAE, run_with_cache_with_saes
+    >>> from hooked_vllm.model.sae import SAE, run_with_cache_with_saes
     >>> sae = SAE.load_from_disk("saes/llava-l10-resid")  # doctest: +SKIP
     >>> logits, cache = run_with_cache_with_saes(
     ...     vlm, batch, saes=[sae], use_error_term=True,
@@ -37,7 +37,7 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from jaxtyping import Bool, Float
@@ -46,9 +46,6 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 from hooked_vllm.errors import HookedVLMError
-
-if TYPE_CHECKING:
-    from hooked_vllm.model import HookedVLM
 
 SAE_CFG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -67,6 +64,25 @@ _DTYPES = {
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     for name in (str(dtype), str(dtype).removeprefix("torch."))
 }
+
+
+class SAEHost(Protocol):
+    """What splicing needs of a model: its hook points and its forward (a HookedVLM is one)."""
+
+    bridge: Any
+
+    @property
+    def hook_dict(self) -> Mapping[str, HookPoint]: ...
+
+    def add_hook_point(self, name: str, point: HookPoint) -> HookPoint: ...
+
+    def remove_hook_point(self, name: str) -> None: ...
+
+    def to_batch(self, batch: Any) -> Any: ...
+
+    def forward(self, batch: Any, **kwargs: Any) -> Any: ...
+
+    def run_with_cache(self, batch: Any, **kwargs: Any) -> Any: ...
 
 
 class SAEError(HookedVLMError):
@@ -273,7 +289,7 @@ class SAE(_SAEBase):
 
     Example:
         >>> import torch
-        >>> from hooked_vllm.sae import SAE, SAEConfig
+        >>> from hooked_vllm.model.sae import SAE, SAEConfig
         >>> sae = SAE(SAEConfig("topk", d_in=64, d_sae=256, hook_name="blocks.1.hook_resid_post", k=8))
         >>> acts = sae.encode(torch.randn(2, 5, 64))
         >>> acts.shape, int((acts > 0).sum(-1).max()) <= 8
@@ -521,11 +537,11 @@ class _Splice:
 
 @contextlib.contextmanager
 def vlm_saes(
-    vlm: HookedVLM,
+    vlm: SAEHost,
     saes: Any | Sequence[Any],
     use_error_term: bool | None = None,
     positions: Bool[torch.Tensor, "batch pos"] | None = None,
-) -> Iterator[HookedVLM]:
+) -> Iterator[SAEHost]:
     """Splice SAEs into ``vlm`` for the duration of the context (as SAELens's ``model.saes(...)``).
 
     Each SAE's activation is replaced by its output, at every position or only where ``positions``
@@ -589,7 +605,7 @@ def vlm_saes(
 
 
 def run_with_saes(
-    vlm: HookedVLM,
+    vlm: SAEHost,
     batch: Any,
     saes: Any | Sequence[Any] = (),
     use_error_term: bool | None = None,
@@ -608,7 +624,7 @@ def run_with_saes(
 
 
 def run_with_cache_with_saes(
-    vlm: HookedVLM,
+    vlm: SAEHost,
     batch: Any,
     saes: Any | Sequence[Any] = (),
     use_error_term: bool | None = None,
@@ -627,11 +643,11 @@ def run_with_cache_with_saes(
         return vlm.run_with_cache(batch, **kwargs)
 
 
-def _positions_for(vlm: HookedVLM, batch: Any, positions: Any) -> Any:
+def _positions_for(vlm: SAEHost, batch: Any, positions: Any) -> Any:
     return vlm.to_batch(batch).mask(positions) if isinstance(positions, str) else positions
 
 
-def _hook_point_for(vlm: HookedVLM, hook_dict: Mapping[str, HookPoint], name: str) -> HookPoint:
+def _hook_point_for(vlm: SAEHost, hook_dict: Mapping[str, HookPoint], name: str) -> HookPoint:
     point = hook_dict.get(name)
     if point is None:
         close = difflib.get_close_matches(name, list(hook_dict), n=3)

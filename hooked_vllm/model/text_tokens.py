@@ -3,7 +3,7 @@
 
 Text here is the language model's alone: an image placeholder in a string is refused (images come
 through ``vlm.prepare``). ``to_str_tokens`` reads each token as it reads in context, leading space
-included (``' is'``), and a :class:`~hooked_vllm.inputs.VLMBatch`'s image positions as
+included (``' is'``), and a :class:`~hooked_vllm.model.batch.VLMBatch`'s image positions as
 ``<img{i}:{k}>``.
 
 Example:
@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Int
 
 from hooked_vllm.errors import BatchFormatError, MissingImageError
-from hooked_vllm.inputs import ModelInput, VLMBatch
+from hooked_vllm.model.batch import ModelInput, VLMBatch
 
 
 class TokensMixin:

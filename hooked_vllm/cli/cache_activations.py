@@ -8,7 +8,7 @@
 
 The estimated size is printed before anything is computed, and a run the disk cannot hold is refused.
 Run the same command again after an interruption to resume. Read the result with
-``datasets.load_from_disk(out)`` or ``hooked_vllm.activation_store.ActivationStore.open(out)``.
+``datasets.load_from_disk(out)`` or ``hooked_vllm.activations.store.ActivationStore.open(out)``.
 Every error is one line on stderr and exit code 2 (``--debug`` shows the traceback).
 """
 
@@ -16,22 +16,31 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from hooked_vllm.data.datasets import CAPTION_INSTRUCTION, load_folder
-from hooked_vllm.errors import HookedVLMError
+from hooked_vllm.cli.common import (
+    DEMO,
+    DTYPES,
+    UsageError,
+    check_data_dir,
+    load_data,
+    load_model,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+    resolve_model,
+)
+from hooked_vllm.runs.datasets import CAPTION_INSTRUCTION, load_folder
 
 DATASETS = ("coco", "winoground", "shapes", "folder", "samples")
 READS_DATA_DIR = ("coco", "winoground", "folder")
 
 
-def add_cli(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``cache-activations`` subcommand to ``hooked-vllm``'s subparsers."""
-    from hooked_vllm.activation_layout import POSITIONS
-    from hooked_vllm.activation_shards import STORAGE_DTYPES
-    from hooked_vllm.cli import DEMO, DTYPES, _non_negative_int, _positive_int
+    from hooked_vllm.activations.layout import POSITIONS
+    from hooked_vllm.activations.shards import STORAGE_DTYPES
 
     run = subparsers.add_parser(
         "cache-activations",
@@ -78,13 +87,11 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         "--num-items",
         "--n",
         dest="n",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="number of images/examples (default: all; 16 for shapes). Under torchrun use --num-items",
     )
-    run.add_argument(
-        "--batch-size", type=_positive_int, default=8, help="items per forward pass (default: 8)"
-    )
+    run.add_argument("--batch-size", type=positive_int, default=8, help="items per forward pass (default: 8)")
     run.add_argument(
         "--padding-side",
         default="left",
@@ -107,11 +114,11 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         help="split one model over GPUs, e.g. 'auto' (default: none, the whole model on --device)",
     )
     run.add_argument("--seed", type=int, default=0, help="seed of the item sample (default: 0)")
-    run.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader workers (default: 0)")
+    run.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default: 0)")
     run.add_argument("--skip-bad", action="store_true", help="skip missing/corrupt images and list them")
     run.add_argument(
         "--max-pixels",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="refuse images with more pixels than this (default: Pillow's limit, about 89 million)",
     )
@@ -128,9 +135,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """The run's settings as values (paths resolved, defaults filled in), checked before any write."""
-    from hooked_vllm.activation_layout import check_positions
-    from hooked_vllm.activation_shards import STORAGE_DTYPES
-    from hooked_vllm.cli import DEMO, UsageError, _resolve_device, _resolve_model, check_data_dir
+    from hooked_vllm.activations.layout import check_positions
+    from hooked_vllm.activations.shards import STORAGE_DTYPES
 
     check_positions(args.hooks, args.positions)  # before the model loads
 
@@ -141,13 +147,13 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
             f"--prompt is for --dataset folder; the {dataset} dataset brings its own instructions."
         )
     return {
-        "model": _resolve_model(args.model),
+        "model": resolve_model(args.model),
         "dataset": dataset,
         "data_dir": str(args.data_dir.resolve()) if args.data_dir is not None else None,
         "prompt": args.prompt,
         "n": args.n,
         "seed": args.seed,
-        "device": None if args.device_map else _resolve_device(args.device),
+        "device": None if args.device_map else resolve_device(args.device),
         "device_map": args.device_map,
         "model_dtype": args.dtype,
         "skip_bad": args.skip_bad,
@@ -164,8 +170,8 @@ def _precheck(out: Path, rank: int, settings: dict[str, Any]) -> None:
     """Refuse early (before the model loads) a folder that holds other settings or is being written."""
     import json
 
-    from hooked_vllm.activation_shards import SHARD_NAME
-    from hooked_vllm.run_store import FolderLock, SettingsMismatchError, settings_differences
+    from hooked_vllm.activations.shards import SHARD_NAME
+    from hooked_vllm.runs.store import FolderLock, SettingsMismatchError, settings_differences
 
     if not out.is_dir():
         return
@@ -185,12 +191,11 @@ def _precheck(out: Path, rank: int, settings: dict[str, Any]) -> None:
     lock.release()
 
 
-def cache_activations(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``hooked-vllm cache-activations``; errors are raised as HookedVLMError (one line in main)."""
     import torch
 
-    from hooked_vllm.activation_store import ActivationStore
-    from hooked_vllm.cli import UsageError, _load_data, _load_model
+    from hooked_vllm.activations.store import ActivationStore
 
     settings = settings_of(args)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -207,10 +212,10 @@ def cache_activations(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
         )
     else:
-        sample = _load_data(args, settings)
+        sample = load_data(args, settings)
     if not sample.items:
         raise UsageError("The dataset sample is empty (after skipping bad images). Check --data-dir.")
-    vlm, warning = _load_model(args, settings)
+    vlm, warning = load_model(args, settings)
     store = ActivationStore.write(
         vlm,
         sample,
@@ -235,26 +240,3 @@ def cache_activations(args: argparse.Namespace) -> int:
     if warning:
         print(f"  NOTE: {warning}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m hooked_vllm.activation_cli cache-activations ...`` (the same as ``hooked-vllm``'s)."""
-    from hooked_vllm.cli import _OneLineParser
-
-    parser = _OneLineParser(prog="hooked-vllm")
-    add_cli(parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser))
-    args = parser.parse_args(argv)
-    try:
-        return cache_activations(args)
-    except HookedVLMError as exc:
-        if args.debug:
-            raise
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: finished batches are kept in {args.out}; run again to resume.", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 comparisons over thousands of images.
 
 One row per (item, position) with the vector of every stored hook (language model, vision tower,
-Q-Former, visual prefix: see :mod:`hooked_vllm.activation_layout` for what maps to which row) and
+Q-Former, visual prefix: see :mod:`hooked_vllm.activations.layout` for what maps to which row) and
 the row's metadata: ``item_id``, ``item_index`` (in the dataset), ``position`` (the token's position
 id: padding-independent), ``modality`` (``ClassLabel``: image, text, special), ``image_index``,
 ``patch`` (index among its image's tokens), ``grid_row``/``grid_col``/``tile`` (-1 where none),
@@ -17,7 +17,7 @@ Example:
     >>> store[[0, 5, 9]]["blocks.12.hook_resid_post"].shape  # doctest: +SKIP
     >>> store.item("coco-42")["grid_row"]  # doctest: +SKIP
 
-The folder follows the phase-diagram store's rules (:mod:`hooked_vllm.activation_shards`): settings
+The folder follows the phase-diagram store's rules (:mod:`hooked_vllm.activations.shards`): settings
 stored, one writer per rank, every shard verified on resume, a killed run resumed with nothing lost or
 doubled; under torchrun each rank computes batches ``rank::world`` and the result equals a single run
 row for row. Before writing, the size is estimated and printed, and a run the disk cannot hold is
@@ -48,16 +48,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hooked_vllm.activation_layout import HookSelectionError
-from hooked_vllm.activation_run import (
+from hooked_vllm.activations.layout import HookSelectionError
+from hooked_vllm.activations.run import (
     DiskBudgetError,
     StorePlan,
     checked_sample,
     stored_settings,
     write_store,
 )
-from hooked_vllm.activation_shards import ActivationStoreError, read_shard
-from hooked_vllm.data.datasets import DatasetItem, DatasetSample
+from hooked_vllm.activations.shards import ActivationStoreError, read_shard
+from hooked_vllm.runs.datasets import DatasetItem, DatasetSample
 
 __all__ = ["ActivationStore", "ActivationStoreError", "DiskBudgetError", "HookSelectionError", "StorePlan"]
 
@@ -109,7 +109,7 @@ class ActivationStore:
         ``settings`` adds what else identifies the run (the CLI's flags); ``repair`` sets bad shards
         aside and recomputes them.
         """
-        from hooked_vllm.experiment import shard_of_environment
+        from hooked_vllm.runs.phase_diagram import shard_of_environment
 
         sample = checked_sample(dataset)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from hooked_vllm.errors import HookedVLMError, UnsupportedModelError
-from hooked_vllm.inputs import VLMBatch
+from hooked_vllm.model.batch import VLMBatch
 
 POSITIONS = ("image", "text", "last", "all")
 MODALITIES = ("image", "text", "special")
@@ -326,7 +326,7 @@ def row_metadata(vlm, batch: VLMBatch, rows: Rows, layout: ImageLayout) -> dict[
 
 def rows_per_prompt(vlm, instruction: str, positions: str, layout: ImageLayout, n_images: int = 1) -> int:
     """Rows one item gives, from its tokens alone (no image is read): for the size estimate. Text
-    tokens are those whose characters overlap the instruction's, as in :mod:`hooked_vllm.inputs`."""
+    tokens are those whose characters overlap the instruction's, as in :mod:`hooked_vllm.model.batch`."""
     if positions == "last":
         return 1
     image_rows = n_images * layout.n_tokens

@@ -1,15 +1,7 @@
-"""The ``hooked-vllm`` command.
-
-    hooked-vllm phase-diagram                       # demo model + embedded data, offline, ~10 s on CPU
-    hooked-vllm phase-diagram --model llava-hf/llava-1.5-7b-hf --dataset coco \\
-        --data-dir /data/coco --num-items 500 --batch-size 8 --device cuda --dtype float16 \\
-        --out runs/llava-coco
-    torchrun --nproc-per-node 4 -m hooked_vllm.cli phase-diagram ...   # data parallel
-    hooked-vllm cache-activations --hooks blocks.3.hook_resid_post --positions image --out store/
+"""``hooked-vllm phase-diagram``: the three lenses over a dataset, the phases, and the report.
 
 A run writes ``items/`` (per-item results, resumable), ``aggregates.json``/``.csv``, ``report.html``
-and PNGs into ``--out``. Run the same command again after an interruption to resume. Every error is
-one line on stderr and exit code 2 (``--debug`` shows the traceback).
+and PNGs into ``--out``. Run the same command again after an interruption to resume.
 """
 
 from __future__ import annotations
@@ -17,58 +9,28 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hooked_vllm.activation_cli import add_cli as add_cache_activations
-from hooked_vllm.activation_cli import cache_activations
-from hooked_vllm.errors import HookedVLMError
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DEMO = "demo"
-#: datasets that read --data-dir
-READS_DATA_DIR = ("coco", "winoground")
-
-
-class UsageError(HookedVLMError):
-    """A command-line flag has a value the command cannot use."""
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """Bad flags are one line on stderr and exit code 2 (argparse prints the usage too)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+from hooked_vllm.cli.common import (
+    DEMO,
+    DTYPES,
+    UsageError,
+    check_data_dir,
+    load_data,
+    load_model,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+    resolve_model,
+)
 
 
-def _int_at_least(minimum: int):
-    """An argparse ``type``: a whole number of at least ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
-        prog="hooked-vllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
-    run = sub.add_parser(
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``phase-diagram`` subcommand to ``hooked-vllm``'s subparsers."""
+    run = subparsers.add_parser(
         "phase-diagram", help="contextualization, norm-based attention and logit lens -> phases"
     )
     run.add_argument(
@@ -93,14 +55,12 @@ def _parser() -> argparse.ArgumentParser:
         "--num-items",
         "--n",
         dest="n",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="number of images/examples to sample (default: all; 16 for shapes). Under torchrun use "
         "--num-items: torchrun takes --n as an abbreviation of its own flags",
     )
-    run.add_argument(
-        "--batch-size", type=_positive_int, default=8, help="items per forward pass (default: 8)"
-    )
+    run.add_argument("--batch-size", type=positive_int, default=8, help="items per forward pass (default: 8)")
     run.add_argument(
         "--out",
         type=Path,
@@ -122,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--workers",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help="DataLoader workers (image decoding and the processor; default: 0, in the main process)",
     )
@@ -135,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--report-items",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=8,
         help="items shown one by one in report.html (the image, saliency over it for every layer and "
         "head, the logit lens on its grid), spread over the item ids; 0: none. Each costs one "
@@ -145,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-bad", action="store_true", help="skip missing/corrupt images and list them")
     run.add_argument(
         "--max-pixels",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="refuse images with more pixels than this (default: Pillow's limit, about 89 million)",
     )
@@ -162,62 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     run.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    add_cache_activations(sub)
-    return parser
-
-
-# ---------------------------------------------------------------- settings (checked before any write)
-def _resolve_device(requested: str | None) -> str:
-    """The device as a value (``cuda`` -> ``cuda:0``), or a :class:`UsageError` if unusable here."""
-    if requested is None:
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise UsageError(f"--device {requested!r} is not a device name. Use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(
-                f"--device {requested}: CUDA is not available here (no GPU, or torch built without "
-                "CUDA). Use --device cpu."
-            )
-        index = 0 if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            raise UsageError(
-                f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s). "
-                f"Use cuda:0 to cuda:{torch.cuda.device_count() - 1}."
-            )
-        return f"cuda:{index}"
-    return str(device)
-
-
-def _resolve_model(model: str) -> str:
-    if model == DEMO:
-        return DEMO
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return str(path.resolve())
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise UsageError(
-            f"--model {model}: no such model folder. Give a folder holding config.json and the "
-            "weights, or a hub id such as llava-hf/llava-1.5-7b-hf."
-        )
-    return model
-
-
-def check_data_dir(
-    data_dir: Path | None, dataset: str, reads_data_dir: tuple[str, ...] = READS_DATA_DIR
-) -> None:
-    """``--data-dir`` is given exactly when ``dataset`` reads one, and is a folder."""
-    if data_dir is not None and dataset not in reads_data_dir:
-        raise UsageError(
-            f"--data-dir is given but the {dataset} dataset does not read it. Drop --data-dir, or "
-            f"pass --dataset {' or '.join(reads_data_dir)}."
-        )
-    if data_dir is None and dataset in reads_data_dir:
-        raise UsageError(f"--dataset {dataset} needs --data-dir (the folder holding the {dataset} files).")
-    if data_dir is not None and not data_dir.is_dir():
-        raise UsageError(f"--data-dir {data_dir} is not a folder. Give the folder of the {dataset} files.")
+    return run
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -225,13 +130,13 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     dataset = args.dataset or ("shapes" if args.model == DEMO else "samples")
     check_data_dir(args.data_dir, dataset)
     return {
-        "model": _resolve_model(args.model),
+        "model": resolve_model(args.model),
         "dataset": dataset,
         "data_dir": str(args.data_dir.resolve()) if args.data_dir is not None else None,
         "n": args.n,
         "seed": args.seed,
         "batch_size": args.batch_size,
-        "device": None if args.device_map else _resolve_device(args.device),
+        "device": None if args.device_map else resolve_device(args.device),
         "device_map": args.device_map,
         "dtype": args.dtype,
         "no_verbalize_images": args.no_verbalize_images,
@@ -262,53 +167,6 @@ def upgrade_legacy_settings(previous: dict[str, Any], settings: dict[str, Any]) 
     return upgraded
 
 
-# ---------------------------------------------------------------- the run
-def _load_model(args, settings):
-    from hooked_vllm import HookedVLM
-
-    strict = not args.allow_weight_mismatch
-    if settings["model"] == DEMO:
-        from hooked_vllm.demo import MODEL_DIR
-
-        if (MODEL_DIR / "model.safetensors").is_file():
-            vlm = HookedVLM.from_pretrained(
-                str(MODEL_DIR), dtype=DTYPES[args.dtype], device=settings["device"], strict=strict
-            )
-            return vlm, None
-        from hooked_vllm.tiny_models import tiny_llava
-
-        warning = "UNTRAINED DEMO MODEL: random weights, so these curves are noise, not findings."
-        return HookedVLM.from_hf(*tiny_llava(seed=args.seed)), warning
-    try:
-        vlm = HookedVLM.from_pretrained(
-            settings["model"],
-            dtype=DTYPES[args.dtype],
-            device=settings["device"],
-            device_map=args.device_map,
-            strict=strict,
-        )
-    except OSError as exc:  # HF: no such hub id or folder, no weights, no network
-        raise UsageError(f"Could not load --model {args.model}: {' '.join(str(exc).split())}") from exc
-    return vlm, None
-
-
-def _load_data(args, settings):
-    from hooked_vllm.data.datasets import load_dataset
-
-    if settings["dataset"] == "shapes":
-        from hooked_vllm.data.shapes_dataset import load_shapes
-
-        return load_shapes(args.out / "shapes-images", n=args.n or 16, seed=args.seed)
-    return load_dataset(
-        settings["dataset"],
-        args.data_dir,
-        n=args.n,
-        seed=args.seed,
-        skip_bad=args.skip_bad,
-        max_pixels=args.max_pixels,
-    )
-
-
 def _explore(vlm, sample, rows, args) -> list:
     """The report's explored items: ``--report-items`` of the items with an image, spread over ids."""
     from hooked_vllm.report.explorer import explore_items, spread
@@ -319,9 +177,10 @@ def _explore(vlm, sample, rows, args) -> list:
     return explore_items(vlm, chosen, batch_size=args.batch_size, max_pixels=args.max_pixels)
 
 
-def phase_diagram(args) -> int:
-    from hooked_vllm.experiment import open_run_store, run_phase_diagram
+def run(args: argparse.Namespace) -> int:
+    """Run ``hooked-vllm phase-diagram``; errors are raised as HookedVLMError (one line in main)."""
     from hooked_vllm.report.html import write_report
+    from hooked_vllm.runs.phase_diagram import open_run_store, run_phase_diagram
 
     settings = settings_of(args)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -329,10 +188,10 @@ def phase_diagram(args) -> int:
         torch.distributed.init_process_group("nccl" if settings["device"] != "cpu" else "gloo")
     upgrade = functools.partial(upgrade_legacy_settings, settings=settings)
     with open_run_store(args.out, rank, world, settings, repair=args.repair, upgrade=upgrade) as store:
-        sample = _load_data(args, settings)
+        sample = load_data(args, settings)
         if not sample.items:
             raise UsageError("The dataset sample is empty (after skipping bad images). Check --data-dir.")
-        vlm, warning = _load_model(args, settings)
+        vlm, warning = load_model(args, settings)
         result = run_phase_diagram(
             vlm,
             sample,
@@ -366,25 +225,3 @@ def phase_diagram(args) -> int:
         print(f"  NOTE: {warning}")
     print(f"wrote {report}, {args.out / 'aggregates.json'}, {args.out / 'phase_diagram.png'}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "phase-diagram":
-            return phase_diagram(args)
-        if args.command == "cache-activations":
-            return cache_activations(args)
-    except HookedVLMError as exc:
-        if args.debug:
-            raise
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: finished batches are kept in {args.out}; run again to resume.", file=sys.stderr)
-        return 130
-    return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Writing an activation store: the plan (hooks checked, widths, bytes per row), the size estimate and
 the disk budget, and the run (DataLoader workers decode and prepare, the model runs, one shard per
-batch). :meth:`hooked_vllm.activation_store.ActivationStore.write` is the entry point.
+batch). :meth:`hooked_vllm.activations.store.ActivationStore.write` is the entry point.
 
 Batch ``b`` is ``items[b * batch_size:(b + 1) * batch_size]``; under torchrun rank ``r`` computes
 batches ``b % world == r``, so every shard is the one a single run writes, and the merge (rank 0,
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hooked_vllm.activation_layout import (
+from hooked_vllm.activations.layout import (
     HookSelectionError,
     ImageLayout,
     capture,
@@ -34,9 +34,15 @@ from hooked_vllm.activation_layout import (
     rows_per_prompt,
     select_rows,
 )
-from hooked_vllm.activation_shards import STORAGE_DTYPES, ActivationStoreError, ShardWriter, features, publish
-from hooked_vllm.data.datasets import DatasetItem, DatasetSample
-from hooked_vllm.images import load_image
+from hooked_vllm.activations.shards import (
+    STORAGE_DTYPES,
+    ActivationStoreError,
+    ShardWriter,
+    features,
+    publish,
+)
+from hooked_vllm.model.images import load_image
+from hooked_vllm.runs.datasets import DatasetItem, DatasetSample
 
 FORMAT = "hooked-vllm activations 1"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}

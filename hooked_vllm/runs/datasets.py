@@ -12,7 +12,7 @@
   ``datasets--facebook--winoground`` folder itself (its one snapshot is used; several are refused,
   listed). Images in ``images.zip`` are read from the archive, never extracted: their
   ``DatasetItem.image_path`` is ``<zip>::images/<name>.png``, which
-  :func:`hooked_vllm.images.load_image` reads.
+  :func:`hooked_vllm.model.images.load_image` reads.
 - **samples**: the free-licensed photographs shipped with the package (the offline default).
 - **folder**: every image file under a folder, one instruction for all (the activation store's
   ``--dataset folder``).
@@ -26,7 +26,7 @@ inside their folder *lexically*: relative, without ``..`` components, a leading 
 (``val2014 -> /data/coco/val2014``) are followed.
 
 Items are sampled with a seeded RNG (the paper samples validation images at random). Missing or
-corrupt images (and images over the pixel limit ``max_pixels``, see :mod:`hooked_vllm.images`) and
+corrupt images (and images over the pixel limit ``max_pixels``, see :mod:`hooked_vllm.model.images`) and
 empty datasets are errors; ``skip_bad=True`` skips missing/corrupt images and lists them in
 ``DatasetSample.skipped``. ``n`` is ``None`` (everything) or at least 1.
 
@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from hooked_vllm.errors import HookedVLMError, ImageLoadError
-from hooked_vllm.images import load_image, zip_member_path
+from hooked_vllm.model.images import load_image, zip_member_path
 
 CAPTION_INSTRUCTION = "Describe the image in one sentence."
 WINOGROUND_TEMPLATE = 'Does the caption "{caption}" describe the image?'
@@ -73,7 +73,7 @@ class DatasetItem:
 @dataclass
 class DatasetSample:
     """The items of a run; ``max_pixels`` is the image pixel limit the loader was given (``None``:
-    the default of :mod:`hooked_vllm.images`), for whoever decodes the images later."""
+    the default of :mod:`hooked_vllm.model.images`), for whoever decodes the images later."""
 
     name: str
     items: list[DatasetItem]
@@ -365,7 +365,7 @@ def load_samples(
     instruction: str = CAPTION_INSTRUCTION,
     max_pixels: int | None = None,
 ) -> DatasetSample:
-    """The photographs shipped with the package (see ``data/samples/LICENSES.md``)."""
+    """The photographs shipped with the package (see ``runs/samples/LICENSES.md``)."""
     check_n(n)
     paths = sorted(p for p in SAMPLES_DIR.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     items = [DatasetItem(f"sample-{p.stem}", p, instruction) for p in paths]

@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float
 
 from hooked_vllm.adapters.base import ImageSlots
-from hooked_vllm.images import ImageLike, to_rgb
+from hooked_vllm.model.images import ImageLike, to_rgb
 
 if TYPE_CHECKING:
     from hooked_vllm.interventions.patching import PatchingResult

@@ -38,10 +38,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.sources.transformers.source import boot
 
-from hooked_vllm import observed_attention
-from hooked_vllm import sae as sae_lib
 from hooked_vllm.adapters import VLMAdapter, adapter_class_for
-from hooked_vllm.cache import VLMActivationCache
 from hooked_vllm.errors import (
     BatchFormatError,
     CheckpointError,
@@ -49,10 +46,13 @@ from hooked_vllm.errors import (
     MissingImageError,
     SequenceTooLongError,
 )
-from hooked_vllm.generation import GenerationMixin
-from hooked_vllm.images import ImageLike, item_images, to_rgb
-from hooked_vllm.inputs import BatchLike, ModelInput, NamesFilter, VLMBatch, build_batch
-from hooked_vllm.text_tokens import TokensMixin
+from hooked_vllm.model import observed_attention
+from hooked_vllm.model import sae as sae_lib
+from hooked_vllm.model.batch import BatchLike, ModelInput, NamesFilter, VLMBatch, build_batch
+from hooked_vllm.model.cache import VLMActivationCache
+from hooked_vllm.model.generation import GenerationMixin
+from hooked_vllm.model.images import ImageLike, item_images, to_rgb
+from hooked_vllm.model.text_tokens import TokensMixin
 
 
 class HookedVLM(TokensMixin, GenerationMixin):
@@ -187,7 +187,7 @@ class HookedVLM(TokensMixin, GenerationMixin):
         """Template the prompts, run the processor, and return a :class:`VLMBatch` with modality masks.
 
         ``images`` has one entry per prompt: an image (PIL, array or file path) or a list of images
-        for prompts with several. Images are converted to 8-bit RGB (see :mod:`hooked_vllm.images`).
+        for prompts with several. Images are converted to 8-bit RGB (see :mod:`hooked_vllm.model.images`).
         With ``apply_template=False`` prompts are used as given and must contain the placeholders.
         """
         if isinstance(prompts, str):
@@ -421,7 +421,7 @@ class HookedVLM(TokensMixin, GenerationMixin):
         if self.bridge._hook_registry.get(name) is point:
             del self.bridge._hook_registry[name]
 
-    # ------------------------------------------------------------------ SAEs (see hooked_vllm.sae)
+    # ------------------------------------------------------------------ SAEs (see hooked_vllm.model.sae)
     def saes(
         self, saes: Any, use_error_term: bool | None = None, positions: Any = None
     ) -> AbstractContextManager:
@@ -429,11 +429,11 @@ class HookedVLM(TokensMixin, GenerationMixin):
         return sae_lib.vlm_saes(self, saes, use_error_term=use_error_term, positions=positions)
 
     def run_with_saes(self, batch: ModelInput, saes: Any = (), **kwargs: Any) -> Any:
-        """One forward with SAEs spliced in (see :func:`hooked_vllm.sae.run_with_saes`)."""
+        """One forward with SAEs spliced in (see :func:`hooked_vllm.model.sae.run_with_saes`)."""
         return sae_lib.run_with_saes(self, batch, saes=saes, **kwargs)
 
     def run_with_cache_with_saes(self, batch: ModelInput, saes: Any = (), **kwargs: Any) -> Any:
-        """``run_with_cache`` with SAEs spliced in (see :func:`hooked_vllm.sae.run_with_cache_with_saes`)."""
+        """``run_with_cache`` with SAEs spliced in (see :func:`.sae.run_with_cache_with_saes`)."""
         return sae_lib.run_with_cache_with_saes(self, batch, saes=saes, **kwargs)
 
     def _register_hook_points(self) -> None:

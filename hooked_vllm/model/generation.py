@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from hooked_vllm.cache import GenerationRecorder
 from hooked_vllm.errors import GenerationArgumentError
-from hooked_vllm.inputs import BatchLike, NamesFilter, VLMBatch
+from hooked_vllm.model.batch import BatchLike, NamesFilter, VLMBatch
+from hooked_vllm.model.cache import GenerationRecorder
 
 
 class GenerationMixin:
@@ -51,7 +51,7 @@ class GenerationMixin:
         ``return_cache=True`` returns ``(tokens, cache)``: the activations of every step
         (``names_filter`` as in :meth:`run_with_cache`) joined along the positions, equal to one
         forward over the prompt and the new tokens but the last (see
-        :class:`~hooked_vllm.cache.GenerationRecorder`).
+        :class:`~hooked_vllm.model.cache.GenerationRecorder`).
 
         Example:
             >>> tokens, cache = vlm.generate(batch, 10, return_cache=True,

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hooked_vllm.data.datasets import DatasetError, DatasetItem, DatasetSample, check_n
 from hooked_vllm.demo import shapes
+from hooked_vllm.runs.datasets import DatasetError, DatasetItem, DatasetSample, check_n
 
 HELD_OUT_SEED = shapes.HELD_OUT_SEED_BASE + 10_000
 
 
 def load_shapes(directory: str | Path, n: int = 16, seed: int = 0) -> DatasetSample:
     """``n`` held-out examples (seeded; never seen in training), images written under ``directory``.
-    ``n`` must be at least 1 (:class:`~hooked_vllm.data.datasets.DatasetError` otherwise)."""
+    ``n`` must be at least 1 (:class:`~hooked_vllm.runs.datasets.DatasetError` otherwise)."""
     check_n(n)
     if n is None:
         raise DatasetError("--n must be at least 1 for the shapes dataset (it has no fixed size).")

@@ -1,0 +1,52 @@
+"""The ``hooked-vllm`` command.
+
+    hooked-vllm phase-diagram                       # demo model + embedded data, offline, ~10 s on CPU
+    hooked-vllm phase-diagram --model llava-hf/llava-1.5-7b-hf --dataset coco \\
+        --data-dir /data/coco --num-items 500 --batch-size 8 --device cuda --dtype float16 \\
+        --out runs/llava-coco
+    torchrun --nproc-per-node 4 -m hooked_vllm.cli phase-diagram ...   # data parallel
+    hooked-vllm cache-activations --hooks blocks.3.hook_resid_post --positions image --out store/
+
+A run writes ``items/`` (per-item results, resumable), ``aggregates.json``/``.csv``, ``report.html``
+and PNGs into ``--out``. Run the same command again after an interruption to resume. Every error is
+one line on stderr and exit code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from hooked_vllm.cli import cache_activations, phase_diagram
+from hooked_vllm.cli.common import OneLineParser
+from hooked_vllm.errors import HookedVLMError
+
+#: each subcommand's module: ``add_parser(subparsers)`` and ``run(args)``
+SUBCOMMANDS = {"phase-diagram": phase_diagram, "cache-activations": cache_activations}
+
+
+def build_parser() -> OneLineParser:
+    """The ``hooked-vllm`` parser with every subcommand's flags."""
+    import argparse
+
+    parser = OneLineParser(
+        prog="hooked-vllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for module in SUBCOMMANDS.values():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``hooked-vllm SUBCOMMAND ...``: every error is one line on stderr and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except HookedVLMError as exc:
+        if args.debug:
+            raise
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: finished batches are kept in {args.out}; run again to resume.", file=sys.stderr)
+        return 130

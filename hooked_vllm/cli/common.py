@@ -1,0 +1,145 @@
+"""What every subcommand shares: the flags' value types, the device and model checks made before
+anything is written, and loading the model and the data."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from hooked_vllm.errors import HookedVLMError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEMO = "demo"
+#: datasets that read --data-dir
+READS_DATA_DIR = ("coco", "winoground")
+
+
+class UsageError(HookedVLMError):
+    """A command-line flag has a value the command cannot use."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags are one line on stderr and exit code 2 (argparse prints the usage too)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def int_at_least(minimum: int):
+    """An argparse ``type``: a whole number of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def resolve_device(requested: str | None) -> str:
+    """The device as a value (``cuda`` -> ``cuda:0``), or a :class:`UsageError` if unusable here."""
+    if requested is None:
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UsageError(f"--device {requested!r} is not a device name. Use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {requested}: CUDA is not available here (no GPU, or torch built without "
+                "CUDA). Use --device cpu."
+            )
+        index = 0 if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s). "
+                f"Use cuda:0 to cuda:{torch.cuda.device_count() - 1}."
+            )
+        return f"cuda:{index}"
+    return str(device)
+
+
+def resolve_model(model: str) -> str:
+    if model == DEMO:
+        return DEMO
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UsageError(
+            f"--model {model}: no such model folder. Give a folder holding config.json and the "
+            "weights, or a hub id such as llava-hf/llava-1.5-7b-hf."
+        )
+    return model
+
+
+def check_data_dir(
+    data_dir: Path | None, dataset: str, reads_data_dir: tuple[str, ...] = READS_DATA_DIR
+) -> None:
+    """``--data-dir`` is given exactly when ``dataset`` reads one, and is a folder."""
+    if data_dir is not None and dataset not in reads_data_dir:
+        raise UsageError(
+            f"--data-dir is given but the {dataset} dataset does not read it. Drop --data-dir, or "
+            f"pass --dataset {' or '.join(reads_data_dir)}."
+        )
+    if data_dir is None and dataset in reads_data_dir:
+        raise UsageError(f"--dataset {dataset} needs --data-dir (the folder holding the {dataset} files).")
+    if data_dir is not None and not data_dir.is_dir():
+        raise UsageError(f"--data-dir {data_dir} is not a folder. Give the folder of the {dataset} files.")
+
+
+def load_model(args, settings):
+    from hooked_vllm.model import HookedVLM
+
+    strict = not args.allow_weight_mismatch
+    if settings["model"] == DEMO:
+        from hooked_vllm.demo import MODEL_DIR
+
+        if (MODEL_DIR / "model.safetensors").is_file():
+            vlm = HookedVLM.from_pretrained(
+                str(MODEL_DIR), dtype=DTYPES[args.dtype], device=settings["device"], strict=strict
+            )
+            return vlm, None
+        from hooked_vllm.tiny_models import tiny_llava
+
+        warning = "UNTRAINED DEMO MODEL: random weights, so these curves are noise, not findings."
+        return HookedVLM.from_hf(*tiny_llava(seed=args.seed)), warning
+    try:
+        vlm = HookedVLM.from_pretrained(
+            settings["model"],
+            dtype=DTYPES[args.dtype],
+            device=settings["device"],
+            device_map=args.device_map,
+            strict=strict,
+        )
+    except OSError as exc:  # HF: no such hub id or folder, no weights, no network
+        raise UsageError(f"Could not load --model {args.model}: {' '.join(str(exc).split())}") from exc
+    return vlm, None
+
+
+def load_data(args, settings):
+    from hooked_vllm.runs.datasets import load_dataset
+
+    if settings["dataset"] == "shapes":
+        from hooked_vllm.runs.shapes_dataset import load_shapes
+
+        return load_shapes(args.out / "shapes-images", n=args.n or 16, seed=args.seed)
+    return load_dataset(
+        settings["dataset"],
+        args.data_dir,
+        n=args.n,
+        seed=args.seed,
+        skip_bad=args.skip_bad,
+        max_pixels=args.max_pixels,
+    )
