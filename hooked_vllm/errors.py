@@ -35,3 +35,16 @@ class CheckpointError(HookedVLMError):
 
 class GenerationArgumentError(HookedVLMError):
     """``generate`` was given settings it cannot honour (e.g. a negative length, temperature 0)."""
+
+
+class ModelNotFoundError(HookedVLMError):
+    """A model source that is neither a checkpoint folder nor reachable: no such folder, a folder
+    without a checkpoint, or a hub id that is not in the local cache while the hub cannot be reached."""
+
+
+class ReturnTypeError(HookedVLMError):
+    """A ``return_type`` the call does not know (``forward``: 'logits', 'loss', 'both', None)."""
+
+
+class LayerError(HookedVLMError):
+    """A layer number the model does not have (layer numbers are TransformerLens's block indices)."""

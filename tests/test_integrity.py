@@ -67,6 +67,8 @@ def test_importing_hooked_vllm_keeps_the_transformers_log_level(level):
         "import logging, transformers\n"
         f"transformers.logging.set_verbosity(logging.{level})\n"
         "import hooked_vllm\n"
+        "from hooked_vllm import HookedVLM\n"  # the lazy import that brings transformer-lens in
+        "import transformer_lens\n"
         "print(logging.getLevelName(logging.getLogger('transformers').level))\n"
     )
     done = subprocess.run(

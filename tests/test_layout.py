@@ -17,9 +17,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hooked_vllm"
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
     ("kernels", "adapters"),
+    ("tiny_models",),
+    ("demo",),  # below the model: HookedVLM.from_pretrained("demo") finds the shipped model
     ("model",),
-    ("tiny_models", "analysis"),
-    ("demo", "interventions"),
+    ("analysis",),
+    ("interventions",),
     ("runs",),
     ("activations", "report"),
     ("cli",),

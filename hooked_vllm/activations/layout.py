@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from hooked_vllm.activations.constants import POSITIONS
 from hooked_vllm.errors import HookedVLMError, UnsupportedModelError
 from hooked_vllm.model.batch import VLMBatch
 
-POSITIONS = ("image", "text", "last", "all")
 MODALITIES = ("image", "text", "special")
 PER_IMAGE = ("hook_visual_prefix", "vision.", "qformer.")
 #: hooks with no vector per position (their second dimension is heads, or a sequence of keys)

@@ -50,7 +50,6 @@ from hooked_vllm.runs.store import (
 SHARD_NAME = re.compile(r"^data-b(\d{7})\.arrow$")
 SETTINGS_KEY = b"hooked_vllm.settings"
 SHARD_KEY = b"hooked_vllm.shard"
-STORAGE_DTYPES = ("float32", "float16", "float64")
 PUBLISH_EVERY_S = 30.0
 
 

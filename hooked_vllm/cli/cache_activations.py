@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hooked_vllm.activations.constants import POSITIONS, STORAGE_DTYPES
 from hooked_vllm.cli.common import (
     DEMO,
     DTYPES,
@@ -31,16 +32,15 @@ from hooked_vllm.cli.common import (
     resolve_device,
     resolve_model,
 )
-from hooked_vllm.runs.datasets import CAPTION_INSTRUCTION, load_folder
+from hooked_vllm.runs.constants import CAPTION_INSTRUCTION
+from hooked_vllm.runs.constants import READS_DATA_DIR as RUNS_READ_DATA_DIR
 
 DATASETS = ("coco", "winoground", "shapes", "folder", "samples")
-READS_DATA_DIR = ("coco", "winoground", "folder")
+READS_DATA_DIR = (*RUNS_READ_DATA_DIR, "folder")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``cache-activations`` subcommand to ``hooked-vllm``'s subparsers."""
-    from hooked_vllm.activations.layout import POSITIONS
-    from hooked_vllm.activations.shards import STORAGE_DTYPES
 
     run = subparsers.add_parser(
         "cache-activations",
@@ -106,7 +106,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     run.add_argument(
-        "--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype (default: float32)"
+        "--dtype", default="float32", choices=DTYPES, help="the model's dtype (default: float32)"
     )
     run.add_argument(
         "--device-map",
@@ -136,7 +136,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """The run's settings as values (paths resolved, defaults filled in), checked before any write."""
     from hooked_vllm.activations.layout import check_positions
-    from hooked_vllm.activations.shards import STORAGE_DTYPES
 
     check_positions(args.hooks, args.positions)  # before the model loads
 
@@ -196,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from hooked_vllm.activations.store import ActivationStore
+    from hooked_vllm.runs.datasets import load_folder
 
     settings = settings_of(args)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

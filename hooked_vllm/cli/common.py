@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from hooked_vllm.errors import HookedVLMError
+from hooked_vllm.runs.constants import READS_DATA_DIR
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: the model dtypes the commands offer (torch's names); torch itself is imported when a command runs
+DTYPES = ("bfloat16", "float16", "float32")
 DEMO = "demo"
-#: datasets that read --data-dir
-READS_DATA_DIR = ("coco", "winoground")
 
 
 class UsageError(HookedVLMError):
@@ -48,6 +47,8 @@ non_negative_int = int_at_least(0)
 
 def resolve_device(requested: str | None) -> str:
     """The device as a value (``cuda`` -> ``cuda:0``), or a :class:`UsageError` if unusable here."""
+    import torch
+
     if requested is None:
         return "cuda:0" if torch.cuda.is_available() else "cpu"
     try:
@@ -71,17 +72,15 @@ def resolve_device(requested: str | None) -> str:
 
 
 def resolve_model(model: str) -> str:
-    if model == DEMO:
+    """``--model`` as a value (a folder resolved), checked before anything is written: a folder must
+    hold a checkpoint, and a hub id must be in the local cache or the hub reachable."""
+    from hooked_vllm.model.loading import DEMO as DEMO_MODEL
+    from hooked_vllm.model.loading import resolve_source
+
+    if model == DEMO_MODEL:
         return DEMO
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return str(path.resolve())
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise UsageError(
-            f"--model {model}: no such model folder. Give a folder holding config.json and the "
-            "weights, or a hub id such as llava-hf/llava-1.5-7b-hf."
-        )
-    return model
+    source = resolve_source(model)  # raises ModelNotFoundError, one line
+    return str(source.path) if source.path is not None else source.name
 
 
 def check_data_dir(
@@ -99,6 +98,13 @@ def check_data_dir(
         raise UsageError(f"--data-dir {data_dir} is not a folder. Give the folder of the {dataset} files.")
 
 
+def torch_dtype(name: str) -> Any:
+    """``torch.float16`` for ``"float16"`` (one of :data:`DTYPES`)."""
+    import torch
+
+    return getattr(torch, name)
+
+
 def load_model(args, settings):
     from hooked_vllm.model import HookedVLM
 
@@ -108,7 +114,7 @@ def load_model(args, settings):
 
         if (MODEL_DIR / "model.safetensors").is_file():
             vlm = HookedVLM.from_pretrained(
-                str(MODEL_DIR), dtype=DTYPES[args.dtype], device=settings["device"], strict=strict
+                str(MODEL_DIR), dtype=torch_dtype(args.dtype), device=settings["device"], strict=strict
             )
             return vlm, None
         from hooked_vllm.tiny_models import tiny_llava
@@ -118,7 +124,7 @@ def load_model(args, settings):
     try:
         vlm = HookedVLM.from_pretrained(
             settings["model"],
-            dtype=DTYPES[args.dtype],
+            dtype=torch_dtype(args.dtype),
             device=settings["device"],
             device_map=args.device_map,
             strict=strict,

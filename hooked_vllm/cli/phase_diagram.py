@@ -12,8 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from hooked_vllm.cli.common import (
     DEMO,
     DTYPES,
@@ -70,7 +68,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     run.add_argument(
-        "--dtype", default="float32", choices=sorted(DTYPES), help="model weights' dtype (default: float32)"
+        "--dtype", default="float32", choices=DTYPES, help="model weights' dtype (default: float32)"
     )
     run.add_argument(
         "--device-map",
@@ -179,6 +177,8 @@ def _explore(vlm, sample, rows, args) -> list:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``hooked-vllm phase-diagram``; errors are raised as HookedVLMError (one line in main)."""
+    import torch
+
     from hooked_vllm.report.html import write_report
     from hooked_vllm.runs.phase_diagram import open_run_store, run_phase_diagram
 
@@ -186,12 +186,12 @@ def run(args: argparse.Namespace) -> int:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if settings["device"] != "cpu" else "gloo")
+    vlm, warning = load_model(args, settings)  # before anything is written into --out
     upgrade = functools.partial(upgrade_legacy_settings, settings=settings)
     with open_run_store(args.out, rank, world, settings, repair=args.repair, upgrade=upgrade) as store:
         sample = load_data(args, settings)
         if not sample.items:
             raise UsageError("The dataset sample is empty (after skipping bad images). Check --data-dir.")
-        vlm, warning = load_model(args, settings)
         result = run_phase_diagram(
             vlm,
             sample,

@@ -21,6 +21,9 @@ from contextlib import contextmanager
 import torch
 from jaxtyping import Bool
 
+from hooked_vllm.errors import LayerError
+from hooked_vllm.model.layers import check_blocks
+
 Group = str | torch.Tensor
 
 
@@ -71,7 +74,7 @@ def knockout_hooks(
 def knockout(vlm, batch, edges: Sequence[tuple[Group, Group]], layers: Iterable[int] | None = None):
     """Context manager: ``edges`` blocked in ``layers`` (default: all) for every forward inside."""
     batch = vlm.to_batch(batch)
-    layers = range(vlm.cfg.n_layers) if layers is None else layers
+    layers = range(vlm.cfg.n_layers) if layers is None else check_blocks(vlm.cfg.n_layers, layers, "knockout")
     with vlm.hooks(fwd_hooks=knockout_hooks(batch, edges, layers)):
         yield vlm
 
@@ -87,6 +90,11 @@ def knockout_sweep(
 
     Returns ``[n_layers - window + 1]`` metric values (compare with the metric of the clean run).
     """
+    if not 1 <= window <= vlm.cfg.n_layers:
+        raise LayerError(
+            f"knockout_sweep: window={window} does not fit this model's {vlm.cfg.n_layers} blocks; "
+            f"give a window of 1 to {vlm.cfg.n_layers} layers."
+        )
     batch = vlm.to_batch(batch)
     values = []
     for start in range(vlm.cfg.n_layers - window + 1):

@@ -21,6 +21,7 @@ import torch
 
 from hooked_vllm.errors import HookedVLMError
 from hooked_vllm.interventions.knockout import Group, group_mask
+from hooked_vllm.model.layers import check_blocks
 
 #: Hooks patchable per layer, by their short name.
 LAYER_HOOKS = {
@@ -143,7 +144,8 @@ def patch_by_modality(
         )
     if hook not in LAYER_HOOKS:
         raise PatchingError(f"Unknown hook {hook!r}; choose from {sorted(LAYER_HOOKS)} or 'visual_prefix'.")
-    layers = list(range(vlm.cfg.n_layers)) if layers is None else list(layers)
+    n_layers = vlm.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else check_blocks(n_layers, layers, "patch_by_modality")
     names = [LAYER_HOOKS[hook].format(layer=layer) for layer in layers]
     clean_logits, cache = vlm.run_with_cache(source, names_filter=names)
     effects = torch.zeros(len(layers), len(groups))

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Bool
 
 from hooked_vllm.analysis.norm_attention import head_summed_norms
+from hooked_vllm.model.layers import check_blocks
 
 METHODS = ("norm", "attention", "first", "random")
 
@@ -38,6 +39,7 @@ def select_image_tokens(
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose from {METHODS}.")
+    check_blocks(vlm.cfg.n_layers, [layer], "select_image_tokens(layer=...)")
     batch = vlm.to_batch(batch)
     image = batch.image_mask
     if method in ("norm", "attention"):
@@ -80,6 +82,7 @@ def pruning_hooks(batch, keep: torch.Tensor, from_layer: int, n_layers: int) -> 
 @contextmanager
 def prune(vlm, batch, keep: torch.Tensor, from_layer: int):
     """Context manager: only ``keep``'s image tokens are readable from ``from_layer`` on."""
+    check_blocks(vlm.cfg.n_layers, [from_layer], "prune(from_layer=...)")
     batch = vlm.to_batch(batch)
     with vlm.hooks(fwd_hooks=pruning_hooks(batch, keep, from_layer, vlm.cfg.n_layers)):
         yield vlm

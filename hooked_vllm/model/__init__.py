@@ -9,13 +9,24 @@ with q/k/v taps (``observed_attention``) and SAEs spliced in by hook name (``sae
 
 Example:
     >>> from hooked_vllm.model import HookedVLM
-    >>> from hooked_vllm.tiny_models import tiny_llava
-    >>> vlm = HookedVLM.from_hf(*tiny_llava())
+    >>> vlm = HookedVLM.from_pretrained("demo")
     >>> vlm.cfg.n_layers
-    3
+    6
 """
 
-from hooked_vllm.model.batch import VLMBatch, build_batch, positions_from_mask
-from hooked_vllm.model.hooked_vlm import HookedVLM
+import logging
+
+import transformers  # noqa: F401  (configures its logger before transformer-lens changes it)
+
+# transformer-lens sets the `transformers` logger to ERROR when it is imported; keep the level the user
+# had (HF's loading reports and warnings stay visible). Every module of the package that imports
+# transformer-lens lies in this stage, so this runs first.
+_transformers_log_level = logging.getLogger("transformers").level
+import transformer_lens  # noqa: E402,F401
+
+logging.getLogger("transformers").setLevel(_transformers_log_level)
+
+from hooked_vllm.model.batch import VLMBatch, build_batch, positions_from_mask  # noqa: E402
+from hooked_vllm.model.hooked_vlm import HookedVLM  # noqa: E402
 
 __all__ = ["HookedVLM", "VLMBatch", "build_batch", "positions_from_mask"]

@@ -25,13 +25,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 import transformers
 from jaxtyping import Float
+from safetensors import SafetensorError
 from transformer_lens import ActivationCache
 from transformer_lens import utilities as utils
 from transformer_lens.hook_points import HookPoint
@@ -44,6 +45,7 @@ from hooked_vllm.errors import (
     CheckpointError,
     ImageCountError,
     MissingImageError,
+    ModelNotFoundError,
     SequenceTooLongError,
 )
 from hooked_vllm.model import observed_attention
@@ -52,6 +54,7 @@ from hooked_vllm.model.batch import BatchLike, ModelInput, NamesFilter, VLMBatch
 from hooked_vllm.model.cache import VLMActivationCache
 from hooked_vllm.model.generation import GenerationMixin
 from hooked_vllm.model.images import ImageLike, item_images, to_rgb
+from hooked_vllm.model.loading import resolve_source
 from hooked_vllm.model.text_tokens import TokensMixin
 
 
@@ -112,7 +115,12 @@ class HookedVLM(TokensMixin, GenerationMixin):
         strict: bool = True,
         **model_kwargs: Any,
     ) -> HookedVLM:
-        """Load model and processor from a hub id or a local directory, as HF does.
+        """Load model and processor from a hub id, a local directory, or ``"demo"`` (the demo model
+        shipped with the package), as HF does.
+
+        A hub id is read from the local Hugging Face cache when it is there; when it is not and the hub
+        cannot be reached, a one-line :class:`~hooked_vllm.errors.ModelNotFoundError` says so within
+        seconds (HF's own loaders retry for half a minute), as it does for a folder without a checkpoint.
 
         The architecture is checked from the config before any weight is read. Weights load with
         eager attention (patterns are observable) and from safetensors unless ``use_safetensors=False``.
@@ -125,29 +133,37 @@ class HookedVLM(TokensMixin, GenerationMixin):
             >>> vlm = HookedVLM.from_pretrained("Salesforce/instructblip-vicuna-7b",
             ...                                 dtype=torch.bfloat16, device="cuda")  # doctest: +SKIP
         """
-        config = transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        source = resolve_source(name_or_path)
+        where, hub = source.location, source.hf_kwargs
+        with _one_line_load_errors(name_or_path):
+            config = transformers.AutoConfig.from_pretrained(
+                where, trust_remote_code=trust_remote_code, **hub
+            )
         adapter_class_for(config)  # refuse unsupported models before loading weights
         model_class = getattr(transformers, config.architectures[0])
         try:
-            hf_model, loading_info = model_class.from_pretrained(
-                name_or_path,
-                dtype=dtype,
-                attn_implementation="eager",
-                device_map=device_map,
-                use_safetensors=use_safetensors,
-                trust_remote_code=trust_remote_code,
-                ignore_mismatched_sizes=True,  # reported below, by name, with the shapes
-                output_loading_info=True,
-                **model_kwargs,
-            )
-        except RuntimeError as exc:  # HF's own state-dict errors (e.g. a conversion failure)
+            with _one_line_load_errors(name_or_path):
+                hf_model, loading_info = model_class.from_pretrained(
+                    where,
+                    dtype=dtype,
+                    attn_implementation="eager",
+                    device_map=device_map,
+                    use_safetensors=use_safetensors,
+                    trust_remote_code=trust_remote_code,
+                    ignore_mismatched_sizes=True,  # reported below, by name, with the shapes
+                    output_loading_info=True,
+                    **hub,
+                    **model_kwargs,
+                )
+        except (RuntimeError, SafetensorError) as exc:  # HF's state-dict errors, unreadable weight files
             raise CheckpointError(f"Could not load the weights of {name_or_path}: {exc}") from exc
         check_loading_info(loading_info, name_or_path, strict=strict)
         if device is not None and device_map is None:
             hf_model = hf_model.to(device)
-        processor = transformers.AutoProcessor.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code
-        )
+        with _one_line_load_errors(name_or_path):
+            processor = transformers.AutoProcessor.from_pretrained(
+                where, trust_remote_code=trust_remote_code, **hub
+            )
         return cls(hf_model, processor)
 
     @classmethod
@@ -535,6 +551,15 @@ class HookedVLM(TokensMixin, GenerationMixin):
             has_batch_dim=not remove_batch_dim,
             injection_layers=self.adapter.injection_layers,
         )
+
+
+@contextlib.contextmanager
+def _one_line_load_errors(name_or_path: str) -> Iterator[None]:
+    """HF's ``OSError`` (no weights, no processor files, no such hub id) as one ModelNotFoundError."""
+    try:
+        yield
+    except OSError as exc:
+        raise ModelNotFoundError(f"Could not load {name_or_path}: {' '.join(str(exc).split())}") from exc
 
 
 def check_loading_info(loading_info: Mapping[str, Any], source: str, *, strict: bool = True) -> None:

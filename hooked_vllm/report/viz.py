@@ -30,6 +30,7 @@ from jaxtyping import Float
 
 from hooked_vllm.adapters.base import ImageSlots
 from hooked_vllm.model.images import ImageLike, to_rgb
+from hooked_vllm.model.layers import check_blocks, check_stream_layer
 
 if TYPE_CHECKING:
     from hooked_vllm.interventions.patching import PatchingResult
@@ -82,6 +83,7 @@ def item_values(result: Any, item: int, layer: int, source: str = "last") -> np.
     }
     if source not in maps:
         raise ValueError(f"source must be 'last' or 'text'; got {source!r}.")
+    check_blocks(len(maps[source]), [layer], "saliency")
     n = result.n_image_tokens[item]
     return maps[source][layer, item, :n].numpy()
 
@@ -97,8 +99,8 @@ def show_saliency(
     source: str = "last",
     alpha: float = 0.55,
 ) -> Any:
-    """Norm-based saliency of item ``item``'s (first) image tokens at block ``layer``'s attention
-    (0-based; the report calls it layer ``layer + 1``), laid over the part of ``image`` the model
+    """Norm-based saliency of item ``item``'s (first) image tokens in layer ``layer``'s attention
+    (block ``layer``, as ``cache["pattern", layer]``), laid over the part of ``image`` the model
     saw (:func:`seen_part`); crops beside it. Image tokens that are not regions (InstructBLIP's
     queries) are drawn as a grid of their own.
 
@@ -119,10 +121,10 @@ def show_saliency(
         if tile == 0 and slots.spatial:
             ax.imshow(picture)
             shown = ax.imshow(on_image(grid, picture.size), alpha=alpha, cmap="viridis", vmin=low, vmax=high)
-            ax.set_title(f"block {layer} (report: layer {layer + 1}), on the image")
+            ax.set_title(f"layer {layer}, on the image")
         elif not slots.spatial:
             shown = ax.imshow(grid, cmap="viridis", vmin=low, vmax=high)
-            ax.set_title(f"block {layer}: image tokens that are not regions")
+            ax.set_title(f"layer {layer}: image tokens that are not regions")
         else:
             shown = ax.imshow(grid, cmap="viridis", vmin=low, vmax=high)
             ax.set_title(f"tile {tile}")
@@ -139,6 +141,7 @@ def lens_token_grids(vlm: Any, batch: Any, result: Any, item: int, layer: int) -
     on its tiles ("" where no patch lies). Needs ``collect(..., verbalize_images=True)``."""
     if result.image_verbalization is None:
         raise ValueError("The result has no image verbalization: run collect(..., verbalize_images=True).")
+    check_stream_layer(len(result.image_verbalization) - 1, layer, "logit lens")
     slots = batch.image_slots[item][0]
     n = int(slots.is_patch.sum())
     tokens = result.image_verbalization[layer, item, :n].tolist()
@@ -332,6 +335,9 @@ def attention_pattern(
         return cache_or_pattern.detach().float().cpu()
     if layer is None:
         raise ValueError("Pass the layer whose pattern to read from the cache.")
+    model = getattr(cache_or_pattern, "model", None)
+    if getattr(model, "cfg", None) is not None:
+        check_blocks(model.cfg.n_layers, [layer], "attention pattern")
     name = f"blocks.{layer}.attn.hook_pattern"
     try:
         return cache_or_pattern[name].detach().float().cpu()
@@ -417,6 +423,8 @@ def show_attention(
     """
     import matplotlib.pyplot as plt
 
+    if vlm is not None and layer is not None:
+        check_blocks(vlm.cfg.n_layers, [layer], "show_attention")
     pattern = attention_pattern(cache_or_pattern, layer)[item]
     one_map = pattern.dim() == 2
     if one_map:

@@ -47,13 +47,10 @@ import numpy as np
 
 from hooked_vllm.errors import HookedVLMError, ImageLoadError
 from hooked_vllm.model.images import load_image, zip_member_path
+from hooked_vllm.runs.constants import CAPTION_INSTRUCTION, DATASETS, WINOGROUND_TEMPLATE
 
-CAPTION_INSTRUCTION = "Describe the image in one sentence."
-WINOGROUND_TEMPLATE = 'Does the caption "{caption}" describe the image?'
 SAMPLES_DIR = Path(__file__).parent / "samples"
 WINOGROUND_HUB_FOLDER = "datasets--facebook--winoground"
-DATASETS = ("coco", "winoground", "samples")
-READS_DATA_DIR = ("coco", "winoground")
 
 
 class DatasetError(HookedVLMError):
