@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 import transformers
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from safetensors import SafetensorError
 from transformer_lens import ActivationCache
 from transformer_lens import utilities as utils
@@ -55,6 +55,7 @@ from hooked_vllm.model.cache import VLMActivationCache
 from hooked_vllm.model.generation import GenerationMixin
 from hooked_vllm.model.images import ImageLike, item_images, to_rgb
 from hooked_vllm.model.loading import resolve_source
+from hooked_vllm.model.loss import check_return_type, lm_labels, lm_loss
 from hooked_vllm.model.text_tokens import TokensMixin
 
 
@@ -376,15 +377,28 @@ class HookedVLM(TokensMixin, GenerationMixin):
         self,
         batch: ModelInput,
         return_type: str | None = "logits",
+        loss_per_token: bool = False,
         *,
         prepend_bos: bool | None = None,
         padding_side: str | None = None,
         attention_mask: torch.Tensor | None = None,
-    ) -> Float[torch.Tensor, "batch pos d_vocab"] | None:
-        """Run the model; returns logits like ``HookedTransformer.forward``.
+        labels: Int[torch.Tensor, "batch pos"] | None = None,
+    ) -> Any:
+        """Run the model; returns what ``HookedTransformer.forward`` returns for ``return_type``.
 
         ``batch`` is anything :meth:`to_batch` takes: a :class:`VLMBatch` for image + text, or, as in
         TransformerLens, a string, a list of strings or a token tensor for text alone.
+
+        ``return_type``: ``"logits"`` ``[batch, pos, d_vocab]``; ``"loss"``: the mean next-token loss
+        over the batch's text (padding and image placeholders are never targets, nor an item's first
+        text token: see :mod:`hooked_vllm.model.loss`), equal to HF's ``loss`` given those ``labels``;
+        ``"both"``: ``(logits, loss)``; ``None``: nothing (for hooks). ``loss_per_token=True`` gives the
+        loss ``[batch, pos - 1]`` of predicting each next token, 0 where it is no target. ``labels``
+        (``[batch, pos]``, -100 for no target, as HF's) replaces the default targets.
+
+        Example:
+            >>> loss = vlm(batch, return_type="loss")  # doctest: +SKIP
+            >>> logits, per_token = vlm("a red circle", "both", loss_per_token=True)  # doctest: +SKIP
 
         By default every layer runs transformer-lens' step-by-step attention, so a run with hooks
         and one without compute the same numbers bit for bit. With ``vlm.use_sdpa = True`` (faster:
@@ -394,13 +408,36 @@ class HookedVLM(TokensMixin, GenerationMixin):
         fire either way. Logits then differ from the step-by-step path by float rounding (~1e-6 in
         float32): compare clean and patched runs made with the same setting.
         """
+        check_return_type(return_type)
         batch = self.to_batch(
             batch, prepend_bos=prepend_bos, padding_side=padding_side, attention_mask=attention_mask
         )
         self._check_length(batch)
         embeds, injections = self._embed_with_injections(batch)
+        wants_loss = return_type in ("loss", "both")
         with self._fused_attention(batch):
-            return self.bridge(embeds, **self.lm_inputs(batch, embeds, injections), return_type=return_type)
+            logits = self.bridge(
+                embeds,
+                **self.lm_inputs(batch, embeds, injections),
+                return_type="logits" if wants_loss else return_type,
+            )
+        if not wants_loss:
+            return logits
+        if labels is None:
+            labels = self.loss_labels(batch)
+        loss = lm_loss(logits, labels, per_token=loss_per_token)
+        return (logits, loss) if return_type == "both" else loss
+
+    def loss_labels(self, batch: ModelInput) -> Int[torch.Tensor, "batch pos"]:
+        """The targets of ``return_type="loss"`` as HF's ``labels=``: ``input_ids``, -100 at padding,
+        image placeholders and each item's first text token (see :func:`hooked_vllm.model.loss.lm_labels`).
+
+        Example:
+            >>> hf_loss = hf_model(**batch.inputs, labels=vlm.loss_labels(batch)).loss  # doctest: +SKIP
+        """
+        batch = self.to_batch(batch)
+        ids = batch.input_ids
+        return lm_labels(ids, batch.attention_mask, self.adapter.placeholder_mask(ids))
 
     def _fused_attention(self, batch: VLMBatch) -> AbstractContextManager:
         if not self.use_sdpa or not observed_attention.supported(self):
@@ -519,10 +556,13 @@ class HookedVLM(TokensMixin, GenerationMixin):
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
         return_type: str | None = "logits",
+        loss_per_token: bool = False,
+        **forward_kwargs: Any,
     ) -> Any:
-        """Forward with temporary hooks, as ``HookedTransformer.run_with_hooks``."""
+        """Forward with temporary hooks, as ``HookedTransformer.run_with_hooks``; ``return_type``,
+        ``loss_per_token`` and ``forward_kwargs`` (``labels``, ``prepend_bos``...) go to :meth:`forward`."""
         with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
-            return self.forward(batch, return_type=return_type)
+            return self.forward(batch, return_type, loss_per_token, **forward_kwargs)
 
     def run_with_cache(
         self,
@@ -532,11 +572,16 @@ class HookedVLM(TokensMixin, GenerationMixin):
         remove_batch_dim: bool = False,
         pos_slice: Any = None,
         return_type: str | None = "logits",
+        loss_per_token: bool = False,
+        **forward_kwargs: Any,
     ) -> tuple[Any, ActivationCache]:
         """Forward and cache activations: ``(logits, ActivationCache)``, as on HookedTransformer.
 
         ``names_filter`` is a name, a list of names or a predicate; ``device`` moves cached tensors.
+        ``return_type``, ``loss_per_token`` and ``forward_kwargs`` go to :meth:`forward`
+        (``return_type="loss"`` gives ``(loss, cache)``).
         """
+        check_return_type(return_type)
         cache, fwd_hooks, _ = self.bridge.get_caching_hooks(
             self._names_predicate(names_filter),
             device=device,
@@ -544,7 +589,7 @@ class HookedVLM(TokensMixin, GenerationMixin):
             pos_slice=pos_slice,
         )
         with self.hooks(fwd_hooks):
-            output = self.forward(batch, return_type=return_type)
+            output = self.forward(batch, return_type, loss_per_token, **forward_kwargs)
         return output, VLMActivationCache(
             cache,
             self.bridge,
