@@ -55,7 +55,7 @@ def test_strings_and_tokens_run_the_language_model_as_hf_does(family):
     assert torch.equal(logits, vlm(one)) and cache["resid_post", 0].shape[:2] == one.shape
     no_bos = vlm.to_tokens(prompts[1], prepend_bos=False)
     assert no_bos.shape[1] == one.shape[1] - 1 and torch.equal(no_bos[0], one[0, 1:])
-    generated = vlm.generate(prompts[1], max_new_tokens=3, eos_token_id=-1)
+    generated = vlm.generate(prompts[1], max_new_tokens=3, eos_token_id=-1, return_type="tokens")
     assert torch.equal(generated, vlm.generate(one, max_new_tokens=3, eos_token_id=-1))
 
 

@@ -1,23 +1,121 @@
 """Cached generation for :class:`~hooked_vllm.model.HookedVLM`: greedy or sampled, hooks active at
 every step, any padding side, and the activations of every step on request.
 
+Decoding is pure greedy unless asked otherwise: ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+``repetition_penalty`` and ``no_repeat_ngram_size`` act as in HF (through HF's own logits processors,
+in HF's order), and ``use_generation_config=True`` takes them from the checkpoint's
+``generation_config``, as HF's ``generate`` does.
+
 Example:
     >>> tokens = vlm.generate(batch, max_new_tokens=20)  # doctest: +SKIP
     >>> tokens, cache = vlm.generate(batch, 10, return_cache=True,
     ...                              names_filter="blocks.3.hook_resid_post")  # doctest: +SKIP
+    >>> vlm.generate("what colour is the", max_new_tokens=3)  # doctest: +SKIP
+    'what colour is the sky?'
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jaxtyping import Int
+from transformers import GenerationConfig
+from transformers import GenerationMixin as HFGenerationMixin
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from hooked_vllm.errors import GenerationArgumentError
-from hooked_vllm.model.batch import BatchLike, NamesFilter, VLMBatch
+from hooked_vllm.errors import GenerationArgumentError, ReturnTypeError
+from hooked_vllm.model.batch import ModelInput, NamesFilter, VLMBatch
 from hooked_vllm.model.cache import GenerationRecorder
+
+#: ``generate``'s ``return_type``, as TransformerLens's
+GENERATE_RETURN_TYPES = ("input", "str", "tokens")
+#: HF's values for generation settings neither the checkpoint nor the call sets
+#: (``GenerationConfig._get_default_generation_params``, transformers 5)
+HF_DEFAULTS = {
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+}
+#: ``generation_config`` fields that change HF's decoding and that ``generate`` does not implement,
+#: with the values that leave decoding unchanged (``None`` always does)
+UNSUPPORTED_SETTINGS: dict[str, tuple[Any, ...]] = {
+    "num_beams": (1,),
+    "num_beam_groups": (1,),
+    "penalty_alpha": (),
+    "num_return_sequences": (1,),
+    "min_length": (0,),
+    "min_new_tokens": (0,),
+    "bad_words_ids": (),
+    "sequence_bias": (),
+    "suppress_tokens": ([],),
+    "begin_suppress_tokens": ([],),
+    "forced_eos_token_id": (),
+    "exponential_decay_length_penalty": (),
+    "guidance_scale": (1, 1.0),
+    "watermarking_config": (),
+    "renormalize_logits": (False,),
+    "remove_invalid_values": (False,),
+    "stop_strings": (),
+    "max_time": (),
+    "prompt_lookup_num_tokens": (),
+    "assistant_early_exit": (),
+}
+#: the same for settings that act only when sampling
+UNSUPPORTED_SAMPLING_SETTINGS: dict[str, tuple[Any, ...]] = {
+    "typical_p": (1.0,),
+    "min_p": (),
+    "epsilon_cutoff": (0.0,),
+    "eta_cutoff": (0.0,),
+    "top_h": (),
+}
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How each next token is chosen from the logits (the settings HF's ``generate`` takes)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def processors(self, prompt_mask: torch.Tensor) -> LogitsProcessorList:
+        """HF's logits processors for these settings, in the order HF's ``generate`` applies them
+        (``prompt_mask``: the prompt's attention mask, whose left padding the repetition penalty skips)."""
+        processors = LogitsProcessorList()
+        if self.repetition_penalty is not None and self.repetition_penalty != 1.0:
+            ignore = (prompt_mask != 0).int().argmax(dim=1)
+            processors.append(
+                RepetitionPenaltyLogitsProcessor(float(self.repetition_penalty), prompt_ignore_length=ignore)
+            )
+        if self.no_repeat_ngram_size:
+            processors.append(NoRepeatNGramLogitsProcessor(self.no_repeat_ngram_size))
+        if self.do_sample:
+            if self.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(float(self.temperature)))
+            if self.top_k:
+                processors.append(TopKLogitsWarper(top_k=self.top_k))
+            if self.top_p is not None and self.top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p=float(self.top_p)))
+        return processors
 
 
 class GenerationMixin:
@@ -27,47 +125,154 @@ class GenerationMixin:
     @torch.no_grad()
     def generate(
         self,
-        batch: BatchLike,
+        batch: ModelInput,
         max_new_tokens: int = 20,
         *,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        eos_token_id: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+        use_generation_config: bool = False,
+        eos_token_id: int | Sequence[int] | None = None,
+        return_type: str = "input",
         return_str: bool = False,
         return_cache: bool = False,
         names_filter: NamesFilter = None,
         cache_device: str | torch.device | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
     ) -> Any:
         """Greedy (or sampled) continuation with the KV cache; hooks in effect fire at every step.
 
-        ``batch`` is anything :meth:`to_batch` takes (a string generates from text alone). The
-        prompt runs as the batch is laid out, whatever its padding side, so hooks and interventions
-        keyed to the batch's positions (``knockout``, ``prune``, patching, your own) act on the
-        prompt exactly as in :meth:`forward`; decoding steps then see one new position per item.
-        Finished items are padded with the pad token, as HF's ``generate`` does. Returns the new
-        tokens ``[batch, new]`` (``[batch, 0]`` for ``max_new_tokens=0``: nothing runs), or their
-        decoded strings with ``return_str=True``.
+        ``batch`` is anything :meth:`to_batch` takes (a string generates from text alone;
+        ``prepend_bos`` and ``padding_side`` tokenize it as :meth:`to_tokens` does). The prompt runs as
+        the batch is laid out, whatever its padding side, so hooks and interventions keyed to the
+        batch's positions (``knockout``, ``prune``, patching, your own) act on the prompt exactly as in
+        :meth:`forward`; decoding steps then see one new position per item. Finished items are padded
+        with the pad token, as HF's ``generate`` does.
 
-        ``return_cache=True`` returns ``(tokens, cache)``: the activations of every step
+        ``return_type`` as TransformerLens's: ``"input"`` (default) gives text for text (a string, or a
+        list of strings) and tokens otherwise; ``"str"``: for text input, each prompt followed by its
+        continuation, decoded without special tokens as TransformerLens does (a ``str`` for a ``str``);
+        for a batch or tokens, the continuations' text (a list); ``"tokens"``: the new tokens
+        ``[batch, new]`` (``[batch, 0]`` for ``max_new_tokens=0``: nothing runs), without the prompt
+        (TransformerLens prepends it; the prompt is ``vlm.to_batch(batch).input_ids``).
+        ``return_str=True`` returns the continuations' text, as ``"str"`` does for a batch.
+
+        Decoding is pure greedy by default. HF's ``generate`` is not: it decodes with the checkpoint's
+        ``generation_config`` (e.g. Qwen2.5-VL's ``repetition_penalty=1.05``, applied even with
+        ``do_sample=False``), its arguments overriding it. ``use_generation_config=True`` does the same
+        (repetition penalty, no-repeat n-grams, sampling with temperature, top-k and top-p, end and pad
+        tokens; the explicit arguments here override them) and refuses, in one line, a setting it does
+        not implement (beams, minimum lengths, ...); ``max_new_tokens`` is always the one passed here.
+        Without it, each setting defaults to off (greedy, no penalty, no top-k).
+
+        ``return_cache=True`` returns ``(output, cache)``: the activations of every step
         (``names_filter`` as in :meth:`run_with_cache`) joined along the positions, equal to one
         forward over the prompt and the new tokens but the last (see
         :class:`~hooked_vllm.model.cache.GenerationRecorder`).
 
         Example:
+            >>> vlm.generate("what colour is the", max_new_tokens=3)  # doctest: +SKIP
+            'what colour is the sky?'
+            >>> # decodes as hf_model.generate(**batch.inputs, max_new_tokens=20, do_sample=False):
+            >>> tokens = vlm.generate(batch, 20, use_generation_config=True,
+            ...                       do_sample=False)  # doctest: +SKIP
             >>> tokens, cache = vlm.generate(batch, 10, return_cache=True,
             ...                              names_filter=lambda n: "resid_post" in n)  # doctest: +SKIP
             >>> cache["resid_post", 3].shape  # [batch, prompt + 9, d_model]  # doctest: +SKIP
         """
-        batch = self._laid_out_for_decoding(self.to_batch(batch), recording=return_cache)
+        output = _output_kind(return_type, return_str, _is_text(batch))
+        decoding = self._decoding(
+            use_generation_config,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            eos_token_id=eos_token_id,
+        )
+        prompt = self.to_batch(batch, prepend_bos=prepend_bos, padding_side=padding_side)
+        laid_out = self._laid_out_for_decoding(prompt, recording=return_cache)
         if not return_cache:
             with _kv_cache_kwarg_for_bridge(self.blocks):
-                return self._generate(batch, max_new_tokens, do_sample, temperature, eos_token_id, return_str)
+                tokens = self._generate(laid_out, max_new_tokens, decoding, prompt)
+            return self._generated_output(output, tokens, prompt, single=isinstance(batch, str))
         predicate = self._names_predicate(names_filter)
         points = {name: point for name, point in self.hook_dict.items() if predicate(name)}
         recorder = GenerationRecorder(points, cache_device, self.adapter.injection_layers)
         with self.hooks(fwd_hooks=recorder.hooks()), _kv_cache_kwarg_for_bridge(self.blocks):
-            tokens = self._generate(batch, max_new_tokens, do_sample, temperature, eos_token_id, return_str)
-        return tokens, recorder.cache(self.bridge)
+            tokens = self._generate(laid_out, max_new_tokens, decoding, prompt)
+        result = self._generated_output(output, tokens, prompt, single=isinstance(batch, str))
+        return result, recorder.cache(self.bridge)
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The ``generation_config`` HF's ``generate`` decodes with (and ``use_generation_config=True``
+        reads): the model's own, or its language model's where HF's ``generate`` hands over to it
+        (InstructBLIP)."""
+        hf_model = self.hf_model
+        language_model = getattr(hf_model, "language_model", None)
+        if type(hf_model).generate is not HFGenerationMixin.generate and isinstance(
+            getattr(language_model, "generation_config", None), GenerationConfig
+        ):
+            return language_model.generation_config
+        return hf_model.generation_config
+
+    def _decoding(self, use_generation_config: bool, **given: Any) -> Decoding:
+        """The decoding settings: the arguments given, over the checkpoint's ``generation_config``
+        and HF's defaults where ``use_generation_config``, over "off" otherwise."""
+        tokenizer = self.tokenizer
+        config = self.generation_config if use_generation_config else None
+        settings = {name: value for name, value in given.items() if value is not None}
+        if config is not None:
+            from_config = {name: getattr(config, name, None) for name in (*HF_DEFAULTS, "eos_token_id")}
+            settings = {
+                **HF_DEFAULTS,
+                **{name: value for name, value in from_config.items() if value is not None},
+                **settings,
+            }
+            _refuse_unsupported_settings(config, do_sample=bool(settings["do_sample"]))
+        do_sample = bool(settings.get("do_sample", False))
+        temperature = settings.get("temperature", 1.0)
+        _check_generation_arguments(0, do_sample, temperature)
+        _check_processor_arguments(settings)
+        eos = settings.get("eos_token_id", tokenizer.eos_token_id)
+        eos_ids = (
+            tuple(int(i) for i in eos)
+            if isinstance(eos, (list, tuple))
+            else (() if eos is None else (int(eos),))
+        )
+        pad = getattr(config, "pad_token_id", None) if config is not None else None
+        if pad is None:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or (None,))[0]
+        return Decoding(
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=settings.get("top_k"),
+            top_p=settings.get("top_p"),
+            repetition_penalty=settings.get("repetition_penalty"),
+            no_repeat_ngram_size=settings.get("no_repeat_ngram_size"),
+            eos_token_ids=eos_ids,
+            pad_token_id=pad,
+        )
+
+    def _generated_output(
+        self, output: str, tokens: Int[torch.Tensor, "batch new"], prompt: VLMBatch, single: bool
+    ) -> Any:
+        """``tokens`` as ``generate`` returns them (see :func:`_output_kind`)."""
+        if output == "tokens":
+            return tokens
+        if output == "continuations":
+            return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        texts = [
+            self.tokenizer.decode(torch.cat([ids[mask.bool()], new.to(ids.device)]), skip_special_tokens=True)
+            for ids, mask, new in zip(prompt.input_ids, prompt.attention_mask, tokens)
+        ]
+        return texts[0] if single else texts
 
     @torch.no_grad()
     def _laid_out_for_decoding(self, batch: VLMBatch, recording: bool = False) -> VLMBatch:
@@ -95,16 +300,16 @@ class GenerationMixin:
             )
         return left
 
-    def _generate(self, batch, max_new_tokens, do_sample, temperature, eos_token_id, return_str) -> Any:
-        _check_generation_arguments(max_new_tokens, do_sample, temperature)
-        batch = self.to_batch(batch)
+    def _generate(
+        self, batch: VLMBatch, max_new_tokens: int, decoding: Decoding, prompt: VLMBatch
+    ) -> Int[torch.Tensor, "batch new"]:
+        """The new tokens of ``batch`` (laid out for decoding); ``prompt`` is the batch as given,
+        whose tokens the repetition penalty and n-gram ban see, as HF's do."""
+        _check_generation_arguments(max_new_tokens, decoding.do_sample, decoding.temperature)
         self._check_length(batch, extra_tokens=max_new_tokens)
-        tokenizer = self.tokenizer
         if max_new_tokens == 0:
-            empty = torch.zeros(len(batch), 0, dtype=torch.long)
-            return tokenizer.batch_decode(empty) if return_str else empty
-        eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+            return torch.zeros(len(batch), 0, dtype=torch.long)
+        pad = decoding.pad_token_id
         embeds, injections = self._embed_with_injections(batch)
         device = embeds.device
         rows = torch.arange(len(batch), device=device)
@@ -119,18 +324,24 @@ class GenerationMixin:
         next_logits = logits[rows, last]
         positions = next_position_ids(batch.position_ids.to(device), mask) - 1
         finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
+        eos = torch.tensor(decoding.eos_token_ids, dtype=torch.long, device=device)
+        processors = decoding.processors(prompt.attention_mask.to(device))
+        history = prompt.input_ids.to(device)
         new_tokens = []
         for _ in range(max_new_tokens):
-            next_logits = next_logits.float()
-            if do_sample:
-                probs = torch.softmax(next_logits / temperature, dim=-1)
-                token = torch.multinomial(probs, 1).squeeze(-1)
+            scores = next_logits.float()
+            if processors:
+                scores = processors(history, scores)
+            if decoding.do_sample:
+                token = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(-1)
             else:
-                token = next_logits.argmax(-1)
-            token = torch.where(finished, torch.full_like(token, pad), token)
+                token = scores.argmax(-1)
+            if pad is not None:
+                token = torch.where(finished, torch.full_like(token, pad), token)
             new_tokens.append(token)
-            if eos is not None:
-                finished |= token == eos
+            if processors:
+                history = torch.cat([history, token.unsqueeze(-1)], dim=1)
+            finished |= torch.isin(token, eos)
             if len(new_tokens) == max_new_tokens or bool(finished.all()):
                 break
             # Appended after the batch's last column: a right-padded item's padding stays a masked
@@ -145,10 +356,7 @@ class GenerationMixin:
                 return_type="logits_and_cache",
             )
             next_logits = logits[:, -1]
-        tokens = torch.stack(new_tokens, dim=1)
-        if return_str:
-            return tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return tokens
+        return torch.stack(new_tokens, dim=1)
 
 
 def next_position_ids(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -160,6 +368,69 @@ def next_position_ids(position_ids: torch.Tensor, attention_mask: torch.Tensor) 
     if position_ids.dim() == 3:
         return largest.amax(0).view(1, -1, 1).expand(position_ids.shape[0], -1, 1) + 1
     return largest.unsqueeze(-1) + 1
+
+
+def _is_text(input: Any) -> bool:
+    """Whether ``input`` is text as TransformerLens takes it: a string or a list of strings."""
+    return isinstance(input, str) or (
+        isinstance(input, (list, tuple)) and bool(input) and all(isinstance(x, str) for x in input)
+    )
+
+
+def _output_kind(return_type: Any, return_str: bool, text_input: bool) -> str:
+    """What ``generate`` returns: ``"tokens"`` (the new ones), ``"text"`` (each prompt and its
+    continuation) or ``"continuations"`` (the new tokens' text)."""
+    if return_type not in GENERATE_RETURN_TYPES:
+        raise ReturnTypeError(
+            f"generate's return_type must be one of 'input', 'str' or 'tokens'; got {return_type!r}. "
+            "'input' returns text for text input and tokens otherwise."
+        )
+    if return_str:
+        if return_type == "tokens":
+            raise GenerationArgumentError(
+                "return_str=True asks for text but return_type='tokens' for tokens; pass one of them."
+            )
+        return "continuations"
+    if return_type == "input":
+        return_type = "str" if text_input else "tokens"
+    if return_type == "tokens":
+        return "tokens"
+    return "text" if text_input else "continuations"
+
+
+def _refuse_unsupported_settings(config: GenerationConfig, do_sample: bool) -> None:
+    """Refuse, in one line, a ``generation_config`` setting that changes HF's decoding here unmatched."""
+    checked = {**UNSUPPORTED_SETTINGS, **(UNSUPPORTED_SAMPLING_SETTINGS if do_sample else {})}
+    active = [
+        f"{name}={value!r}"
+        for name, neutral in checked.items()
+        if (value := getattr(config, name, None)) is not None and value not in neutral
+    ]
+    if active:
+        raise GenerationArgumentError(
+            f"The checkpoint's generation_config sets {', '.join(active)}, which vlm.generate does not "
+            "implement. Generate with hf_model.generate, or without use_generation_config=True."
+        )
+
+
+def _check_processor_arguments(settings: dict[str, Any]) -> None:
+    """Refuse top-k, top-p, repetition-penalty and n-gram settings HF's processors refuse."""
+    checks = {
+        "top_k": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "top_p": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+        "repetition_penalty": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+        "no_repeat_ngram_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    }
+    wanted = {
+        "top_k": "a non-negative integer (0: off)",
+        "top_p": "a float in [0, 1] (1: off)",
+        "repetition_penalty": "a positive float (1.0: off)",
+        "no_repeat_ngram_size": "a non-negative integer (0: off)",
+    }
+    for name, ok in checks.items():
+        value = settings.get(name)
+        if value is not None and not ok(value):
+            raise GenerationArgumentError(f"{name} must be {wanted[name]}; got {value!r}.")
 
 
 def _check_generation_arguments(max_new_tokens: Any, do_sample: bool, temperature: Any) -> None:
