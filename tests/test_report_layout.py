@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hooked_vllm.analysis import collect
-from hooked_vllm.report.figures import saliency_maps, tile_mosaic
+from hooked_vllm.report.figures import attention_by_pair, lens_convergence, saliency_maps, tile_mosaic
 from hooked_vllm.runs.datasets import DatasetItem
 from hooked_vllm.runs.phase_diagram import aggregate, batch_rows
 from tests.conftest import Family, family_images
@@ -67,3 +67,31 @@ def test_the_report_draws_a_tiled_models_saliency_on_its_layout(llava_next, tmp_
             cell = np.argwhere((where == [0, tile, row, col]).all(-1))
             assert len(cell) == 1
             assert z[tuple(cell[0])] == pytest.approx(saliency[layer, k])
+
+
+def test_attention_figures_number_layers_by_block_and_the_lens_axes_start_at_zero():
+    """Layer l of an attention figure is block l (``cache["pattern", l]``): the x axis of the
+    attention-by-pair figure and the saliency slider run 0..L-1, and the slider's step "l" shows
+    row l of the aggregates. The logit lens's two y axes both start at 0."""
+    n_layers = 3
+    saliency = np.arange(n_layers * 4, dtype=float).reshape(n_layers, 4)  # a 2 x 2 grid per layer
+    aggregates = {
+        "n_layers": n_layers,
+        "norm_attention": {"text<-image": {"mean": [1.0, 2.0, 3.0]}},
+        "weight_attention": {"text<-image": {"mean": [0.1, 0.2, 0.3]}},
+        "saliency_last": saliency.tolist(),
+        "logit_lens": {"kl_to_final": {"mean": [3.0, 1.0, 0.5, 0.0]}, "top1_is_final": [0.25, 0.5, 1, 1]},
+    }
+    figure = attention_by_pair(aggregates)
+    assert [list(trace.x) for trace in figure.data] == [[0, 1, 2]] * 2
+    assert list(figure.data[0].y) == [1.0, 2.0, 3.0]  # block 0's value at layer 0
+    figure = saliency_maps(aggregates, "saliency_last")
+    steps = figure.layout.sliders[0].steps
+    assert [step.label for step in steps] == ["0", "1", "2"]
+    for layer, step in enumerate(steps):
+        shown = [trace for trace, visible in zip(figure.data, step.args[0]["visible"]) if visible]
+        assert len(shown) == 1 and shown[0].name == f"layer {layer}"
+        np.testing.assert_array_equal(np.asarray(shown[0].z, dtype=float).flatten(), saliency[layer])
+    figure = lens_convergence(aggregates)
+    assert figure.layout.yaxis.range[0] == 0 and figure.layout.yaxis2.range[0] == 0
+    assert figure.layout.yaxis.range[1] >= 3.0 and figure.layout.yaxis2.range[1] >= 1.0

@@ -1,4 +1,11 @@
-"""Plotly figures of the aggregates (one function per figure, aggregates dict in, figure out)."""
+"""Plotly figures of the aggregates (one function per figure, aggregates dict in, figure out).
+
+Layer numbers are TransformerLens's block indices. The residual stream at layer l is what block l
+reads (``blocks.{l}.hook_resid_pre``, HF's ``hidden_states[l]``): layer 0 is the embedding and
+layer L the final stream after the last block. Attention at layer l is block l's attention (0 to
+L-1). Stream figures (the phase diagram, the logit lens) run from 0 to L; attention figures (by
+modality pair, saliency) from 0 to L-1, index l of their arrays being block l.
+"""
 
 from __future__ import annotations
 
@@ -71,8 +78,9 @@ def phase_diagram(aggregates: dict, title: str = "Phase diagram") -> go.Figure:
 
 
 def attention_by_pair(aggregates: dict) -> go.Figure:
-    """Norm-based (solid) and weight-based (dotted) attention by modality pair, per layer."""
-    x = np.arange(1, aggregates["n_layers"] + 1)
+    """Norm-based (solid) and weight-based (dotted) attention by modality pair, per layer (block
+    index: layer l is block l's attention)."""
+    x = np.arange(aggregates["n_layers"])
     fig = make_subplots(
         rows=1, cols=2, subplot_titles=("norm-based ||sum_h alpha f_h(x)||", "weight alpha (head mean)")
     )
@@ -89,7 +97,7 @@ def attention_by_pair(aggregates: dict) -> go.Figure:
     fig.update_layout(
         title="Attention by modality pair (query <- key), mean over items", template="plotly_white"
     )
-    fig.update_xaxes(title_text="layer (1 = the first block's attention)")
+    fig.update_xaxes(title_text="layer (block l's attention)")
     fig.update_yaxes(title_text="head-summed norm, mean over pairs", row=1, col=1)
     fig.update_yaxes(title_text="attention weight, mean over pairs", row=1, col=2)
     return fig
@@ -133,7 +141,7 @@ def saliency_maps(aggregates: dict, key: str = "saliency_last") -> go.Figure | N
         grid = [(0, 0, k // side, k % side) for k in range(n_img)]
     scale = {"zmin": float(np.nanmin(maps)), "zmax": float(np.nanmax(maps))}
     fig = go.Figure()
-    # Layer numbers as in the attention figure: block l's attention is layer l + 1.
+    # Layer numbers as in the attention figure: block l's attention is layer l.
     for layer in range(n_layers):
         if grid is not None:
             z, where = tile_mosaic(maps[layer], grid)
@@ -141,7 +149,7 @@ def saliency_maps(aggregates: dict, key: str = "saliency_last") -> go.Figure | N
                 z=z,
                 customdata=where,
                 hovertemplate="image %{customdata[0]}, tile %{customdata[1]}, row %{customdata[2]}, "
-                "col %{customdata[3]}, layer " + str(layer + 1) + ": %{z:.3g}<extra></extra>",
+                "col %{customdata[3]}, layer " + str(layer) + ": %{z:.3g}<extra></extra>",
                 colorscale="Viridis",
                 colorbar={"title": {"text": "saliency"}},
                 **scale,  # one colour scale for every layer: the bar reads for all of them
@@ -149,12 +157,12 @@ def saliency_maps(aggregates: dict, key: str = "saliency_last") -> go.Figure | N
         else:
             trace = go.Bar(y=maps[layer], hovertemplate="image token %{x}: %{y:.3g}<extra></extra>")
         trace.visible = layer == n_layers - 1
-        trace.name = f"layer {layer + 1}"
+        trace.name = f"layer {layer}"
         fig.add_trace(trace)
     steps = [
         {
             "method": "update",
-            "label": str(layer + 1),
+            "label": str(layer),
             "args": [{"visible": [other == layer for other in range(n_layers)]}],
         }
         for layer in range(n_layers)
@@ -180,19 +188,37 @@ def saliency_maps(aggregates: dict, key: str = "saliency_last") -> go.Figure | N
 
 
 def lens_convergence(aggregates: dict) -> go.Figure | None:
-    """Logit lens at the last position: KL to the final distribution and top-1 agreement per layer."""
+    """Logit lens at the last position: KL to the final distribution (left axis) and top-1
+    agreement (right axis) per layer. Both axes start at 0 on the figure's bottom edge (each is
+    non-negative), so the two zeros are one baseline; each reaches 5% above its largest value."""
     lens = aggregates.get("logit_lens")
     if lens is None:
         return None
-    x = np.arange(len(lens["kl_to_final"]["mean"]))
+    kl = np.asarray(lens["kl_to_final"]["mean"], dtype=float)
+    agreement = np.asarray(lens["top1_is_final"], dtype=float)
+    x = np.arange(len(kl))
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    fig.add_trace(
-        go.Scatter(x=x, y=lens["kl_to_final"]["mean"], name="KL(final || layer)"), secondary_y=False
-    )
-    fig.add_trace(go.Scatter(x=x, y=lens["top1_is_final"], name="top-1 = final prediction"), secondary_y=True)
+    fig.add_trace(go.Scatter(x=x, y=kl, name="KL(final || layer)"), secondary_y=False)
+    fig.add_trace(go.Scatter(x=x, y=agreement, name="top-1 = final prediction"), secondary_y=True)
     fig.update_layout(
-        title="Logit lens at the last position", template="plotly_white", xaxis_title="layer (0 = embedding)"
+        title="Logit lens at the last position",
+        template="plotly_white",
+        xaxis_title="layer (0 = embedding, L = the final stream)",
     )
-    fig.update_yaxes(title_text="KL(final || layer), nats", secondary_y=False)
-    fig.update_yaxes(title_text="fraction of items whose top-1 = final", secondary_y=True)
+
+    def top(values: np.ndarray, at_least: float) -> float:
+        finite = values[np.isfinite(values)]
+        return 1.05 * max(float(finite.max()) if finite.size else 0.0, at_least)
+
+    fig.update_yaxes(
+        title_text="KL(final || layer), nats", range=[0, top(kl, 1e-6)], zeroline=True, secondary_y=False
+    )
+    fig.update_yaxes(
+        title_text="fraction of items whose top-1 = final",
+        range=[0, top(agreement, 1.0)],
+        tickmode="array",
+        tickvals=[0, 0.2, 0.4, 0.6, 0.8, 1.0],
+        showgrid=False,
+        secondary_y=True,
+    )
     return fig
