@@ -1,6 +1,8 @@
 """The report explorer's per-item data: per-head and head-summed saliency against naive references
 computed from the model's own cached pattern and values, on families with different masks (causal,
-Gemma 3's bidirectional image blocks, Qwen's GQA); its quantized encoding; the CLI's --report-items."""
+Gemma 3's bidirectional image blocks, Qwen's GQA); each item's answer against Hugging Face's own
+greedy generate, and right/wrong against the label; its quantized encoding; the CLI's
+--report-items."""
 
 from __future__ import annotations
 
@@ -16,7 +18,15 @@ from PIL import Image
 
 from hooked_vllm.analysis import collect
 from hooked_vllm.cli import main
-from hooked_vllm.report.explorer import _encoded, explore, explorer_pass, spread, tile_layout
+from hooked_vllm.report.explorer import (
+    _encoded,
+    explore,
+    explore_items,
+    explorer_pass,
+    same_answer,
+    spread,
+    tile_layout,
+)
 from hooked_vllm.report.html import not_found_note
 from tests.conftest import INSTRUCTIONS, Family, family_images
 
@@ -138,7 +148,9 @@ def test_the_cli_explores_the_chosen_number_of_items(tmp_path, capsys):
     data = explorer_data(report)
     ids = [item["id"] for item in data["items"]]
     assert len(set(ids)) == 3 and ids == sorted(ids)
-    assert all(item["thumbnail"].startswith("data:image/jpeg") for item in data["items"])
+    # the demo's synthetic scenes: PNG, their exact colours, smaller than a JPEG
+    assert all(item["thumbnail"].startswith("data:image/png") for item in data["items"])
+    assert all(item["answer"] and item["label"] and item["correct"] is not None for item in data["items"])
     aggregates = json.loads((tmp_path / "run" / "aggregates.json").read_text())
     if not all(phase["found"] for phase in aggregates["phases"]):
         assert "Not found" in report and "To try:" in report
@@ -153,6 +165,7 @@ def test_not_found_says_what_to_try_for_this_run():
     phases = [{"name": "alignment", "found": False}, {"name": "output preparation", "found": True}]
     note = not_found_note({"phases": phases, "n_items": 16, "n_layers": 6})
     assert "alignment" in note and "16" in note and "6 layers" in note and "output preparation" not in note
+    assert "below" in note and "above" not in note  # the note stands above the phase diagram
     deep = not_found_note({"phases": phases, "n_items": 5000, "n_layers": 32})
     assert "more items" not in deep and "deeper model" not in deep
     assert not_found_note({"phases": phases[1:], "n_items": 16, "n_layers": 6}) is None
@@ -242,3 +255,74 @@ def test_the_fused_path_equals_the_pattern_path(name, tmp_path):
     for source in ("text", "last"):
         np.testing.assert_allclose(fused.saliency[source], pattern.saliency[source], rtol=1e-4, atol=1e-5)
     assert torch.equal(fused.lens_grid, pattern.lens_grid)
+
+
+def hf_greedy_answer(model, tokenizer, inputs: dict, max_new_tokens: int = 24) -> tuple[str, bool]:
+    """Hugging Face's own greedy ``generate`` on one item's processor inputs: the answer until EOS
+    (decoded without special tokens) and whether it was cut at ``max_new_tokens``."""
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
+    eos = tokenizer.eos_token_id
+    ended = eos in new
+    new = new[: new.index(eos)] if ended else new
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), not ended
+
+
+def test_each_items_answer_is_the_demo_models_own_and_is_checked_against_its_label(tmp_path):
+    """The shipped demo model on held-out shapes items: each explored item's answer is what Hugging
+    Face's ``generate`` answers for the same image and question (the demo's training prompt, the
+    model loaded by transformers alone), and right/wrong is that answer against the label. Half the
+    items get another item's label, so both marks are exercised."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from hooked_vllm import HookedVLM
+    from hooked_vllm.demo import MODEL_DIR
+    from hooked_vllm.demo.train import TEMPLATE
+    from hooked_vllm.runs.datasets import DatasetItem
+    from hooked_vllm.runs.shapes_dataset import load_shapes
+
+    if not (MODEL_DIR / "model.safetensors").is_file():
+        pytest.skip("demo model not shipped")
+    items = load_shapes(tmp_path, n=12).items
+    swapped = [
+        DatasetItem(item.item_id, item.image_path, item.instruction, {"answer": other.meta["answer"]})
+        if k % 2
+        else item
+        for k, (item, other) in enumerate(zip(items, items[1:] + items[:1]))
+    ]
+    views = explore_items(HookedVLM.from_pretrained(str(MODEL_DIR)), swapped, batch_size=5)
+    model = LlavaForConditionalGeneration.from_pretrained(str(MODEL_DIR)).eval()
+    processor = AutoProcessor.from_pretrained(str(MODEL_DIR))
+    marks = []
+    for item, view in zip(swapped, views):
+        inputs = processor(
+            images=Image.open(item.image_path).convert("RGB"),
+            text=TEMPLATE.format(question=item.instruction),
+            return_tensors="pt",
+        )
+        expected, cut = hf_greedy_answer(model, processor.tokenizer, inputs)
+        assert (view.answer, view.answer_cut) == (expected, cut), item.instruction
+        assert view.label == item.meta["answer"]
+        assert view.correct == (expected.lower() == item.meta["answer"].lower())
+        marks.append(view.correct)
+    assert True in marks and False in marks
+
+
+def test_a_long_answer_is_the_reference_generate_and_says_when_it_was_cut(llava):
+    """A tiny random LLaVA rambles: the explorer's answer is the untouched HF copy's greedy
+    continuation, token for token up to the cap, marked as cut where no EOS came."""
+    vlm, images = llava.vlm, family_images()
+    batch = vlm.prepare(images, INSTRUCTIONS)
+    views = explore(vlm, batch, images, ["a", "b", "c"], INSTRUCTIONS, labels=[None, "x", None])
+    for k, view in enumerate(views):
+        one = vlm.prepare(images[k : k + 1], INSTRUCTIONS[k : k + 1])
+        expected, cut = hf_greedy_answer(llava.reference, vlm.tokenizer, dict(one.inputs))
+        assert (view.answer, view.answer_cut) == (expected, cut)
+        assert view.label == [None, "x", None][k]
+        assert view.correct == ([None, expected == "x", None][k])
+    assert any(view.answer_cut for view in views) and any(len(view.answer) > 10 for view in views)
+
+
+def test_the_answer_equals_the_label_up_to_case_spaces_and_a_full_stop():
+    assert same_answer(" Red.", "red") and same_answer("two  shapes", "Two shapes")
+    assert not same_answer("a red one", "red") and not same_answer("redd", "red")

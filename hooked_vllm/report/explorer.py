@@ -1,9 +1,11 @@
 """Per-item data for the report's explorer: every layer, every head, on the item's own image.
 
 For a few chosen items (``--report-items``) the report shows what the dataset aggregates average
-away: the image, the prompt as tokens, norm-based saliency of each image patch (from the instruction
-and from the last position) for every layer and every head, the logit lens's top-1 token of every
-image patch per layer, and the logit lens at the last position.
+away: the image, the prompt as tokens, the model's own answer (greedy, ``vlm.generate``, until EOS
+or ``answer_tokens``) and, where the item has a label, whether it is right; norm-based saliency of
+each image patch (from the instruction and from the last position) for every layer and every head,
+the logit lens's top-1 token of every image patch per layer, and the logit lens at the last
+position.
 
 Saliency of image key j at layer l:
 
@@ -13,10 +15,13 @@ Saliency of image key j at layer l:
 - ``head = h``: ``alpha_h(q, j) ||f_h(x_j)||``, that head's share (the heads' shares do not add up
   to the whole: it is the norm of a sum).
 
-Layers are numbered as everywhere in the report: attention layer ``l + 1`` is block ``l``'s
-attention, lens layer 0 is the embedding and lens layer ``l + 1`` block ``l``'s output
-(``hook_resid_post``, as Hugging Face's ``hidden_states``: for Qwen3-VL, before the DeepStack
-features are added, as in :func:`~hooked_vllm.analysis.collect.collect`).
+Layers are numbered as everywhere in the report: layer numbers are TransformerLens's block indices.
+The residual stream at layer l is what block l reads (``blocks.{l}.hook_resid_pre``, HF's
+``hidden_states[l]``): layer 0 is the embedding and layer L the final stream after the last block.
+Attention at layer l is block l's attention (0 to L-1). So ``saliency[source][l]`` is block ``l``'s
+attention (``cache["pattern", l]``) and ``lens_grid[l]`` the stream block ``l`` reads (read at
+block ``l - 1``'s ``hook_resid_post``, as Hugging Face's ``hidden_states``: for Qwen3-VL, before
+the DeepStack features are added, as in :func:`~hooked_vllm.analysis.collect.collect`).
 
 Example:
     >>> views = explore(vlm, batch, images, ["cat"], ["What is this?"])  # doctest: +SKIP
@@ -72,15 +77,57 @@ class ItemView:
     #: True where the thumbnail is the part of the image the model saw, not all of it (LLaVA-1.5's
     #: centre crop of a non-square image: ``adapter.image_region``)
     cropped: bool = False
+    #: the model's answer: its greedy continuation of the prompt until EOS, decoded without special
+    #: tokens (None: not computed)
+    answer: str | None = None
+    #: True where the answer stopped at ``answer_tokens`` tokens, before EOS
+    answer_cut: bool = False
+    #: the item's expected answer (the shapes dataset's ``meta["answer"]``), None where it has none
+    label: str | None = None
+    #: whether ``answer`` is ``label`` (:func:`same_answer`); None without a label or an answer
+    correct: bool | None = None
 
 
 def thumbnail(image: ImageLike, max_side: int = 256, quality: int = 85) -> str:
-    """``image`` downscaled to at most ``max_side`` pixels a side, as a JPEG data URI."""
+    """``image`` downscaled to at most ``max_side`` pixels a side, as a data URI: PNG (its exact
+    colours) where that is no larger than the JPEG, as for drawings and synthetic scenes such as
+    the demo's shapes; JPEG otherwise (photographs: a PNG is about 6 times larger)."""
     picture = to_rgb(image)
     picture.thumbnail((max_side, max_side))
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=quality)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    encoded = {}
+    for kind, options in (("jpeg", {"quality": quality}), ("png", {"optimize": True})):
+        buffer = io.BytesIO()
+        picture.save(buffer, format=kind.upper(), **options)
+        encoded[kind] = buffer.getvalue()
+    kind = "png" if len(encoded["png"]) <= len(encoded["jpeg"]) else "jpeg"
+    return f"data:image/{kind};base64," + base64.b64encode(encoded[kind]).decode("ascii")
+
+
+def same_answer(answer: str, label: str) -> bool:
+    """Whether a model's answer is the label: equal once case, surrounding spaces, repeated spaces
+    and a final full stop are set aside ("Red." is "red"; "a red one" is not "red")."""
+
+    def plain(text: str) -> str:
+        return " ".join(text.split()).lower().removesuffix(".").strip()
+
+    return plain(answer) == plain(label)
+
+
+@torch.no_grad()
+def answers(vlm, batch, max_new_tokens: int = 24) -> list[tuple[str, bool]]:
+    """Each item's greedy answer (:meth:`~hooked_vllm.model.generation.GenerationMixin.generate`,
+    pure greedy: the same answer at every run, whatever sampling the checkpoint's generation config
+    asks for) until EOS or ``max_new_tokens``: ``(text, cut)``, the text decoded without special
+    tokens, ``cut`` True where it stopped at ``max_new_tokens`` before EOS."""
+    tokenizer = vlm.tokenizer
+    tokens = vlm.generate(batch, max_new_tokens, do_sample=False, return_type="tokens").cpu()
+    eos = tokenizer.eos_token_id
+    out = []
+    for row in tokens.tolist():
+        ended = eos is not None and eos in row
+        row = row[: row.index(eos)] if ended else row
+        out.append((tokenizer.decode(row, skip_special_tokens=True).strip(), not ended))
+    return out
 
 
 def tile_layout(slots) -> list[dict]:
@@ -224,11 +271,17 @@ def explore(
     top_k: int = 5,
     thumbnail_side: int = 256,
     attention: str = "auto",
+    labels: Sequence[str | None] | None = None,
+    answer_tokens: int = 24,
 ) -> list[ItemView]:
     """Explorer data of every item of ``batch`` (one image each; ``images`` as given to
-    ``vlm.prepare``), from one forward pass (:func:`explorer_pass`)."""
+    ``vlm.prepare``), from one forward pass (:func:`explorer_pass`), and each item's answer
+    (:func:`answers`, ``answer_tokens`` at most; 0: not computed) checked against ``labels``
+    (each item's expected answer, or None) where given."""
     batch = vlm.to_batch(batch)
     found = explorer_pass(vlm, batch, top_k, attention)
+    replies = answers(vlm, batch, answer_tokens) if answer_tokens > 0 else [(None, False)] * len(batch)
+    labels = list(labels) if labels is not None else [None] * len(batch)
     views = []
     for b, item_id in enumerate(item_ids):
         if not batch.image_slots or not batch.image_slots[b]:
@@ -253,6 +306,14 @@ def explore(
                 lens_last_probs=found.lens_last_probs[:, b].numpy(),
                 spatial=bool(slots.spatial),
                 cropped=seen.size != picture.size,
+                answer=replies[b][0],
+                answer_cut=replies[b][1],
+                label=labels[b],
+                correct=(
+                    same_answer(replies[b][0], labels[b])
+                    if replies[b][0] is not None and labels[b] is not None
+                    else None
+                ),
             )
         )
     return views
@@ -264,17 +325,26 @@ def _real_tokens(vlm, batch, b: int) -> list[str]:
     return [token for token, keep in zip(tokens, real) if keep]
 
 
+def label_of(item) -> str | None:
+    """A dataset item's expected answer: ``meta["answer"]`` (the shapes dataset's), else None."""
+    answer = (getattr(item, "meta", None) or {}).get("answer")
+    return str(answer) if answer is not None else None
+
+
 def explore_items(
     vlm, items: Sequence, *, batch_size: int = 4, max_pixels: int | None = None, top_k: int = 5
 ) -> list[ItemView]:
-    """:func:`explore` for dataset items (``item_id``, ``image_path``, ``instruction``), in batches."""
+    """:func:`explore` for dataset items (``item_id``, ``image_path``, ``instruction``, and the
+    label :func:`label_of` finds), in batches."""
     views: list[ItemView] = []
     for start in range(0, len(items), batch_size):
         chunk = list(items[start : start + batch_size])
         images = [load_image(item.image_path, max_pixels=max_pixels) for item in chunk]
         instructions = [item.instruction for item in chunk]
         batch = vlm.prepare(images, instructions)
-        views += explore(vlm, batch, images, [item.item_id for item in chunk], instructions, top_k=top_k)
+        ids = [item.item_id for item in chunk]
+        labels = [label_of(item) for item in chunk]
+        views += explore(vlm, batch, images, ids, instructions, top_k=top_k, labels=labels)
     return views
 
 
@@ -332,6 +402,10 @@ def payload(views: Sequence[ItemView], tokenizer) -> dict:
                 "tiles": view.tiles,
                 "spatial": view.spatial,
                 "cropped": view.cropped,
+                "answer": view.answer,
+                "answer_cut": view.answer_cut,
+                "label": view.label,
+                "correct": view.correct,
                 "n_layers": n_layers,
                 "n_heads": n_heads_and_all - 1,
                 "n_patches": n,
