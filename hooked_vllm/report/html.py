@@ -4,9 +4,11 @@ data URIs; it opens offline) and PNG exports.
 Layout: an overview (the phase diagram with each phase's rule, where it was found and the evidence,
 and what "not found" means for this run; the dataset figures, each with a line on how to read it),
 then the explorer of a few chosen items (:mod:`hooked_vllm.report.explorer`): the image, the prompt
-as tokens, saliency over the image with a layer slider and a head selector, the logit lens on the
-image grid and at the last position. Layer numbers are the same everywhere: 0 is the embedding,
-layer l (1..L) is block l - 1, its attention and its output.
+as tokens, the model's answer (and whether it is right, where the item has a label), saliency on the
+image with a layer slider and a head selector (by default the outline of the top cells on the
+untouched picture and the heat map beside it, so the picture's colours stay as they are), the logit
+lens on the image grid and at the last position. Layer numbers are the same everywhere
+(:data:`LAYER_CONVENTION`).
 
 The file's size does not grow with the number of items: the dataset figures hold per-layer means,
 and only the explored items (``--report-items``) carry per-item data.
@@ -29,6 +31,20 @@ from hooked_vllm.analysis.phases import PHASE_RULES
 from hooked_vllm.report import figures
 from hooked_vllm.report.explorer import ItemView, payload
 
+#: how every figure numbers its layers (in the page, the back-quoted names are code)
+LAYER_CONVENTION = (
+    "Layer numbers are TransformerLens's block indices. The residual stream at layer l is what block l "
+    "reads (`blocks.{l}.hook_resid_pre`, HF's `hidden_states[l]`): layer 0 is the embedding and layer L "
+    "the final stream after the last block. Attention at layer l is block l's attention (0 to L-1)."
+)
+
+
+def with_code(text: str) -> str:
+    """``text`` as HTML, its back-quoted parts as <code>."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{part}</code>" if k % 2 else part for k, part in enumerate(parts))
+
+
 STYLE = """body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 12px;color:#222}
 .warn{background:#ffe08a;border:2px solid #c90;padding:12px;font-weight:bold;margin:12px 0}
 td,th{padding:2px 10px;text-align:left;vertical-align:top} table{border-collapse:collapse}
@@ -36,14 +52,18 @@ tr:nth-child(even){background:#f4f4f4} .how{color:#444;max-width:900px}
 .notfound{background:#eef4ff;border-left:4px solid #48c;padding:8px 12px;max-width:900px}
 #item-index{display:flex;flex-wrap:wrap;gap:8px} #item-index a{display:block;width:110px;font-size:12px;
 text-decoration:none;color:#222;border:2px solid transparent} #item-index a.current{border-color:#48c}
-#item-index img{width:106px;height:80px;object-fit:cover;display:block}
+#item-index img{width:106px;height:80px;object-fit:contain;display:block;background:#fff}
+.right{color:#1a7f37;font-weight:bold} .wrong{color:#c0262d;font-weight:bold}
+#item-head{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
+#item-answer{font-size:18px;line-height:1.6} #item-answer q{font-family:monospace;background:#f0f0f0;
+padding:1px 4px}
 .controls{display:flex;flex-wrap:wrap;gap:16px;align-items:center;margin:8px 0}
 .tiles{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start} figure{margin:0}
 figcaption{font-size:12px;color:#555} canvas{image-rendering:pixelated;border:1px solid #ccc}
 #bar{width:256px;height:12px;vertical-align:middle} .hover{font-family:monospace;min-height:1.3em}
 #prompt{font-family:monospace;line-height:1.8} .tok{padding:1px 2px;margin:0 1px;border-radius:3px;
 white-space:pre} .tok.image{background:#ffd9a8} .tok.text{background:#c8f0c8} .tok.special{background:#e4e4e4}
-#picture img{max-width:256px;border:1px solid #ccc}"""
+#picture img{border:1px solid #ccc;display:block} code{white-space:nowrap}"""
 
 
 HOW_TO_READ = {
@@ -72,8 +92,8 @@ def not_found_note(aggregates: dict) -> str | None:
     tips = []
     if n_items < 100:
         tips.append(
-            f"more items: this run averaged {n_items}; the intervals above show how noisy that is "
-            "(the paper used about 1,000 COCO images); raise --n"
+            f"more items: this run averaged {n_items}; the 95% bands of the phase diagram below show "
+            "how noisy that is (the paper used about 1,000 COCO images); raise --n"
         )
     if n_layers < 16:
         tips.append(
@@ -102,11 +122,18 @@ def _overview(aggregates: dict) -> str:
     note = not_found_note(aggregates)
     note_html = f'<p class="notfound">{html.escape(note)}</p>' if note else ""
     return (
-        f"<p>{aggregates['n_items']} items, {aggregates['n_layers']} language-model layers. Layer 0 is "
-        "the embedding; layer l is block l - 1 (its attention, its output) in every figure.</p>"
+        f"<p>{aggregates['n_items']} items, {aggregates['n_layers']} language-model layers (L = "
+        f"{aggregates['n_layers']}). {with_code(LAYER_CONVENTION)}</p>"
         "<table><tr><th>phase</th><th>rule</th><th>where</th><th>evidence</th></tr>"
         f"{rows}</table>{note_html}"
     )
+
+
+def verdict(correct: bool | None) -> str:
+    """An answer's mark against its label, as HTML ("" without a label)."""
+    if correct is None:
+        return ""
+    return '<span class="right">right</span>' if correct else '<span class="wrong">wrong</span>'
 
 
 def _explorer(views: Sequence[ItemView], rows: Sequence[dict], tokenizer) -> str:
@@ -115,11 +142,12 @@ def _explorer(views: Sequence[ItemView], rows: Sequence[dict], tokenizer) -> str
     links = []
     for k, item in enumerate(data["items"]):
         row = predictions.get(item["id"], {})
-        answer = (
-            f"<br>answer {html.escape(repr(tokenizer.decode([row['lens_final_token']])))}"
-            if "lens_final_token" in row
-            else ""
-        )
+        if item["answer"] is not None:  # the model's own answer (explorer.answers)
+            answer = f"<br>answer {html.escape(repr(item['answer']))} {verdict(item['correct'])}"
+        elif "lens_final_token" in row:  # views made without answers: the run's top-1 next token
+            answer = f"<br>next token {html.escape(repr(tokenizer.decode([row['lens_final_token']])))}"
+        else:
+            answer = ""
         links.append(
             f'<a href="#item-{k}" data-item="{k}"><img src="{item["thumbnail"]}" alt="">'
             f"{html.escape(item['id'])}{answer}</a>"
@@ -130,35 +158,48 @@ def _explorer(views: Sequence[ItemView], rows: Sequence[dict], tokenizer) -> str
     return f"""<h2 id="explorer-heading">Items, one by one</h2>
 <p class="how">{len(views)} items, spread over the run's item ids (<code>--report-items</code>). Pick one:</p>
 <nav id="item-index">{"".join(links)}</nav>
-<h3 id="item-title"></h3><div id="picture"></div>
+<h3 id="item-title"></h3><div id="item-head"><div id="picture"></div><div id="item-answer"></div></div>
 <p class="how">The prompt as the model reads it (green: instruction, orange: image patches, grey: special
 tokens and chat template):</p><div id="prompt"></div>
 <h3>Where the model looks: norm-based saliency of each image patch</h3>
 <p class="how">For the chosen layer and head, the norm of the part of the attention output that comes
 from each image patch: for all heads together, ||sum_h alpha_h f_h(x)|| (the quantity averaged in the
 figures above); for one head, alpha_h ||f_h(x)||. Received from the instruction (summed over its tokens)
-or from the last position (where the answer is produced). Hover a cell for its value.</p>
+or from the last position (where the answer is produced). {with_code(LAYER_CONVENTION)} So layer l here
+is <code>cache["pattern", l]</code>. By default the picture is drawn untouched, the top cells outlined
+on it and the heat map beside it: blending the colour scale into the picture changes its colours (a
+yellow object would read as salient). Hover a cell for its value.</p>
 <div class="controls">
 <label>from <select id="source"><option value="text">the instruction</option>
 <option value="last">the last position</option></select></label>
 <label>head <select id="head"></select></label>
-<label>layer <input type="range" id="layer" min="1" max="1" value="1" step="1">
+<label>layer <input type="range" id="layer" min="0" max="0" value="0" step="1">
 <span id="layer-label"></span></label>
-<label><input type="checkbox" id="shared"> one scale for all layers</label>
-<label>opacity <input type="range" id="opacity" min="0" max="1" step="0.05" value="0.6"></label></div>
+<label><input type="checkbox" id="shared"> one scale for all layers</label></div>
+<div class="controls">
+<label>on the picture <select id="overlay">
+<option value="outline">outline the top cells, heat map beside</option>
+<option value="side">nothing (picture and heat map side by side)</option>
+<option value="blend">the heat map blended in (changes the picture's colours)</option></select></label>
+<label>outline <select id="top"><option value="1">the top cell</option>
+<option value="0.1" selected>the top 10% of cells</option><option value="0.25">the top 25% of cells</option>
+</select></label>
+<label>opacity <input type="range" id="opacity" min="0" max="1" step="0.05" value="0.6" disabled>
+</label></div>
 <p id="sal-title"></p><div class="tiles" id="saliency-tiles"></div>
 <p><span id="bar-low"></span> <canvas id="bar" width="256" height="12"></canvas> <span id="bar-high"></span>
-(colour scale of the panels above)</p><p class="hover" id="sal-hover"></p>
+(colour scale of the heat maps above)</p><p class="hover" id="sal-hover"></p>
 <h3>What each image patch reads as: the logit lens on the image grid</h3>
 <p class="how">Each image patch's residual stream decoded into the vocabulary (top-1 token), per layer:
-the embedding, then each block's output as Hugging Face's hidden_states hold it (Qwen3-VL adds its
-DeepStack features to the image positions after that).</p>
+layer 0 is the embedding, layer l the stream block l reads (Hugging Face's hidden_states[l], block
+l - 1's output; layer L the final stream; Qwen3-VL adds its DeepStack features to the image positions
+after that). The words are written over the untouched picture.</p>
 <div class="controls"><label>layer <input type="range" id="lens-layer" min="0" max="1" value="0" step="1">
 <span id="lens-label"></span></label></div>
 <div class="tiles" id="lens-tiles"></div><p class="hover" id="lens-hover"></p>
 <h3>The logit lens at the last position</h3>
 <p class="how">The top tokens (with probabilities) the last position's residual stream decodes to,
-per layer.</p>
+per layer (0: the embedding, L: the final stream, the model's own next-token distribution).</p>
 <table id="lens-last"></table>
 <script type="application/json" id="explorer-data">{blob}</script>
 <script>{script}</script>"""
@@ -176,8 +217,9 @@ def write_report(
 ) -> Path:
     """Write ``report.html`` and ``phase_diagram.png``/``attention.png`` into ``out_dir``.
 
-    ``rows``: the run's per-item rows (the explored items' answers come from them); ``explorer``:
-    the items to show one by one (:func:`~hooked_vllm.report.explorer.explore_items`).
+    ``rows``: the run's per-item rows (for explored items without an answer of their own, the run's
+    top-1 next token is shown instead); ``explorer``: the items to show one by one
+    (:func:`~hooked_vllm.report.explorer.explore_items`).
     """
     out_dir = Path(out_dir)
     sections = [
@@ -251,10 +293,10 @@ def write_pngs(out_dir: Path, aggregates: dict, title: str, warning: str | None 
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    layers = np.arange(1, aggregates["n_layers"] + 1)
+    layers = np.arange(aggregates["n_layers"])  # block l's attention is layer l
     for pair, stats in aggregates["norm_attention"].items():
         ax.plot(layers, stats["mean"], marker="o", ms=3, label=pair)
-    ax.set_xlabel("layer")
+    ax.set_xlabel("layer (block l's attention)")
     ax.set_ylabel("norm-based attention (block mean)")
     ax.set_title("Norm-based attention by modality pair (query <- key)")
     ax.legend(fontsize=8)
