@@ -154,8 +154,8 @@ plt.show()"""),
 result = collect(vlm, batch)
 fig, ax = plt.subplots(figsize=(6, 3.5))
 for pair, values in result.attention.norm.items():
-    ax.plot(range(1, vlm.cfg.n_layers + 1), values.nanmean(-1).numpy(), "o-", label=pair)
-ax.set_xlabel("layer")
+    ax.plot(range(vlm.cfg.n_layers), values.nanmean(-1).numpy(), "o-", label=pair)
+ax.set_xlabel("layer (block l's attention, as show_attention's layer=)")
 ax.set_ylabel("norm-based attention (block mean)")
 ax.set_title("query <- key, mean over items")
 ax.legend(fontsize=8)

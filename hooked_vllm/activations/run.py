@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from hooked_vllm.activations.constants import STORAGE_DTYPES
 from hooked_vllm.activations.layout import (
     HookSelectionError,
     ImageLayout,
@@ -35,7 +36,6 @@ from hooked_vllm.activations.layout import (
     select_rows,
 )
 from hooked_vllm.activations.shards import (
-    STORAGE_DTYPES,
     ActivationStoreError,
     ShardWriter,
     features,

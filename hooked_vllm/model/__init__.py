@@ -3,9 +3,12 @@
 :class:`HookedVLM` boots the HF language backbone on transformer-lens's ``TransformerBridge`` and runs
 it as HF does, with TransformerLens's hook names, ``run_with_cache`` and ``run_with_hooks``. Images
 and prompts become a :class:`VLMBatch` (tensors, positions, and every position's modality); the rest of
-this stage is what the model is made of: image loading (``images``), the activation cache (``cache``),
-generation (``generation``), TransformerLens's token helpers (``text_tokens``), layers run as HF sdpa
-with q/k/v taps (``observed_attention``) and SAEs spliced in by hook name (``sae``).
+this stage is what the model is made of: where a model comes from (``loading``), image loading
+(``images``), the activation cache (``cache``), generation (``generation``), the loss (``loss``),
+TransformerLens's token helpers (``text_tokens``), layer numbers (``layers``), layers run as HF sdpa
+with q/k/v taps (``observed_attention``), SAEs spliced in by hook name (``sae``), and transformer-lens
+itself (``tl``). The names below load on first use, so ``hooked_vllm.model.loading`` can check a model
+source without importing torch's heavier neighbours.
 
 Example:
     >>> from hooked_vllm.model import HookedVLM
@@ -14,19 +17,29 @@ Example:
     6
 """
 
-import logging
+from __future__ import annotations
 
-import transformers  # noqa: F401  (configures its logger before transformer-lens changes it)
+import importlib
+from typing import TYPE_CHECKING, Any
 
-# transformer-lens sets the `transformers` logger to ERROR when it is imported; keep the level the user
-# had (HF's loading reports and warnings stay visible). Every module of the package that imports
-# transformer-lens lies in this stage, so this runs first.
-_transformers_log_level = logging.getLogger("transformers").level
-import transformer_lens  # noqa: E402,F401
+if TYPE_CHECKING:
+    from hooked_vllm.model.batch import VLMBatch, build_batch, positions_from_mask
+    from hooked_vllm.model.hooked_vlm import HookedVLM
 
-logging.getLogger("transformers").setLevel(_transformers_log_level)
+_LAZY = {
+    "HookedVLM": "hooked_vllm.model.hooked_vlm",
+    "VLMBatch": "hooked_vllm.model.batch",
+    "build_batch": "hooked_vllm.model.batch",
+    "positions_from_mask": "hooked_vllm.model.batch",
+}
 
-from hooked_vllm.model.batch import VLMBatch, build_batch, positions_from_mask  # noqa: E402
-from hooked_vllm.model.hooked_vlm import HookedVLM  # noqa: E402
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hooked_vllm.model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["HookedVLM", "VLMBatch", "build_batch", "positions_from_mask"]

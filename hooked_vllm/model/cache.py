@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from transformer_lens import ActivationCache
-from transformer_lens.utilities import Slice
+
+from hooked_vllm.model.tl import ActivationCache, Slice
 
 NORMALIZED = ("LN", "LNPre", "RMS", "RMSPre")
 

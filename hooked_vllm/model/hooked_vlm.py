@@ -33,11 +33,6 @@ import torch
 import transformers
 from jaxtyping import Float, Int
 from safetensors import SafetensorError
-from transformer_lens import ActivationCache
-from transformer_lens import utilities as utils
-from transformer_lens.hook_points import HookPoint
-from transformer_lens.model_bridge import TransformerBridge
-from transformer_lens.model_bridge.sources.transformers.source import boot
 
 from hooked_vllm.adapters import VLMAdapter, adapter_class_for
 from hooked_vllm.errors import (
@@ -57,6 +52,8 @@ from hooked_vllm.model.images import ImageLike, item_images, to_rgb
 from hooked_vllm.model.loading import resolve_source
 from hooked_vllm.model.loss import check_return_type, lm_labels, lm_loss
 from hooked_vllm.model.text_tokens import TokensMixin
+from hooked_vllm.model.tl import ActivationCache, HookPoint, TransformerBridge, boot
+from hooked_vllm.model.tl import utilities as utils
 
 
 class HookedVLM(TokensMixin, GenerationMixin):

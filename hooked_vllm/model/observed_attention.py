@@ -26,9 +26,10 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
-from transformer_lens.hook_points import HookPoint
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from hooked_vllm.model.tl import HookPoint
 
 ATTENTION_NAME = "hooked_vllm_observed_sdpa"
 #: (layer, q [batch, head, query, d_head], k [batch, kv_head, key, d_head], v like k, scaling)

@@ -43,9 +43,9 @@ import torch
 from jaxtyping import Bool, Float
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformer_lens.hook_points import HookPoint
 
 from hooked_vllm.errors import HookedVLMError
+from hooked_vllm.model.tl import HookPoint
 
 SAE_CFG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
