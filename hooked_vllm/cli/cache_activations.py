@@ -185,9 +185,7 @@ def _precheck(out: Path, rank: int, settings: dict[str, Any]) -> None:
                 f"{out} holds activations stored with other settings ({', '.join(changed)} differ). Use "
                 "another --out, or the same settings to resume it."
             )
-    lock = FolderLock(out, rank)
-    lock.acquire()  # raises RunLockedError naming the holder
-    lock.release()
+    FolderLock(out, rank).check_free()  # raises RunLockedError naming the holder; writes nothing
 
 
 def run(args: argparse.Namespace) -> int:

@@ -106,7 +106,12 @@ def torch_dtype(name: str) -> Any:
 
 
 def load_model(args, settings):
+    import transformers
+
     from hooked_vllm.model import HookedVLM
+
+    if getattr(args, "no_progress", False):
+        transformers.utils.logging.disable_progress_bar()  # HF's "Loading weights" bar too
 
     strict = not args.allow_weight_mismatch
     if settings["model"] == DEMO:

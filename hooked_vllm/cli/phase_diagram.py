@@ -177,17 +177,21 @@ def _explore(vlm, sample, rows, args) -> list:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``hooked-vllm phase-diagram``; errors are raised as HookedVLMError (one line in main)."""
+    settings = settings_of(args)  # the model source checked too: nothing heavy imported before
     import torch
 
     from hooked_vllm.report.html import write_report
     from hooked_vllm.runs.phase_diagram import open_run_store, run_phase_diagram
+    from hooked_vllm.runs.store import ResultStore
 
-    settings = settings_of(args)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if settings["device"] != "cpu" else "gloo")
-    vlm, warning = load_model(args, settings)  # before anything is written into --out
     upgrade = functools.partial(upgrade_legacy_settings, settings=settings)
+    # refuse a folder we could not write, or that holds another run, before the model loads; nothing is
+    # written into --out before the model has loaded
+    ResultStore(args.out, rank, settings, repair=args.repair, upgrade=upgrade).precheck()
+    vlm, warning = load_model(args, settings)
     with open_run_store(args.out, rank, world, settings, repair=args.repair, upgrade=upgrade) as store:
         sample = load_data(args, settings)
         if not sample.items:

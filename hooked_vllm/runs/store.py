@@ -127,23 +127,43 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = ""
-            for _ in range(20):  # the holder writes its name right after taking the lock
-                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-                if holder:
-                    break
-                time.sleep(0.01)
+            holder = self._holder(fd)
             os.close(fd)
-            holder = holder or "an unknown process"
-            raise RunLockedError(
-                f"{self.path.parent} is being written by another run ({holder}). Wait for it to finish "
-                "(then run again to resume), or use another --out."
-            ) from None
+            raise self._refusal(holder) from None
         started = datetime.datetime.now().isoformat(timespec="seconds")
         holder = f"pid {os.getpid()} on {socket.gethostname()}, rank {self.rank}, since {started}".encode()
         os.pwrite(fd, holder, 0)  # overwrite in place, then cut: a reader never sees an empty file
         os.ftruncate(fd, len(holder))
         self._fd = fd
+
+    def check_free(self) -> None:
+        """Raise :class:`RunLockedError` if another process holds the lock; creates and writes nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._refusal(self._holder(fd)) from None
+        finally:
+            os.close(fd)  # closing drops a lock taken here
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        holder = ""
+        for _ in range(20):  # the holder writes its name right after taking the lock
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            if holder:
+                break
+            time.sleep(0.01)
+        return holder or "an unknown process"
+
+    def _refusal(self, holder: str) -> RunLockedError:
+        return RunLockedError(
+            f"{self.path.parent} is being written by another run ({holder}). Wait for it to finish "
+            "(then run again to resume), or use another --out."
+        )
 
     def release(self) -> None:
         if self._fd is not None:
@@ -194,6 +214,17 @@ class ResultStore:
             raise
         return self
 
+    def precheck(self) -> None:
+        """The checks of :meth:`open` that write nothing, made before an expensive step (loading the
+        model): ``--out`` a file, another run writing the folder, a run of other settings there."""
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            prepare_folder(self.out_dir)  # raises, naming the file
+        if not self.out_dir.is_dir():
+            return
+        self._lock.check_free()
+        if self.rank == 0:
+            self._check_settings(write=False)
+
     def close(self) -> None:
         self._lock.release()
 
@@ -208,7 +239,7 @@ class ResultStore:
     def settings_path(self) -> Path:
         return self.out_dir / "run.json"
 
-    def _check_settings(self) -> None:
+    def _check_settings(self, write: bool = True) -> None:
         if self.settings is None:
             return
         parts = self.parts()
@@ -253,7 +284,8 @@ class ResultStore:
                     )
                     + "."
                 )
-        self._write_json(self.settings_path, self.settings)
+        if write:
+            self._write_json(self.settings_path, self.settings)
 
     def _part_settings(self, part: Path) -> dict:
         """The settings a part was written with ({} for parts of older versions, or unreadable ones:
