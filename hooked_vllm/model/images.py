@@ -33,7 +33,8 @@ numbers computed from silently darkened or whitened images would be wrong withou
 - ``F`` (32-bit float): the float rule above (values in [0, 1], else refused).
 - Empty images (width or height 0) are refused.
 
-**Files** (:func:`load_image`): decoded with Pillow, then converted by the mode rules. Before a
+**Files** (:func:`load_image`): decoded with Pillow, turned upright as their EXIF orientation tag
+says (as transformers' ``load_image`` does), then converted by the mode rules. Before a
 file is decoded, its width x height from the header is checked against a pixel limit
 (``max_pixels``, default :data:`MAX_PIXELS`, Pillow's own default of about 89.5 million): larger
 images, and Pillow's decompression-bomb error and warning, raise :class:`ImageLoadError` naming the
@@ -41,7 +42,7 @@ size, the limit and how to raise it. A path ``archive.zip::member`` names a memb
 read without extracting anything to disk (Winoground's hub files ship their images as a zip).
 
 Example:
-    >>> from PIL import Image
+    >>> from PIL import ExifTags, Image, ImageOps
     >>> to_rgb(Image.new("RGBA", (4, 4), (255, 0, 0, 0))).getpixel((0, 0))
     (255, 255, 255)
     >>> to_rgb(np.full((2, 2, 3), 0.5)).getpixel((0, 0))
@@ -61,7 +62,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from hooked_vllm.errors import HookedVLMError, ImageLoadError
 
@@ -137,6 +138,16 @@ def _bomb_checks_during_decoding(limit: int | None):
             Image.MAX_IMAGE_PIXELS = saved
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation tag says (as transformers' ``load_image`` does with
+    ``ImageOps.exif_transpose``): a phone photo stored sideways reaches the model upright."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9):
+        return image
+    upright = ImageOps.exif_transpose(image)
+    upright.format = image.format  # the mode rules read it (16-bit files in mode 'I')
+    return upright
+
+
 def _decode(source, label: str, limit: int | None) -> Image.Image:
     """Open ``source`` (a path or a binary file), check its size from the header, decode it."""
     try:
@@ -146,6 +157,7 @@ def _decode(source, label: str, limit: int | None) -> Image.Image:
                 raise _too_large(label, f"{width} x {height} = {width * height:,} pixels", limit)
             decoding()
             image.load()
+            image = _upright(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _too_large(label, str(exc), limit) from exc
     except HookedVLMError:
