@@ -14,7 +14,9 @@ one line on stderr and exit code 2 (``--debug`` shows the traceback).
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 from hooked_vllm.cli import cache_activations, phase_diagram
 from hooked_vllm.cli.common import OneLineParser
@@ -37,9 +39,21 @@ def build_parser() -> OneLineParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised wherever the run is (as ``KeyboardInterrupt`` is for SIGINT), so that it stops
+    the same way: finished batches kept, the folder's lock released, one line said."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``hooked-vllm SUBCOMMAND ...``: every error is one line on stderr and exit code 2."""
+    """``hooked-vllm SUBCOMMAND ...``: every error is one line on stderr and exit code 2; SIGINT and
+    SIGTERM say what was kept (exit codes 130 and 143)."""
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return SUBCOMMANDS[args.command].run(args)
     except HookedVLMError as exc:
@@ -47,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: finished batches are kept in {args.out}; run again to resume.", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as stop:
+        what, code = ("interrupted", 130) if isinstance(stop, KeyboardInterrupt) else ("terminated", 143)
+        print(f"{what}: finished batches are kept in {args.out}; run again to resume.", file=sys.stderr)
+        return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

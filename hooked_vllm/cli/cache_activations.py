@@ -15,7 +15,6 @@ Every error is one line on stderr and exit code 2 (``--debug`` shows the traceba
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,9 @@ from hooked_vllm.cli.common import (
     DEMO,
     DTYPES,
     UsageError,
+    add_rendezvous_timeout,
     check_data_dir,
+    join_ranks,
     load_data,
     load_model,
     non_negative_int,
@@ -129,6 +130,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--allow-weight-mismatch", action="store_true", help="load a mismatched checkpoint anyway"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
+    add_rendezvous_timeout(run)
     run.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return run
 
@@ -190,15 +192,12 @@ def _precheck(out: Path, rank: int, settings: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``hooked-vllm cache-activations``; errors are raised as HookedVLMError (one line in main)."""
-    import torch
 
     from hooked_vllm.activations.store import ActivationStore
     from hooked_vllm.runs.datasets import load_folder
 
     settings = settings_of(args)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if settings["device"] not in ("cpu", None) else "gloo")
+    rank, world = join_ranks(settings["device"], args.rendezvous_timeout)
     _precheck(args.out, rank, settings)
     if settings["dataset"] == "folder":
         sample = load_folder(

@@ -4,6 +4,7 @@ anything is written, and loading the model and the data."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from hooked_vllm.runs.constants import READS_DATA_DIR
 #: the model dtypes the commands offer (torch's names); torch itself is imported when a command runs
 DTYPES = ("bfloat16", "float16", "float32")
 DEMO = "demo"
+#: seconds a rank of a data-parallel run waits for the others to join (``--rendezvous-timeout``)
+RENDEZVOUS_TIMEOUT_S = 300.0
 
 
 class UsageError(HookedVLMError):
@@ -154,3 +157,49 @@ def load_data(args, settings):
         skip_bad=args.skip_bad,
         max_pixels=args.max_pixels,
     )
+
+
+def add_rendezvous_timeout(parser: argparse.ArgumentParser) -> None:
+    """The ``--rendezvous-timeout`` flag of the subcommands that run data parallel."""
+    parser.add_argument(
+        "--rendezvous-timeout",
+        type=float,
+        default=RENDEZVOUS_TIMEOUT_S,
+        metavar="SECONDS",
+        help="under torchrun, how long a rank waits for the others to join before it gives up with "
+        f"an error (default: {RENDEZVOUS_TIMEOUT_S:g})",
+    )
+
+
+def join_ranks(device: str | None, timeout_s: float = RENDEZVOUS_TIMEOUT_S) -> tuple[int, int]:
+    """This process's rank and the world size (``RANK``, ``WORLD_SIZE``, as torchrun sets them); in a
+    data-parallel run the process group is joined here, waiting at most ``timeout_s`` for the other
+    ranks. A ``WORLD_SIZE`` left in the environment without torchrun's rendezvous address, or ranks
+    that never come, are one :class:`UsageError` naming what was waited for."""
+    import datetime
+
+    import torch
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1 or torch.distributed.is_initialized():
+        return rank, world
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise UsageError(
+            f"WORLD_SIZE={world} is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+            "not, so the other ranks cannot be found. Start a data-parallel run with torchrun "
+            f"(torchrun --nproc-per-node {world} -m hooked_vllm.cli ...), or unset WORLD_SIZE for one "
+            "process."
+        )
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
+    try:
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as exc:  # torch.distributed.DistStoreError: the others never joined
+        reason = " ".join(str(exc).split())[:200]
+        raise UsageError(
+            f"rank {rank} of {world}: the other ranks did not join at {where} within {timeout_s:g} s "
+            f"({reason}). Start every rank (torchrun does), check MASTER_ADDR and MASTER_PORT, raise "
+            "--rendezvous-timeout, or unset WORLD_SIZE for one process."
+        ) from exc
+    return rank, world

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,9 @@ from hooked_vllm.cli.common import (
     DEMO,
     DTYPES,
     UsageError,
+    add_rendezvous_timeout,
     check_data_dir,
+    join_ranks,
     load_data,
     load_model,
     non_negative_int,
@@ -119,6 +120,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "refusing; missing tensors stay at random initialisation)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
+    add_rendezvous_timeout(run)
     run.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return run
 
@@ -178,15 +180,12 @@ def _explore(vlm, sample, rows, args) -> list:
 def run(args: argparse.Namespace) -> int:
     """Run ``hooked-vllm phase-diagram``; errors are raised as HookedVLMError (one line in main)."""
     settings = settings_of(args)  # the model source checked too: nothing heavy imported before
-    import torch
 
     from hooked_vllm.report.html import write_report
     from hooked_vllm.runs.phase_diagram import open_run_store, run_phase_diagram
     from hooked_vllm.runs.store import ResultStore
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if settings["device"] != "cpu" else "gloo")
+    rank, world = join_ranks(settings["device"], args.rendezvous_timeout)
     upgrade = functools.partial(upgrade_legacy_settings, settings=settings)
     # refuse a folder we could not write, or that holds another run, before the model loads; nothing is
     # written into --out before the model has loaded
