@@ -295,5 +295,23 @@ def _batch_columns(vlm, batch, indices: list[int], ids: list[str], plan: StorePl
     columns["item_index"] = np.repeat(np.asarray(indices, dtype=np.int64), item_rows)
     dtype = TORCH_DTYPES[plan.dtype]
     for hook in plan.hooks:
-        columns[hook] = vectors[hook].to(dtype).cpu().numpy()
+        columns[hook] = _in_storage_dtype(vectors[hook], dtype, hook, columns["item_id"]).cpu().numpy()
     return columns, [ids[i] for i in indices], item_rows
+
+
+def _in_storage_dtype(values: torch.Tensor, dtype: torch.dtype, hook: str, row_items: list[str]):
+    """``values`` in the storage dtype, or ActivationStoreError where a finite value overflows it (stored,
+    it would read back as inf). Values already inf or NaN in the model are stored as they are."""
+    stored = values.to(dtype)
+    if stored.dtype == values.dtype or not bool(torch.isinf(stored).any()):
+        return stored
+    overflow = torch.isinf(stored) & torch.isfinite(values)
+    if not bool(overflow.any()):
+        return stored
+    largest = float(values[torch.isfinite(values)].abs().max())
+    item = row_items[int(overflow.any(dim=-1).nonzero()[0, 0])]
+    raise ActivationStoreError(
+        f"{hook} reaches |x| = {largest:.4g} (item {item}), beyond {str(dtype).removeprefix('torch.')}'s "
+        f"largest value {torch.finfo(dtype).max:.6g}: stored, it would read back as inf. Store it as float32 "
+        "(--store-dtype float32, dtype='float32') into another --out."
+    )

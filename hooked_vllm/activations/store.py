@@ -27,6 +27,7 @@ Gotchas:
 
 - ``with_format("torch")`` hands float16 columns over as float32 (``datasets``' default); the values
   are the stored ones. ``ActivationStore.rows`` keeps the stored dtype.
+- ``dtype="float16"`` refuses activations above 65504 (they would read back as inf), naming the hook.
 - With ``positions="all"``, per-image hooks (vision tower, Q-Former, visual prefix) are NaN at the rows
   that are not image positions; with ``text`` or ``last`` they are refused.
 - LLaVA's CLS token reaches no position (``vision_feature_select_strategy="default"``) and is not
@@ -107,7 +108,10 @@ class ActivationStore:
         Returns the store opened for reading on rank 0 (``None`` on other ranks; ranks and world size
         come from RANK/WORLD_SIZE unless given). ``max_batches`` stops early (a later call resumes);
         ``settings`` adds what else identifies the run (the CLI's flags); ``repair`` sets bad shards
-        aside and recomputes them.
+        aside and recomputes them. A finite activation too large for ``dtype`` (float16: above 65504)
+        is refused before its shard is written, naming the hook and its largest absolute value (store
+        float32 instead): no overflow is stored as inf. Values the model itself gives as inf or NaN
+        are stored as they are.
         """
         from hooked_vllm.runs.phase_diagram import shard_of_environment
 
