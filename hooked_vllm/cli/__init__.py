@@ -14,6 +14,7 @@ one line on stderr and exit code 2 (``--debug`` shows the traceback).
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import threading
@@ -48,6 +49,22 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
+#: errors of writing that freeing space or another --out mends
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+
+def _os_error_line(exc: OSError, out: object) -> str:
+    """An OSError as one line: what failed, on which file, and what to do."""
+    what = exc.strerror or " ".join(str(exc).split())
+    where = f": {exc.filename}" if exc.filename else ""
+    if exc.errno in _WRITE_ERRORS:
+        return (
+            f"{what}{where}. Finished batches are kept in {out}; free space or make it writable (or "
+            "choose another --out), then run the same command again to resume."
+        )
+    return f"{what}{where}. Check that file, then run the same command again (finished batches are kept)."
+
+
 def main(argv: list[str] | None = None) -> int:
     """``hooked-vllm SUBCOMMAND ...``: every error is one line on stderr and exit code 2; SIGINT and
     SIGTERM say what was kept (exit codes 130 and 143)."""
@@ -60,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the disk full, a read-only folder... while reading or writing files
+        if args.debug:
+            raise
+        print(f"error: {_os_error_line(exc, args.out)}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as stop:
         what, code = ("interrupted", 130) if isinstance(stop, KeyboardInterrupt) else ("terminated", 143)

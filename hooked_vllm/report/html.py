@@ -30,6 +30,7 @@ import numpy as np
 from hooked_vllm.analysis.phases import PHASE_RULES
 from hooked_vllm.report import figures
 from hooked_vllm.report.explorer import ItemView, payload
+from hooked_vllm.runs.files import atomic_path, write_text_atomically
 
 #: how every figure numbers its layers (in the page, the back-quoted names are code)
 LAYER_CONVENTION = (
@@ -255,7 +256,7 @@ def write_report(
 <code>aggregates.json</code>.</p>
 </body></html>"""
     path = out_dir / "report.html"
-    path.write_text(page)
+    write_text_atomically(path, page)
     write_pngs(out_dir, aggregates, title, warning)
     return path
 
@@ -289,7 +290,8 @@ def write_pngs(out_dir: Path, aggregates: dict, title: str, warning: str | None 
     ax.legend()
     fig.tight_layout()
     paths = [out_dir / "phase_diagram.png"]
-    fig.savefig(paths[0])
+    with atomic_path(paths[0]) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
@@ -302,6 +304,7 @@ def write_pngs(out_dir: Path, aggregates: dict, title: str, warning: str | None 
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out_dir / "attention.png")
-    fig.savefig(paths[1])
+    with atomic_path(paths[1]) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return paths

@@ -35,6 +35,7 @@ from hooked_vllm.analysis.collect import collect
 from hooked_vllm.analysis.phases import detect_phases
 from hooked_vllm.model.images import load_image
 from hooked_vllm.runs.datasets import DatasetSample
+from hooked_vllm.runs.files import write_text_atomically
 from hooked_vllm.runs.store import ResultStore, RunStoreError
 
 __all__ = ["ResultStore", "RunResult", "aggregate", "batch_rows", "run_phase_diagram"]
@@ -209,7 +210,7 @@ def aggregate(rows: list[dict], sums: dict[str, np.ndarray], *, window: int = 3)
 
 
 def write_aggregates(out_dir: Path, aggregates: dict) -> None:
-    (out_dir / "aggregates.json").write_text(json.dumps(aggregates, indent=1))
+    write_text_atomically(out_dir / "aggregates.json", json.dumps(aggregates, indent=1))
     ctx = aggregates["contextualization"]
     header = ["layer"] + [f"{g}_{k}" for g in GROUPS for k in ("mean", "ci95", "adjusted_mean")]
     header += [f"norm_{p}" for p in aggregates["norm_attention"]]
@@ -221,7 +222,7 @@ def write_aggregates(out_dir: Path, aggregates: dict) -> None:
         for stats in aggregates["norm_attention"].values():
             values.append(f"{stats['mean'][layer - 1]:.6g}" if layer > 0 else "")
         lines.append(",".join(values))
-    (out_dir / "aggregates.csv").write_text("\n".join(lines) + "\n")
+    write_text_atomically(out_dir / "aggregates.csv", "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------- the run

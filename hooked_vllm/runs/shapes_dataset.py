@@ -7,6 +7,7 @@ from pathlib import Path
 
 from hooked_vllm.demo import shapes
 from hooked_vllm.runs.datasets import DatasetError, DatasetItem, DatasetSample, check_n
+from hooked_vllm.runs.files import atomic_path
 
 HELD_OUT_SEED = shapes.HELD_OUT_SEED_BASE + 10_000
 
@@ -23,7 +24,8 @@ def load_shapes(directory: str | Path, n: int = 16, seed: int = 0) -> DatasetSam
     for i, example in enumerate(shapes.examples(seed=HELD_OUT_SEED + 7919 * seed + 1, n=n)):
         path = directory / f"shapes-{seed}-{i:05d}.png"
         if not path.is_file():
-            example.image.save(path)
+            with atomic_path(path) as tmp:  # a failed write never leaves a truncated image to resume on
+                example.image.save(tmp)
         items.append(
             DatasetItem(
                 f"shapes-{seed}-{i:05d}",
