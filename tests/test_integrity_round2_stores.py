@@ -4,16 +4,19 @@ the file or the hook."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from hooked_vllm import HookedVLMError
 from hooked_vllm.activations.store import ActivationStore, ActivationStoreError
 from hooked_vllm.cli import main as cli_main
 from hooked_vllm.runs.datasets import DatasetItem
+from hooked_vllm.runs.store import ResultStore
 from hooked_vllm.testing import tiny_llava
-from tests.conftest import INSTRUCTIONS, random_images
+from tests.conftest import INSTRUCTIONS, make_coco, random_images
 
 FLOAT16_MAX = 65504.0
 
@@ -94,3 +97,95 @@ def test_values_already_infinite_or_nan_are_stored_as_they_are(llava, tmp_path):
     values = store[:][hook]
     assert bool(torch.isinf(values[:, 0]).all()) and bool(torch.isnan(values[:, 1]).all())
     assert bool(torch.isfinite(values[:, 2:]).all())
+
+
+# ---------------------------------------------------------------- 4. one folder, one kind of store
+def _phase_args(model_dir: Path, coco: Path, out: Path) -> list[str]:
+    return [
+        "phase-diagram",
+        "--no-progress",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "coco",
+        "--data-dir",
+        str(coco),
+        "--out",
+        str(out),
+    ]
+
+
+def _cache_args(model_dir: Path, images: Path, out: Path) -> list[str]:
+    return [
+        "cache-activations",
+        "--no-progress",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "folder",
+        "--data-dir",
+        str(images),
+        "--hooks",
+        "blocks.0.hook_resid_post",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    ]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["marked", "previous-version"])
+def test_a_results_folder_is_refused_by_cache_activations(llava, tmp_path, model_dir, capsys, legacy):
+    out, coco = tmp_path / "out", make_coco(tmp_path / "coco", n_images=2)
+    _items(tmp_path / "images", 2)
+    assert cli_main(_phase_args(model_dir, coco, out)) == 0
+    if legacy:  # a run.json as the previous version wrote it: no kind
+        settings = json.loads((out / "run.json").read_text())
+        settings.pop("kind", None)
+        (out / "run.json").write_text(json.dumps(settings))
+    rows, _ = ResultStore(out).read()
+    before = _snapshot(out)
+    capsys.readouterr()
+    err = _one_line(cli_main(_cache_args(model_dir, tmp_path / "images", out)), capsys.readouterr().err)
+    assert "phase-diagram" in err and "another --out" in err
+    assert _snapshot(out) == before  # nothing written into it
+    items = _items(tmp_path / "images", 2)
+    with pytest.raises(HookedVLMError, match="phase-diagram"):
+        ActivationStore.write(llava.vlm, items, out, hooks=["hook_embed"], progress=False)
+    assert _snapshot(out) == before
+    assert ResultStore(out).read()[0] == rows
+    assert cli_main(_phase_args(model_dir, coco, out)) == 0
+    assert "2 of 2 items were already done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["marked", "previous-version"])
+def test_an_activation_store_is_refused_by_phase_diagram(tmp_path, model_dir, capsys, legacy):
+    out, coco = tmp_path / "out", make_coco(tmp_path / "coco", n_images=2)
+    _items(tmp_path / "images", 2)
+    assert cli_main(_cache_args(model_dir, tmp_path / "images", out)) == 0
+    if legacy:
+        settings = json.loads((out / "run.json").read_text())
+        settings.pop("kind", None)
+        settings.pop("format", None)  # and nothing else to tell: the files must
+        (out / "run.json").write_text(json.dumps(settings))
+    values = ActivationStore.open(out)[:]["blocks.0.hook_resid_post"]
+    before = _snapshot(out)
+    capsys.readouterr()
+    err = _one_line(cli_main(_phase_args(model_dir, coco, out)), capsys.readouterr().err)
+    assert "activation store" in err and "another --out" in err
+    assert _snapshot(out) == before and not (out / "items").exists()
+    with pytest.raises(HookedVLMError, match="activation store"):
+        ResultStore(out, settings={"model": "x"}).open()
+    assert _snapshot(out) == before and not (out / "items").exists()
+    assert torch.equal(ActivationStore.open(out)[:]["blocks.0.hook_resid_post"], values)
+    if not legacy:
+        assert cli_main(_cache_args(model_dir, tmp_path / "images", out)) == 0
+        assert "1 of 1 batches done" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from hooked_vllm import cli as hooked_cli
 from hooked_vllm.cli.common import UsageError
 from hooked_vllm.runs.datasets import DatasetItem, DatasetSample, load_coco
 from hooked_vllm.runs.store import (
+    RESULTS_KIND,
     ResultStore,
     RunLockedError,
     RunStoreError,
@@ -108,7 +109,7 @@ def test_settings_live_in_the_parts_so_a_lost_run_json_never_mixes_runs(tmp_path
         ResultStore(tmp_path, settings=SETTINGS).open()
     with ResultStore(tmp_path, settings=SETTINGS, repair=True) as store:  # every part agrees: restored
         assert store.done_ids() == {"a"}
-    assert json.loads((tmp_path / "run.json").read_text()) == SETTINGS  # types kept
+    assert json.loads((tmp_path / "run.json").read_text()) == {"kind": RESULTS_KIND, **SETTINGS}  # types kept
     (tmp_path / "run.json").write_text(json.dumps(other))  # a run.json that lies about the parts
     with pytest.raises(SettingsMismatchError, match="seed"):
         ResultStore(tmp_path, settings=other).open()

@@ -10,7 +10,8 @@
   ``dataset_info.json`` holds the features. ``datasets.load_from_disk`` reads the folder
   memory-mapped. ``state.json`` is rewritten when a rank opens, every ``PUBLISH_EVERY_S`` seconds
   and when it finishes, under a lock shared by the ranks (``.state-lock``).
-- **Settings** live in ``run.json`` and in every shard; a resume with other settings is refused, as is
+- **Settings** live in ``run.json`` (with ``kind``: an activation store; a folder holding the
+  phase-diagram's results is refused) and in every shard; a resume with other settings is refused, as is
   a folder whose ``run.json`` is gone (``repair`` rewrites it when every shard agrees).
 - **One writer per rank**: ``.lock-r{rank}``, the run store's :class:`~hooked_vllm.runs.store.FolderLock`.
 - **Verified on open**: every shard is read back (memory-mapped: headers, row counts, item ids).
@@ -39,9 +40,11 @@ import pyarrow as pa
 
 from hooked_vllm.activations.layout import MODALITIES
 from hooked_vllm.runs.store import (
+    ACTIVATIONS_KIND,
     FolderLock,
     RunStoreError,
     SettingsMismatchError,
+    check_kind,
     prepare_folder,
     set_aside,
     settings_differences,
@@ -222,6 +225,7 @@ class ShardWriter:
 
     def open(self) -> ShardWriter:
         prepare_folder(self.folder, ActivationStoreError)
+        check_kind(self.folder, ACTIVATIONS_KIND)
         self._lock.acquire()
         try:
             for leftover in self.folder.glob(f"tmp-r{self.rank}-*"):
@@ -274,7 +278,7 @@ class ShardWriter:
                     f"be checked{f'; {len(other)} carry other or no settings' if other else ''}. Use another "
                     f"--out{'' if other else ', or --repair to rewrite run.json from the shards'}."
                 )
-        _write_json(path, self.settings)
+        _write_json(path, {"kind": ACTIVATIONS_KIND, **self.settings})
 
     def verify(self) -> list[tuple[Path, str]]:
         """Read every shard back; report (or, with ``repair``, quarantine) the bad ones."""

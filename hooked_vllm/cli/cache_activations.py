@@ -172,10 +172,17 @@ def _precheck(out: Path, rank: int, settings: dict[str, Any]) -> None:
     import json
 
     from hooked_vllm.activations.shards import SHARD_NAME
-    from hooked_vllm.runs.store import FolderLock, SettingsMismatchError, settings_differences
+    from hooked_vllm.runs.store import (
+        ACTIVATIONS_KIND,
+        FolderLock,
+        SettingsMismatchError,
+        check_kind,
+        settings_differences,
+    )
 
     if not out.is_dir():
         return
+    check_kind(out, ACTIVATIONS_KIND)  # a phase-diagram folder: refused before its run.json is touched
     if rank == 0 and (out / "run.json").is_file() and any(SHARD_NAME.match(p.name) for p in out.iterdir()):
         try:
             previous = json.loads((out / "run.json").read_text())

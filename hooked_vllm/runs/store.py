@@ -11,6 +11,10 @@ sums (``.npz``, for the cross-input baseline). The rules:
   and ``run.json`` holds them too. Resuming with other settings is refused, as is resuming a store
   whose ``run.json`` is gone while parts remain (``repair=True`` rewrites it when every part agrees
   with the settings given). Settings compare as values: paths resolved, devices resolved.
+- **One kind of store a folder.** ``run.json`` names what the folder holds (``kind``: results here,
+  the activation store's in :mod:`hooked_vllm.activations.shards`); a folder holding the other kind
+  is refused before anything is written into it (:func:`check_kind`; folders of earlier versions,
+  without ``kind``, are recognised by their files).
 - **One writer.** Each rank of a run holds an exclusive lock on ``.lock-r{rank}`` in the run folder
   (``fcntl.flock``: released by the OS when the process dies, even by ``kill -9``). A second run on the
   same folder is refused and told who holds it.
@@ -51,7 +55,13 @@ PART_NAME = re.compile(r"^part-r(\d+)-(\d{6})\.parquet$")
 SETTINGS_KEY = b"hooked_vllm.settings"
 VECTOR_KEYS = ("sum_image", "sum_text")
 #: keys an older run.json held that are not settings of the results (where the store was, ...)
-NOT_SETTINGS = frozenset({"out", "workers", "no_progress", "command", "debug", "repair"})
+NOT_SETTINGS = frozenset({"out", "workers", "no_progress", "command", "debug", "repair", "kind"})
+#: the kinds of store a run folder holds, as ``run.json``'s ``kind`` says, and how to tell them apart
+RESULTS_KIND, ACTIVATIONS_KIND = "phase-diagram results", "activation store"
+KINDS = {
+    RESULTS_KIND: "a phase-diagram results store (hooked-vllm phase-diagram)",
+    ACTIVATIONS_KIND: "an activation store (hooked-vllm cache-activations)",
+}
 
 
 class RunStoreError(HookedVLMError):
@@ -64,6 +74,10 @@ class RunLockedError(RunStoreError):
 
 class SettingsMismatchError(RunStoreError):
     """A run folder holds results made with other settings."""
+
+
+class StoreKindError(RunStoreError):
+    """A run folder holds another kind of store (phase-diagram results, activations)."""
 
 
 @dataclass
@@ -96,6 +110,34 @@ def prepare_folder(folder: Path, error: type[RunStoreError] = RunStoreError) -> 
         raise error(f"Cannot create {folder}: {exc.strerror}. Choose an --out you can write to.") from exc
     if not os.access(folder, os.W_OK | os.X_OK):
         raise error(f"{folder} is not writable. Choose an --out you can write to.")
+
+
+def folder_kind(folder: Path) -> str | None:
+    """Which of :data:`KINDS` ``folder`` holds: its ``run.json``'s ``kind``; for a folder of an earlier
+    version (no ``kind``), what its files are: an activation store's ``format`` in ``run.json``, its
+    ``state.json`` or shards; a results store's ``items/``. None for a folder holding neither."""
+    try:
+        marked = json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError):
+        marked = None
+    if isinstance(marked, dict) and marked.get("kind") in KINDS:
+        return marked["kind"]
+    if isinstance(marked, dict) and str(marked.get("format", "")).startswith("hooked-vllm activations"):
+        return ACTIVATIONS_KIND
+    if (folder / "state.json").is_file() or any(folder.glob("data-b*.arrow")):
+        return ACTIVATIONS_KIND
+    return RESULTS_KIND if (folder / "items").is_dir() else None
+
+
+def check_kind(folder: Path, kind: str) -> None:
+    """Raise :class:`StoreKindError` if ``folder`` holds another kind of store than ``kind``; writes
+    nothing."""
+    found = folder_kind(folder) if folder.is_dir() else None
+    if found not in (None, kind):
+        raise StoreKindError(
+            f"--out {folder} holds {KINDS[found]}; writing {KINDS[kind]} there would overwrite its run.json. "
+            "Use another --out (the folder was left as it is)."
+        )
 
 
 def set_aside(path: Path, quarantine: Path) -> None:
@@ -201,6 +243,7 @@ class ResultStore:
     def open(self) -> ResultStore:
         """Take the rank's lock, check the settings, verify every part and remove own leftovers."""
         prepare_folder(self.out_dir)
+        check_kind(self.out_dir, RESULTS_KIND)
         self.dir.mkdir(exist_ok=True)
         self._lock.acquire()
         try:
@@ -221,6 +264,7 @@ class ResultStore:
             prepare_folder(self.out_dir)  # raises, naming the file
         if not self.out_dir.is_dir():
             return
+        check_kind(self.out_dir, RESULTS_KIND)
         self._lock.check_free()
         if self.rank == 0:
             self._check_settings(write=False)
@@ -285,7 +329,7 @@ class ResultStore:
                     + "."
                 )
         if write:
-            self._write_json(self.settings_path, self.settings)
+            self._write_json(self.settings_path, {"kind": RESULTS_KIND, **self.settings})
 
     def _part_settings(self, part: Path) -> dict:
         """The settings a part was written with ({} for parts of older versions, or unreadable ones:
