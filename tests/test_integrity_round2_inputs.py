@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 from transformers.image_utils import load_image as hf_load_image
 
+from hooked_vllm.cli import main as cli_main
+from hooked_vllm.model import HookedVLM
 from hooked_vllm.model.images import load_image
+from hooked_vllm.runs.datasets import BadItemError, DatasetError, load_folder, load_winoground, screen_items
+from hooked_vllm.runs.phase_diagram import run_phase_diagram
+from hooked_vllm.testing import tiny_llava, tiny_qwen2_vl
+from tests.conftest import make_winoground
 
 ORIENTATION = 0x0112
 
@@ -45,3 +55,130 @@ def test_rotated_photo_ends_up_the_right_way_round(tmp_path, orientation):
     loaded = load_image(tmp_path / "phone.png")
     assert loaded.size == (6, 4)
     np.testing.assert_array_equal(np.asarray(loaded), np.asarray(upright))
+
+
+# ---------------------------------------------------------------- 6: dataset text is text
+@pytest.fixture(scope="module")
+def vlms():
+    return {"llava": HookedVLM.from_hf(*tiny_llava()), "qwen2_vl": HookedVLM.from_hf(*tiny_qwen2_vl())}
+
+
+def _winoground(root, caption: str):
+    """Two examples; example 1's caption_0 is ``caption`` (items winoground-1-i0-c0 and -i1-c0)."""
+    make_winoground(root, n_examples=2)
+    lines = [json.loads(line) for line in (root / "examples.jsonl").read_text().splitlines()]
+    lines[1]["caption_0"] = caption
+    (root / "examples.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root
+
+
+BAD_IDS = ["winoground-1-i0-c0", "winoground-1-i1-c0"]
+
+
+def _rows(result) -> dict[str, dict]:
+    return {row["item_id"]: row for row in result.rows}
+
+
+@pytest.mark.parametrize(
+    "family, text",
+    [
+        ("llava", "the cat <image> is on the mat"),
+        ("llava", "<image> and <image>"),
+        ("qwen2_vl", "the cat <|image_pad|> is on the mat"),
+        ("qwen2_vl", "a <|video_pad|> of a cat"),
+        ("llava", "a cat \ud800 on a mat"),
+        ("qwen2_vl", "a cat \ud800 on a mat"),
+    ],
+)
+def test_bad_text_is_refused_or_skipped(tmp_path, vlms, family, text):
+    vlm = vlms[family]
+    root = _winoground(tmp_path / "wino", text)
+    with pytest.raises(BadItemError) as info:
+        run_phase_diagram(vlm, load_winoground(root), tmp_path / "strict", progress=False)
+    message = str(info.value)
+    assert "\n" not in message and BAD_IDS[0] in message and "--skip-bad" in message
+    assert ("cannot be encoded" in message) if "\ud800" in text else ("image placeholder" in message)
+    sample = load_winoground(root, skip_bad=True)
+    result = run_phase_diagram(vlm, sample, tmp_path / "skip", progress=False, batch_size=3)
+    assert [item_id for item_id, _ in sample.skipped] == BAD_IDS
+    assert all(item_id in reason for item_id, reason in sample.skipped)
+    every = [item.item_id for item in load_winoground(root).items]
+    assert sorted(_rows(result)) == sorted(set(every) - set(BAD_IDS)) and len(every) == 8
+    # the good items' results are those of a run over the good items alone
+    good = load_winoground(root, skip_bad=True)
+    good.items = [item for item in good.items if item.item_id not in BAD_IDS]
+    alone = run_phase_diagram(vlm, good, tmp_path / "alone", progress=False, batch_size=3)
+    assert _rows(result) == _rows(alone)
+
+
+def test_placeholder_caption_through_both_commands(tmp_path, model_dir, capsys):
+    root = _winoground(tmp_path / "wino", "the cat <image> is on the mat")
+    common = ["--model", str(model_dir), "--dataset", "winoground", "--data-dir", str(root), "--no-progress"]
+    for command, extra in (("phase-diagram", []), ("cache-activations", ["--hooks", "hook_embed"])):
+        capsys.readouterr()
+        assert cli_main([command, *common, *extra, "--out", str(tmp_path / command)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and BAD_IDS[0] in err and "'<image>'" in err, err
+        code = cli_main([command, *common, *extra, "--skip-bad", "--out", str(tmp_path / f"{command}-skip")])
+        out = capsys.readouterr().out
+        assert code == 0 and all(f"skipped {item_id}: Item {item_id}" in out for item_id in BAD_IDS), out
+    assert "stored" in out and "of 6 items" in out
+
+
+# ---------------------------------------------------------------- 8: bad items beyond loading
+def _folder(root, sizes: dict[str, tuple[int, int]]):
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    for name, (width, height) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / name)
+    return root
+
+
+def test_image_the_processor_refuses_is_named_and_skipped(tmp_path, vlms):
+    """Qwen2-VL's processor refuses an aspect ratio over 200: that item alone is skipped, and the
+    batch-mates' results are those of a run without it."""
+    vlm = vlms["qwen2_vl"]
+    root = _folder(tmp_path / "images", {"a.png": (40, 30), "b.png": (10000, 10), "c.png": (28, 56)})
+    with pytest.raises(BadItemError) as info:
+        run_phase_diagram(vlm, load_folder(root), tmp_path / "strict", progress=False, batch_size=4)
+    message = str(info.value)
+    assert "\n" not in message and "folder-b.png" in message and "aspect ratio" in message
+    sample = load_folder(root, skip_bad=True)
+    result = run_phase_diagram(vlm, sample, tmp_path / "skip", progress=False, batch_size=4)
+    assert [item_id for item_id, _ in sample.skipped] == ["folder-b.png"]
+    assert "aspect ratio must be smaller than 200" in sample.skipped[0][1]
+    assert result.aggregates["skipped"] == sample.skipped
+    (root / "b.png").unlink()
+    alone = run_phase_diagram(vlm, load_folder(root), tmp_path / "alone", progress=False, batch_size=4)
+    assert sorted(_rows(result)) == ["folder-a.png", "folder-c.png"] and _rows(result) == _rows(alone)
+
+
+def test_screen_with_the_processor_for_fixed_batches(tmp_path, vlms):
+    """The activation store fixes its batches first: ``screen_items(..., processor=True)`` finds the
+    items the processor refuses before any batch is made."""
+    root = _folder(tmp_path / "images", {"a.png": (40, 30), "b.png": (10000, 10), "c.png": (28, 56)})
+    with pytest.raises(BadItemError, match="folder-b.png.*aspect ratio"):
+        screen_items(vlms["qwen2_vl"], load_folder(root), processor=True)
+    sample = screen_items(vlms["qwen2_vl"], load_folder(root, skip_bad=True), processor=True)
+    assert [item.item_id for item in sample.items] == ["folder-a.png", "folder-c.png"]
+    assert [item_id for item_id, _ in sample.skipped] == ["folder-b.png"]
+    with pytest.raises(
+        BadItemError, match="Every item of the folder sample is bad; the first: Item folder-a"
+    ):
+        screen_items(vlms["llava"], load_folder(root, skip_bad=True, instruction="a \ud800"))
+
+
+def test_folder_names_dangling_symlinks_and_fifos(tmp_path):
+    root = _folder(tmp_path / "images", {"a.png": (20, 20), "c.png": (20, 20)})
+    (root / "b.png").symlink_to(tmp_path / "gone.png")
+    os.mkfifo(root / "d.jpg")
+    with pytest.raises(DatasetError) as info:
+        load_folder(root)
+    assert "\n" not in str(info.value) and "b.png is a dangling symlink" in str(info.value)
+    (root / "b.png").unlink()
+    with pytest.raises(DatasetError, match=r"d\.jpg is not a regular file \(a FIFO"):
+        load_folder(root)
+    (root / "b.png").symlink_to(tmp_path / "gone.png")
+    sample = load_folder(root, skip_bad=True)
+    assert [item.item_id for item in sample.items] == ["folder-a.png", "folder-c.png"]
+    assert [Path(path).name for path, _ in sample.skipped] == ["b.png", "d.jpg"]

@@ -209,6 +209,13 @@ class VLMAdapter(ABC):
             self.processor, instruction, n_images, self.template, self.image_placeholder, self.image_text
         )
 
+    @property
+    def prompt_markers(self) -> tuple[str, ...]:
+        """Texts the processor reads as an image or a video wherever they stand in a prompt: the
+        placeholder and the image and video tokens. Dataset text holding one is refused."""
+        tokens = self.tokenizer.convert_ids_to_tokens([self.image_token_id, *self.video_token_ids])
+        return tuple(dict.fromkeys(text for text in (self.image_placeholder, *tokens) if text))
+
     def count_image_slots(self, prompt: str) -> int:
         """How many images a (templated) prompt takes."""
         return prompt.count(self.image_placeholder)

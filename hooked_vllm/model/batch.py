@@ -29,13 +29,18 @@ import torch
 from jaxtyping import Bool, Int
 
 from hooked_vllm.adapters.base import ImageSlots, positions_from_mask  # noqa: F401 (re-exported)
-from hooked_vllm.errors import BatchFormatError, ImageCountError, MissingImageError
+from hooked_vllm.errors import BatchFormatError, HookedVLMError, ImageCountError, MissingImageError
 
 if TYPE_CHECKING:
     from hooked_vllm.adapters import VLMAdapter
 
 Modality = Literal["image", "text", "special"]
 PositionIds = Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, "3 batch pos"]
+
+#: What :meth:`HookedVLM.prepare` raises for one item it cannot take: HF processors refuse images
+#: and text with ``ValueError``/``TypeError`` (an aspect ratio over 200, text no tokenizer reads), and
+#: hooked-vllm's own checks with a :class:`~hooked_vllm.errors.HookedVLMError`.
+PREPARE_ERRORS = (ValueError, TypeError, HookedVLMError)
 
 
 @dataclass

@@ -39,13 +39,16 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from hooked_vllm.errors import HookedVLMError, ImageLoadError
+from hooked_vllm.model.batch import PREPARE_ERRORS
 from hooked_vllm.model.images import load_image, zip_member_path
 from hooked_vllm.runs.constants import CAPTION_INSTRUCTION, DATASETS, WINOGROUND_TEMPLATE
 
@@ -70,12 +73,20 @@ class DatasetItem:
 @dataclass
 class DatasetSample:
     """The items of a run; ``max_pixels`` is the image pixel limit the loader was given (``None``:
-    the default of :mod:`hooked_vllm.model.images`), for whoever decodes the images later."""
+    the default of :mod:`hooked_vllm.model.images`), for whoever decodes the images later;
+    ``skip_bad`` whether items found bad later (:func:`screen_items`, the processor) are skipped
+    and listed in ``skipped`` too, or refused."""
 
     name: str
     items: list[DatasetItem]
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path or item id, reason)
     max_pixels: int | None = None
+    skip_bad: bool = False
+
+
+class BadItemError(DatasetError):
+    """A dataset item the model cannot take: text holding an image placeholder or not encodable,
+    an image or a prompt the processor refuses."""
 
 
 # ---------------------------------------------------------------- checks shared by the readers
@@ -164,6 +175,63 @@ def _check_images(
     return kept, [(str(path), reason) for path, reason in bad.items()]
 
 
+def _text_problem(text: str, markers: Sequence[str]) -> str | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"its text cannot be encoded ({exc.reason}: {text[exc.start : exc.end]!r} at character "
+            f"{exc.start}), so no tokenizer can read it; fix the text in the dataset"
+        )
+    found = next((marker for marker in markers if marker in text), None)
+    if found is None:
+        return None
+    return (
+        f"its text holds {found!r}, which the model reads as an image placeholder (the image would "
+        "land inside the text); dataset text is text: remove or reword it in the dataset"
+    )
+
+
+def bad_item(sample: DatasetSample, item: DatasetItem, problem: str) -> tuple[str, str]:
+    """``(item id, reason)`` to list under ``sample.skipped`` where ``sample.skip_bad``; else raise
+    :class:`BadItemError` naming the item and ``problem``."""
+    reason = f"Item {item.item_id} ({item.image_path}): {problem}"
+    if not sample.skip_bad:
+        raise BadItemError(f"{reason} (pass --skip-bad to skip such items and list them)")
+    return item.item_id, reason
+
+
+def screen_items(vlm, sample: DatasetSample, *, processor: bool = False) -> DatasetSample:
+    """Refuse, or skip and list where ``sample.skip_bad``, the items ``vlm`` cannot take as text:
+    text that is not encodable, or that holds one of the model's image placeholders
+    (``vlm.adapter.prompt_markers``: it would move the image into the text). ``processor=True`` also
+    prepares each item alone (its image decoded) and refuses those the processor rejects, for runs
+    whose batches are fixed before they start. ``sample`` is updated in place and returned; a sample
+    left empty is an error."""
+    kept = []
+    for item in sample.items:
+        problem = _text_problem(item.instruction, vlm.adapter.prompt_markers)
+        if problem is None and processor:
+            try:
+                vlm.prepare([load_image(item.image_path, max_pixels=sample.max_pixels)], [item.instruction])
+            except PREPARE_ERRORS as exc:
+                problem = refused(exc)
+        if problem is None:
+            kept.append(item)
+        else:
+            sample.skipped.append(bad_item(sample, item, problem))
+    if sample.items and not kept:
+        first = sample.skipped[-len(sample.items)][1]
+        raise BadItemError(f"Every item of the {sample.name} sample is bad; the first: {first}")
+    sample.items[:] = kept
+    return sample
+
+
+def refused(exc: Exception) -> str:
+    """What the processor said about an item it rejected, on one line."""
+    return f"the processor refuses it ({type(exc).__name__}: {' '.join(str(exc).split())})"
+
+
 def _sample(items: list, n: int | None, seed: int) -> list:
     if n is None or n >= len(items):
         return items
@@ -242,7 +310,7 @@ def load_coco(
     if not items:
         raise DatasetError(f"{annotation} lists no images.")
     items, skipped = _check_images(_sample(items, n, seed), skip_bad, max_pixels)
-    return DatasetSample("coco", items, skipped, max_pixels)
+    return DatasetSample("coco", items, skipped, max_pixels, skip_bad)
 
 
 # ---------------------------------------------------------------- Winoground
@@ -351,7 +419,7 @@ def load_winoground(
                     )
                 )
     items, skipped = _check_images(items, skip_bad, max_pixels)
-    return DatasetSample("winoground", items, skipped, max_pixels)
+    return DatasetSample("winoground", items, skipped, max_pixels, skip_bad)
 
 
 # ---------------------------------------------------------------- bundled samples and dispatch
@@ -387,12 +455,26 @@ def load_folder(
     data_dir = Path(data_dir).absolute()
     if not data_dir.is_dir():
         raise DatasetError(f"{data_dir} is not a folder. Give the folder holding the images.")
-    paths = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    entries = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    not_files = [(str(p), _not_a_file(p)) for p in entries if not p.is_file()]
+    if not_files and not skip_bad:
+        path, reason = not_files[0]
+        raise DatasetError(f"{reason} (pass --skip-bad to skip such entries and list them)")
+    paths = [p for p in entries if p.is_file()]
     if not paths:
         raise DatasetError(f"No image files ({', '.join(IMAGE_SUFFIXES)}) under {data_dir}.")
     items = [DatasetItem(f"folder-{p.relative_to(data_dir).as_posix()}", p, instruction) for p in paths]
     items, skipped = _check_images(_sample(items, n, seed), skip_bad, max_pixels)
-    return DatasetSample("folder", items, skipped, max_pixels)
+    return DatasetSample("folder", items, not_files + skipped, max_pixels, skip_bad)
+
+
+def _not_a_file(path: Path) -> str:
+    """Why the image-named entry ``path`` is no file to read."""
+    if path.is_symlink() and not path.exists():
+        what = f"a dangling symlink (to {os.readlink(path)}, which does not exist)"
+    else:
+        what = "not a regular file (a FIFO, socket or device)"
+    return f"{path} is {what}; remove it from the folder or replace it with the image file"
 
 
 def load_dataset(

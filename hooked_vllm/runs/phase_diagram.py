@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 
 from hooked_vllm.analysis.collect import collect
 from hooked_vllm.analysis.phases import detect_phases
+from hooked_vllm.model.batch import PREPARE_ERRORS
 from hooked_vllm.model.images import load_image
-from hooked_vllm.runs.datasets import DatasetSample
+from hooked_vllm.runs.datasets import DatasetSample, bad_item, refused, screen_items
 from hooked_vllm.runs.files import write_text_atomically
 from hooked_vllm.runs.store import ResultStore, RunStoreError
 
@@ -242,14 +243,33 @@ class _Images(torch.utils.data.Dataset):
 
 class _Prepare:
     """``collate_fn``: the processor (resize, normalise, tokenise, modality masks) runs where the
-    images were decoded, in the DataLoader workers, so the main process only feeds the model."""
+    images were decoded, in the DataLoader workers, so the main process only feeds the model.
 
-    def __init__(self, vlm) -> None:
-        self.prepare = vlm.prepare
+    Returns ``(items, batch, skipped)``. Where the processor refuses the batch, each item is prepared
+    alone: the ones it refuses are named (:func:`~hooked_vllm.runs.datasets.bad_item`: an error, or
+    listed in ``skipped`` under ``sample.skip_bad``) and the others prepared together (``batch`` is
+    ``None`` if none is left)."""
+
+    def __init__(self, vlm, sample: DatasetSample) -> None:
+        self.prepare, self.sample = vlm.prepare, sample
+
+    def _batch(self, pairs):
+        return self.prepare([image for _, image in pairs], [item.instruction for item, _ in pairs])
 
     def __call__(self, pairs):
-        items = [item for item, _ in pairs]
-        return items, self.prepare([image for _, image in pairs], [item.instruction for item in items])
+        try:
+            return [item for item, _ in pairs], self._batch(pairs), []
+        except PREPARE_ERRORS:
+            good, skipped = [], []
+            for item, image in pairs:
+                try:
+                    self._batch([(item, image)])
+                    good.append((item, image))
+                except PREPARE_ERRORS as exc:
+                    skipped.append(bad_item(self.sample, item, refused(exc)))
+            if not skipped:
+                raise
+        return [item for item, _ in good], self._batch(good) if good else None, skipped
 
 
 def default_settings(vlm, sample: DatasetSample, verbalize_images: bool) -> dict[str, Any]:
@@ -320,6 +340,10 @@ def run_phase_diagram(
 ) -> RunResult | None:
     """Analyse every item of ``sample`` not yet in ``out_dir`` and aggregate.
 
+    Items the model cannot take (see :func:`~hooked_vllm.runs.datasets.screen_items`, and images or
+    text the processor refuses) raise :class:`~hooked_vllm.runs.datasets.BadItemError` naming the
+    item, or under ``sample.skip_bad`` are skipped and listed in ``sample.skipped``.
+
     Returns the aggregates on rank 0 (``None`` on other ranks). ``max_batches`` stops early (for
     tests and quick looks); a later call resumes. ``settings`` identify the run's results (default:
     :func:`default_settings`); a folder holding results of other settings is refused. ``repair``
@@ -329,6 +353,7 @@ def run_phase_diagram(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise RunStoreError(f"batch_size must be a positive integer; got {batch_size!r}.")
     _check_unique_ids(sample)
+    screen_items(vlm, sample)
     env_rank, env_world = shard_of_environment()
     rank = env_rank if rank is None else rank
     world_size = env_world if world_size is None else world_size
@@ -360,15 +385,19 @@ def _run(vlm, sample, store, batch_size, rank, world_size, workers, verbalize_im
         _Images(mine, getattr(sample, "max_pixels", None)),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_Prepare(vlm),
+        collate_fn=_Prepare(vlm, sample),
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if workers > 0 else None,
     )
     bar = tqdm(total=len(mine), disable=not progress, desc=f"rank {rank}" if world_size > 1 else "items")
     with torch.inference_mode():
-        for n_batch, (items, batch) in enumerate(loader):
+        for n_batch, (items, batch, skipped) in enumerate(loader):
             if max_batches is not None and n_batch >= max_batches:
                 break
+            sample.skipped.extend(skipped)
+            bar.update(len(skipped))
+            if batch is None:
+                continue
             analysis = collect(vlm, batch, verbalize_images=verbalize_images)
             store.write(*batch_rows(vlm, items, analysis, batch))
             bar.update(len(items))
