@@ -12,9 +12,18 @@ from PIL import Image
 from transformers.image_utils import load_image as hf_load_image
 
 from hooked_vllm.cli import main as cli_main
+from hooked_vllm.errors import HookedVLMError
 from hooked_vllm.model import HookedVLM
 from hooked_vllm.model.images import load_image
-from hooked_vllm.runs.datasets import BadItemError, DatasetError, load_folder, load_winoground, screen_items
+from hooked_vllm.runs.datasets import (
+    BadItemError,
+    DatasetError,
+    DatasetItem,
+    DatasetSample,
+    load_folder,
+    load_winoground,
+    screen_items,
+)
 from hooked_vllm.runs.phase_diagram import run_phase_diagram
 from hooked_vllm.testing import tiny_llava, tiny_qwen2_vl
 from tests.conftest import make_winoground
@@ -182,3 +191,40 @@ def test_folder_names_dangling_symlinks_and_fifos(tmp_path):
     sample = load_folder(root, skip_bad=True)
     assert [item.item_id for item in sample.items] == ["folder-a.png", "folder-c.png"]
     assert [Path(path).name for path, _ in sample.skipped] == ["b.png", "d.jpg"]
+
+
+def _markers_are_read_as_images_and_refused(vlm, tmp_path):
+    """Every family: each marker is text the processor really reads as an image or video (the
+    prompt then fails or has other image positions than without it), and an item holding it is
+    refused, naming the item and the marker."""
+    picture = tmp_path / "picture.png"
+    _asymmetric(40, 30).save(picture)
+    markers = vlm.adapter.prompt_markers
+    named = [getattr(vlm.adapter.processor, name, None) for name in ("image_token", "video_token")]
+    assert {vlm.adapter.image_placeholder, *(str(token) for token in named if token)} <= set(markers)
+
+    def layout(instruction: str) -> tuple[int, int]:
+        """(image positions, instruction positions before the first of them)."""
+        batch = vlm.prepare([picture], [instruction])
+        first = int(batch.image_mask[0].nonzero()[0, 0])
+        return int(batch.image_mask.sum()), int(batch.text_mask[0, :first].sum())
+
+    plain = layout("a cat")
+    for marker in markers:
+        try:
+            moved = layout(f"a {marker} cat") != plain
+        except (ValueError, TypeError, HookedVLMError):
+            moved = True
+        assert moved, marker
+        sample = DatasetSample("items", [DatasetItem("item-7", picture, f"a {marker} cat")])
+        with pytest.raises(BadItemError) as info:
+            screen_items(vlm, sample)
+        assert "item-7" in str(info.value) and repr(marker) in str(info.value)
+
+
+def test_markers_of_every_family(family, tmp_path):
+    _markers_are_read_as_images_and_refused(family.vlm, tmp_path)
+
+
+def test_markers_of_every_new_family(new_family, tmp_path):
+    _markers_are_read_as_images_and_refused(new_family.vlm, tmp_path)

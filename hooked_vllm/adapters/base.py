@@ -212,9 +212,12 @@ class VLMAdapter(ABC):
     @property
     def prompt_markers(self) -> tuple[str, ...]:
         """Texts the processor reads as an image or a video wherever they stand in a prompt: the
-        placeholder and the image and video tokens. Dataset text holding one is refused."""
+        placeholder, the image and video tokens, and the processor's ``image_token``/``video_token``
+        (InternVL's ``<video>``). Dataset text holding one is refused."""
         tokens = self.tokenizer.convert_ids_to_tokens([self.image_token_id, *self.video_token_ids])
-        return tuple(dict.fromkeys(text for text in (self.image_placeholder, *tokens) if text))
+        named = [getattr(self.processor, name, None) for name in ("image_token", "video_token")]
+        texts = (self.image_placeholder, *tokens, *(str(token) for token in named if token))  # AddedToken
+        return tuple(dict.fromkeys(text for text in texts if text))
 
     def count_image_slots(self, prompt: str) -> int:
         """How many images a (templated) prompt takes."""
