@@ -148,10 +148,13 @@ def test_image_the_processor_refuses_is_named_and_skipped(tmp_path, vlms):
     batch-mates' results are those of a run without it."""
     vlm = vlms["qwen2_vl"]
     root = _folder(tmp_path / "images", {"a.png": (40, 30), "b.png": (10000, 10), "c.png": (28, 56)})
-    with pytest.raises(BadItemError) as info:
-        run_phase_diagram(vlm, load_folder(root), tmp_path / "strict", progress=False, batch_size=4)
-    message = str(info.value)
-    assert "\n" not in message and "folder-b.png" in message and "aspect ratio" in message
+    for workers in (0, 1):  # named in the main process: one line, also from a DataLoader worker
+        with pytest.raises(BadItemError) as info:
+            run_phase_diagram(
+                vlm, load_folder(root), tmp_path / f"strict{workers}", progress=False, workers=workers
+            )
+        message = str(info.value)
+        assert "\n" not in message and "folder-b.png" in message and "aspect ratio" in message
     sample = load_folder(root, skip_bad=True)
     result = run_phase_diagram(vlm, sample, tmp_path / "skip", progress=False, batch_size=4)
     assert [item_id for item_id, _ in sample.skipped] == ["folder-b.png"]

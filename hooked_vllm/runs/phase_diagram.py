@@ -245,13 +245,13 @@ class _Prepare:
     """``collate_fn``: the processor (resize, normalise, tokenise, modality masks) runs where the
     images were decoded, in the DataLoader workers, so the main process only feeds the model.
 
-    Returns ``(items, batch, skipped)``. Where the processor refuses the batch, each item is prepared
-    alone: the ones it refuses are named (:func:`~hooked_vllm.runs.datasets.bad_item`: an error, or
-    listed in ``skipped`` under ``sample.skip_bad``) and the others prepared together (``batch`` is
-    ``None`` if none is left)."""
+    Returns ``(items, batch, refused)``. Where the processor refuses the batch, each item is prepared
+    alone: the ones it refuses are returned as ``(item, what the processor said)`` (named in the main
+    process, where an error is one line) and the others prepared together (``batch`` is ``None`` if
+    none is left)."""
 
-    def __init__(self, vlm, sample: DatasetSample) -> None:
-        self.prepare, self.sample = vlm.prepare, sample
+    def __init__(self, vlm) -> None:
+        self.prepare = vlm.prepare
 
     def _batch(self, pairs):
         return self.prepare([image for _, image in pairs], [item.instruction for item, _ in pairs])
@@ -260,16 +260,16 @@ class _Prepare:
         try:
             return [item for item, _ in pairs], self._batch(pairs), []
         except PREPARE_ERRORS:
-            good, skipped = [], []
+            good, bad = [], []
             for item, image in pairs:
                 try:
                     self._batch([(item, image)])
                     good.append((item, image))
                 except PREPARE_ERRORS as exc:
-                    skipped.append(bad_item(self.sample, item, refused(exc)))
-            if not skipped:
+                    bad.append((item, refused(exc)))
+            if not bad:
                 raise
-        return [item for item, _ in good], self._batch(good) if good else None, skipped
+        return [item for item, _ in good], self._batch(good) if good else None, bad
 
 
 def default_settings(vlm, sample: DatasetSample, verbalize_images: bool) -> dict[str, Any]:
@@ -385,17 +385,17 @@ def _run(vlm, sample, store, batch_size, rank, world_size, workers, verbalize_im
         _Images(mine, getattr(sample, "max_pixels", None)),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_Prepare(vlm, sample),
+        collate_fn=_Prepare(vlm),
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if workers > 0 else None,
     )
     bar = tqdm(total=len(mine), disable=not progress, desc=f"rank {rank}" if world_size > 1 else "items")
     with torch.inference_mode():
-        for n_batch, (items, batch, skipped) in enumerate(loader):
+        for n_batch, (items, batch, bad) in enumerate(loader):
             if max_batches is not None and n_batch >= max_batches:
                 break
-            sample.skipped.extend(skipped)
-            bar.update(len(skipped))
+            sample.skipped.extend(bad_item(sample, item, problem) for item, problem in bad)
+            bar.update(len(bad))
             if batch is None:
                 continue
             analysis = collect(vlm, batch, verbalize_images=verbalize_images)
