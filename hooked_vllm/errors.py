@@ -48,3 +48,8 @@ class ReturnTypeError(HookedVLMError):
 
 class LayerError(HookedVLMError):
     """A layer number the model does not have (layer numbers are TransformerLens's block indices)."""
+
+
+class HookOutputError(HookedVLMError):
+    """A hook function returned something other than None or a tensor of its activation's shape and
+    dtype."""

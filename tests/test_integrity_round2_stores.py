@@ -5,6 +5,7 @@ the file or the hook."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,8 @@ def test_a_results_folder_is_refused_by_cache_activations(llava, tmp_path, model
     with pytest.raises(HookedVLMError, match="phase-diagram"):
         ActivationStore.write(llava.vlm, items, out, hooks=["hook_embed"], progress=False)
     assert _snapshot(out) == before
+    with pytest.raises(ActivationStoreError, match="not an activation store but a phase-diagram results"):
+        ActivationStore.open(out)
     assert ResultStore(out).read()[0] == rows
     assert cli_main(_phase_args(model_dir, coco, out)) == 0
     assert "2 of 2 items were already done" in capsys.readouterr().out
@@ -189,3 +192,68 @@ def test_an_activation_store_is_refused_by_phase_diagram(tmp_path, model_dir, ca
     if not legacy:
         assert cli_main(_cache_args(model_dir, tmp_path / "images", out)) == 0
         assert "1 of 1 batches done" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 10. damaged stores, wrong hooks
+@pytest.fixture(scope="module")
+def small_store(llava, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("small-store")
+    ActivationStore.write(
+        llava.vlm, _items(root / "images"), root / "store", hooks=["hook_embed"], batch_size=2, progress=False
+    )
+    return root / "store"
+
+
+def _damaged(small_store: Path, tmp_path: Path, damage) -> Path:
+    copy = tmp_path / "store"
+    shutil.copytree(small_store, copy)
+    damage(copy)
+    return copy
+
+
+DAMAGE = {
+    "run.json missing": ("run.json", lambda s: (s / "run.json").unlink()),
+    "run.json corrupt": ("run.json", lambda s: (s / "run.json").write_text('{"hooks": [')),
+    "state.json corrupt": ("state.json", lambda s: (s / "state.json").write_text("[1, 2")),
+    "dataset_info.json corrupt": ("dataset_info.json", lambda s: (s / "dataset_info.json").write_text("{")),
+    "shard missing": ("data-b0000001.arrow", lambda s: (s / "data-b0000001.arrow").unlink()),
+    "shard truncated": (
+        "data-b0000001.arrow",
+        lambda s: (s / "data-b0000001.arrow").write_bytes((s / "data-b0000001.arrow").read_bytes()[:-300]),
+    ),
+    "shard garbage": ("data-b0000000.arrow", lambda s: (s / "data-b0000000.arrow").write_bytes(b"x" * 999)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_a_damaged_store_is_one_line_naming_the_file(small_store, tmp_path, case):
+    name, damage = DAMAGE[case]
+    folder = _damaged(small_store, tmp_path, damage)
+    with pytest.raises(HookedVLMError) as info:
+        ActivationStore.open(folder)
+    message = str(info.value)
+    assert "\n" not in message and name in message, message
+
+
+def test_a_hook_returning_the_wrong_shape_or_dtype_names_the_hook(llava, images):
+    vlm, hook = llava.vlm, "blocks.1.hook_resid_post"
+    batch = vlm.prepare(images[:2], INSTRUCTIONS[:2])
+    expected = tuple(vlm.run_with_cache(batch, names_filter=[hook])[1][hook].shape)
+    bad = {
+        "shape": (lambda x, hook: x[:, :1], [str(expected), str((expected[0], 1, expected[2]))]),
+        "dtype": (lambda x, hook: x.double(), ["float32", "float64"]),
+        "type": (lambda x, hook: x.tolist(), ["list"]),
+    }
+    for what, (fn, says) in bad.items():
+        with pytest.raises(HookedVLMError) as info:
+            vlm.run_with_hooks(batch, fwd_hooks=[(hook, fn)])
+        message = str(info.value)
+        assert "\n" not in message and hook in message and all(s in message for s in says), (what, message)
+        with pytest.raises(HookedVLMError, match=hook.replace(".", r"\.")):
+            with vlm.hooks([(lambda name: name == hook, fn)]):
+                vlm(batch)
+    # good hooks are unchanged: None, or a tensor of the same shape and dtype
+    reference = vlm(batch)
+    assert torch.equal(vlm.run_with_hooks(batch, fwd_hooks=[(hook, lambda x, hook: None)]), reference)
+    doubled = vlm.run_with_hooks(batch, fwd_hooks=[(hook, lambda x, hook: 2 * x)])
+    assert not torch.allclose(doubled, reference)

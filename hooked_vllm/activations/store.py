@@ -59,25 +59,68 @@ from hooked_vllm.activations.run import (
 )
 from hooked_vllm.activations.shards import ActivationStoreError, read_shard
 from hooked_vllm.runs.datasets import DatasetItem, DatasetSample
+from hooked_vllm.runs.store import ACTIVATIONS_KIND, KINDS, folder_kind
 
 __all__ = ["ActivationStore", "ActivationStoreError", "DiskBudgetError", "HookSelectionError", "StorePlan"]
 
 
 # ---------------------------------------------------------------- the store
+def _damaged(path: Path, why: Any) -> ActivationStoreError:
+    """A damaged store's error naming the file, and how a resume mends it."""
+    if isinstance(why, FileNotFoundError):
+        why = "it is missing"
+    elif isinstance(why, Exception):
+        why = f"{type(why).__name__}: {' '.join(str(why).split())[:160]}"
+    mend = (
+        "Restore it, or (without it) run the same write again with --repair (repair=True): it rewrites "
+        "run.json when every shard agrees"
+        if path.name == "run.json"
+        else "Run the same write (cache-activations) on this folder again: it verifies the shards and "
+        "rewrites state.json and dataset_info.json (--repair sets bad shards aside and recomputes them)"
+    )
+    return ActivationStoreError(f"{path} cannot be read: {why}. {mend}.")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _damaged(path, exc) from exc
+    if not isinstance(value, dict):
+        raise _damaged(path, f"it holds a {type(value).__name__}, not a JSON object")
+    return value
+
+
 class ActivationStore:
     """A store folder opened for reading (memory-mapped); :meth:`write` makes one."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not (self.path / "state.json").is_file() or not (self.path / "run.json").is_file():
+        kind = folder_kind(self.path) if self.path.is_dir() else None
+        if kind != ACTIVATIONS_KIND:
             raise ActivationStoreError(
-                f"{self.path} is not an activation store (no state.json and run.json). Write one with "
-                "ActivationStore.write or hooked-vllm cache-activations."
+                f"{self.path} is not an activation store{f' but {KINDS[kind]}' if kind else ''}. Write one "
+                "with ActivationStore.write or hooked-vllm cache-activations."
             )
-        self.settings: dict[str, Any] = json.loads((self.path / "run.json").read_text())
-        if not json.loads((self.path / "state.json").read_text())["_data_files"]:
+        self.settings: dict[str, Any] = _read_json(self.path / "run.json")
+        state, _ = _read_json(self.path / "state.json"), _read_json(self.path / "dataset_info.json")
+        files = state.get("_data_files")
+        if not isinstance(files, list) or not all(isinstance(f, dict) and "filename" in f for f in files):
+            raise _damaged(self.path / "state.json", "it lists no _data_files")
+        if not files:
             raise ActivationStoreError(f"{self.path} holds no shards yet. Run the write (again) to fill it.")
-        self.dataset: datasets.Dataset = datasets.load_from_disk(str(self.path), keep_in_memory=False)
+        for entry in files:
+            if not (self.path / entry["filename"]).is_file():
+                raise _damaged(self.path / entry["filename"], "it is missing (state.json lists it)")
+        try:
+            self.dataset: datasets.Dataset = datasets.load_from_disk(str(self.path), keep_in_memory=False)
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+            for entry in files:  # which shard: read each back
+                try:
+                    read_shard(self.path / entry["filename"])
+                except ValueError as why:
+                    raise _damaged(self.path / entry["filename"], str(why)) from exc
+            raise _damaged(self.path, exc) from exc
         self._table: pa.Table = self.dataset.data.table
         self._offsets = np.cumsum([0] + [len(chunk) for chunk in self._table.column(0).chunks])
         self._views: dict[str, list] = {}
@@ -144,7 +187,9 @@ class ActivationStore:
 
     @classmethod
     def open(cls, path: str | Path) -> ActivationStore:
-        """Open a store for reading: the rows of the shards ``state.json`` lists, memory-mapped."""
+        """Open a store for reading: the rows of the shards ``state.json`` lists, memory-mapped. A damaged
+        store (``run.json``, ``state.json``, ``dataset_info.json`` or a listed shard missing or unreadable)
+        is an :class:`ActivationStoreError` naming the file and how a resume mends it."""
         return cls(path)
 
     # ---------------------------------------------------------------- reading

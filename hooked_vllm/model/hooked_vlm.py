@@ -38,6 +38,7 @@ from hooked_vllm.adapters import VLMAdapter, adapter_class_for
 from hooked_vllm.errors import (
     BatchFormatError,
     CheckpointError,
+    HookOutputError,
     ImageCountError,
     MissingImageError,
     ModelNotFoundError,
@@ -532,6 +533,8 @@ class HookedVLM(TokensMixin, GenerationMixin):
         clear_contexts: bool = False,
     ) -> AbstractContextManager:
         """Context manager adding hooks for its duration; they are removed on exit, errors included.
+        A forward hook returns None or a tensor of its activation's shape and dtype (anything else is a
+        :class:`~hooked_vllm.errors.HookOutputError` naming the hook).
 
         Example:
             >>> with vlm.hooks(fwd_hooks=[("hook_visual_prefix", lambda x, hook: 0 * x)]):  # doctest: +SKIP
@@ -539,7 +542,7 @@ class HookedVLM(TokensMixin, GenerationMixin):
         """
         self._register_hook_points()
         return self.bridge.hooks(
-            fwd_hooks=list(fwd_hooks),
+            fwd_hooks=[(name, _checked_hook(fn, name, self)) for name, fn in fwd_hooks],
             bwd_hooks=list(bwd_hooks),
             reset_hooks_end=reset_hooks_end,
             clear_contexts=clear_contexts,
@@ -629,6 +632,37 @@ def check_loading_info(loading_info: Mapping[str, Any], source: str, *, strict: 
             f"{message}. Fix or re-download the checkpoint, or pass strict=False to load it anyway."
         )
     warnings.warn(f"{message} (loaded anyway: strict=False)", stacklevel=3)
+
+
+def _checked_hook(fn: Callable, name: str | Callable, vlm: HookedVLM) -> Callable:
+    """``fn`` as a forward hook whose result must be None or a tensor of the activation's shape and dtype
+    (:class:`HookOutputError` naming the hook otherwise, as ``name`` or, for a predicate, by the names
+    of its hook point: torch would fail later, far from the cause)."""
+
+    def hook(activation: Any, *args: Any, **kwargs: Any) -> Any:
+        result = fn(activation, *args, **kwargs)
+        if result is None or not isinstance(activation, torch.Tensor):
+            return result
+        same = isinstance(result, torch.Tensor) and result.shape == activation.shape
+        if same and result.dtype == activation.dtype:
+            return result
+
+        def describe(value: Any) -> str:
+            if not isinstance(value, torch.Tensor):
+                return f"a {type(value).__name__}"
+            return f"shape {tuple(value.shape)}, {str(value.dtype).removeprefix('torch.')}"
+
+        point = kwargs.get("hook", args[0] if args else None)
+        aliases = " / ".join(n for n, p in vlm.hook_dict.items() if p is point) or getattr(point, "name", "")
+        where = name if isinstance(name, str) else aliases
+        raise HookOutputError(
+            f"The hook function on {where} returned "
+            f"{describe(result)}; expected None or a tensor like its activation ({describe(activation)}). "
+            "Return the activation modified in place of its shape and dtype (e.g. .to(activation.dtype)), "
+            "or None."
+        )
+
+    return hook
 
 
 def _route_output_through(point: HookPoint) -> Callable:
