@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +232,30 @@ def test_markers_of_every_family(family, tmp_path):
 
 def test_markers_of_every_new_family(new_family, tmp_path):
     _markers_are_read_as_images_and_refused(new_family.vlm, tmp_path)
+
+
+def test_activation_store_names_an_item_it_cannot_prepare(tmp_path, vlms):
+    """The store's batches are fixed before it starts: an item that cannot be prepared (here a text
+    longer than the model's context) is a one-line error naming it, or screened out first."""
+    from hooked_vllm.activations.store import ActivationStore
+
+    vlm = vlms["llava"]
+    root = _folder(tmp_path / "images", {"a.png": (40, 30), "b.png": (30, 40), "c.png": (28, 56)})
+    long = "word " * vlm.n_ctx
+
+    def sample(**kwargs):
+        folder = load_folder(root, **kwargs)
+        folder.items = [
+            replace(i, instruction=long) if i.item_id == "folder-b.png" else i for i in folder.items
+        ]
+        return folder
+
+    with pytest.raises(BadItemError) as info:
+        ActivationStore.write(vlm, sample(), tmp_path / "strict", hooks=["hook_embed"], progress=False)
+    assert "\n" not in str(info.value) and "folder-b.png" in str(info.value) and "context" in str(info.value)
+    with pytest.raises(BadItemError, match="folder-b.png.*context"):
+        screen_items(vlm, sample(), processor=True)
+    screened = screen_items(vlm, sample(skip_bad=True), processor=True)
+    assert [item_id for item_id, _ in screened.skipped] == ["folder-b.png"]
+    store = ActivationStore.write(vlm, screened, tmp_path / "skip", hooks=["hook_embed"], progress=False)
+    assert sorted(set(store.item_ids)) == ["folder-a.png", "folder-c.png"]

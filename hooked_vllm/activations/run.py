@@ -41,8 +41,9 @@ from hooked_vllm.activations.shards import (
     features,
     publish,
 )
+from hooked_vllm.model.batch import PREPARE_ERRORS
 from hooked_vllm.model.images import load_image
-from hooked_vllm.runs.datasets import DatasetItem, DatasetSample
+from hooked_vllm.runs.datasets import BadItemError, DatasetItem, DatasetSample, refused
 
 FORMAT = "hooked-vllm activations 1"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
@@ -158,12 +159,22 @@ class _Prepare:
     def __init__(self, vlm, items: list[DatasetItem], padding_side: str) -> None:
         self.prepare, self.items, self.padding_side = vlm.prepare, items, padding_side
 
+    def _batch(self, pairs):
+        instructions = [self.items[i].instruction for i, _ in pairs]
+        return self.prepare([image for _, image in pairs], instructions, padding_side=self.padding_side)
+
     def __call__(self, pairs):
-        indices = [index for index, _ in pairs]
-        instructions = [self.items[i].instruction for i in indices]
-        return indices, self.prepare(
-            [image for _, image in pairs], instructions, padding_side=self.padding_side
-        )
+        """The batch, or where the processor refuses it the first item it refuses alone, named (the
+        batches are fixed: ``screen_items(vlm, sample, processor=True)`` finds them first)."""
+        try:
+            return [index for index, _ in pairs], self._batch(pairs)
+        except PREPARE_ERRORS:
+            for index, image in pairs:
+                try:
+                    self._batch([(index, image)])
+                except PREPARE_ERRORS as exc:
+                    return [index], refused(exc)
+            raise
 
 
 def _distributed(world_size: int) -> bool:
@@ -271,6 +282,12 @@ def write_store(
         )
         with torch.inference_mode():
             for batch_index, (indices, batch) in zip(todo, loader):
+                if isinstance(batch, str):
+                    item = items[indices[0]]
+                    raise BadItemError(
+                        f"Item {item.item_id} ({item.image_path}): {batch}. Remove it from the dataset, or "
+                        "screen the items first: screen_items(vlm, sample, processor=True) (the CLI does)."
+                    )
                 writer.write(batch_index, *_batch_columns(vlm, batch, indices, ids, plan))
                 bar.update(1)
         bar.close()

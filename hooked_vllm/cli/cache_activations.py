@@ -116,7 +116,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     run.add_argument("--seed", type=int, default=0, help="seed of the item sample (default: 0)")
     run.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default: 0)")
-    run.add_argument("--skip-bad", action="store_true", help="skip missing/corrupt images and list them")
+    run.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip bad items (missing/corrupt images, text holding an image placeholder, images or text "
+        "the processor refuses) and list them",
+    )
     run.add_argument(
         "--max-pixels",
         type=positive_int,

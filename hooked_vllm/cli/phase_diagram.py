@@ -101,7 +101,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "more forward pass and adds layers x (heads + 1) x image tokens x 5.3 bytes to the report "
         "(3.6 MB at LLaVA-1.5-7B; default: 8)",
     )
-    run.add_argument("--skip-bad", action="store_true", help="skip missing/corrupt images and list them")
+    run.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip bad items (missing/corrupt images, text holding an image placeholder, images or text "
+        "the processor refuses) and list them",
+    )
     run.add_argument(
         "--max-pixels",
         type=positive_int,
