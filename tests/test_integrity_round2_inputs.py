@@ -259,3 +259,26 @@ def test_activation_store_names_an_item_it_cannot_prepare(tmp_path, vlms):
     assert [item_id for item_id, _ in screened.skipped] == ["folder-b.png"]
     store = ActivationStore.write(vlm, screened, tmp_path / "skip", hooks=["hook_embed"], progress=False)
     assert sorted(set(store.item_ids)) == ["folder-a.png", "folder-c.png"]
+
+
+def test_activation_store_write_skips_bad_items_itself_under_skip_bad(tmp_path, vlms):
+    """The library call screens as the CLI run does: a sample loaded with skip_bad loses its bad item
+    (listed in skipped) and the store holds the others, equal to a store of the good items alone."""
+    from hooked_vllm.activations.store import ActivationStore
+
+    vlm = vlms["llava"]
+    root = _folder(tmp_path / "images", {"a.png": (40, 30), "b.png": (30, 40), "c.png": (28, 56)})
+    sample = load_folder(root, skip_bad=True)
+    sample.items = [
+        replace(i, instruction="word " * vlm.n_ctx) if i.item_id == "folder-b.png" else i
+        for i in sample.items
+    ]
+    store = ActivationStore.write(vlm, sample, tmp_path / "skip", hooks=["hook_embed"], progress=False)
+    assert [item_id for item_id, _ in sample.skipped] == ["folder-b.png"]
+    assert sorted(set(store.item_ids)) == ["folder-a.png", "folder-c.png"]
+    good = load_folder(root)
+    good.items = [i for i in good.items if i.item_id != "folder-b.png"]
+    alone = ActivationStore.write(vlm, good, tmp_path / "good", hooks=["hook_embed"], progress=False)
+    assert len(store) == len(alone)
+    for row in range(len(store)):
+        assert (store[row]["hook_embed"] == alone[row]["hook_embed"]).all()

@@ -286,7 +286,8 @@ def write_store(
                     item = items[indices[0]]
                     raise BadItemError(
                         f"Item {item.item_id} ({item.image_path}): {batch}. Remove it from the dataset, or "
-                        "screen the items first: screen_items(vlm, sample, processor=True) (the CLI does)."
+                        "screen the items first (screen_items(vlm, sample, processor=True), as "
+                        "ActivationStore.write does)."
                     )
                 writer.write(batch_index, *_batch_columns(vlm, batch, indices, ids, plan))
                 bar.update(1)

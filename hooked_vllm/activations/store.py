@@ -58,7 +58,7 @@ from hooked_vllm.activations.run import (
     write_store,
 )
 from hooked_vllm.activations.shards import ActivationStoreError, read_shard
-from hooked_vllm.runs.datasets import DatasetItem, DatasetSample
+from hooked_vllm.runs.datasets import DatasetItem, DatasetSample, screen_items
 from hooked_vllm.runs.store import ACTIVATIONS_KIND, KINDS, folder_kind
 
 __all__ = ["ActivationStore", "ActivationStoreError", "DiskBudgetError", "HookSelectionError", "StorePlan"]
@@ -151,7 +151,9 @@ class ActivationStore:
         Returns the store opened for reading on rank 0 (``None`` on other ranks; ranks and world size
         come from RANK/WORLD_SIZE unless given). ``max_batches`` stops early (a later call resumes);
         ``settings`` adds what else identifies the run (the CLI's flags); ``repair`` sets bad shards
-        aside and recomputes them. A finite activation too large for ``dtype`` (float16: above 65504)
+        aside and recomputes them. Items the model cannot take are refused in one line naming them,
+        or skipped and listed in ``sample.skipped`` when the sample was loaded with ``skip_bad``.
+        A finite activation too large for ``dtype`` (float16: above 65504)
         is refused before its shard is written, naming the hook and its largest absolute value (store
         float32 instead): no overflow is stored as inf. Values the model itself gives as inf or NaN
         are stored as they are.
@@ -159,6 +161,9 @@ class ActivationStore:
         from hooked_vllm.runs.phase_diagram import shard_of_environment
 
         sample = checked_sample(dataset)
+        # the batches are fixed before the run: items the model cannot take (placeholder text, text
+        # that does not encode, images the processor refuses) are refused, or skipped under skip_bad
+        screen_items(vlm, sample, processor=True)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ActivationStoreError(f"batch_size must be a positive integer; got {batch_size!r}.")
         if padding_side not in ("left", "right"):

@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``hooked-vllm cache-activations``; errors are raised as HookedVLMError (one line in main)."""
 
     from hooked_vllm.activations.store import ActivationStore
-    from hooked_vllm.runs.datasets import load_folder, screen_items
+    from hooked_vllm.runs.datasets import load_folder
 
     settings = settings_of(args)
     rank, world = join_ranks(settings["device"], args.rendezvous_timeout)
@@ -225,7 +225,6 @@ def run(args: argparse.Namespace) -> int:
     if not sample.items:
         raise UsageError("The dataset sample is empty (after skipping bad images). Check --data-dir.")
     vlm, warning = load_model(args, settings)
-    screen_items(vlm, sample, processor=True)  # the store's batches are fixed before it starts
     store = ActivationStore.write(
         vlm,
         sample,
