@@ -88,3 +88,21 @@ def test_figures_refuse_layers_the_model_lacks(llava):
     _one_line(info, "show_attention", "no layer 3")
     with pytest.raises(LayerError):
         viz.show_attention(None, cache, batch, item=0, layer=3)  # the cache knows its model
+
+
+def test_the_csv_rows_give_block_ls_attention_at_layer_l(tmp_path):
+    """aggregates.csv: row l holds the stream at layer l and block l's attention (none at layer L)."""
+    import csv
+
+    from hooked_vllm.runs.phase_diagram import GROUPS, write_aggregates
+
+    n_blocks = 3
+    curve = {k: [0.5] * (n_blocks + 1) for k in ("mean", "ci95", "adjusted_mean")}
+    aggregates = {
+        "n_layers": n_blocks,
+        "contextualization": {group: curve for group in GROUPS},
+        "norm_attention": {"last<-image": {"mean": [0.1, 0.2, 0.3]}},
+    }
+    write_aggregates(tmp_path, aggregates)
+    rows = list(csv.DictReader((tmp_path / "aggregates.csv").open()))
+    assert [row["norm_last<-image"] for row in rows] == ["0.1", "0.2", "0.3", ""]

@@ -216,12 +216,14 @@ def write_aggregates(out_dir: Path, aggregates: dict) -> None:
     header = ["layer"] + [f"{g}_{k}" for g in GROUPS for k in ("mean", "ci95", "adjusted_mean")]
     header += [f"norm_{p}" for p in aggregates["norm_attention"]]
     lines = [",".join(header)]
-    for layer in range(aggregates["n_layers"] + 1):
+    n_blocks = aggregates["n_layers"]
+    for layer in range(n_blocks + 1):
         values = [str(layer)]
         for g in GROUPS:
             values += [f"{ctx[g][k][layer]:.6g}" for k in ("mean", "ci95", "adjusted_mean")]
         for stats in aggregates["norm_attention"].values():
-            values.append(f"{stats['mean'][layer - 1]:.6g}" if layer > 0 else "")
+            # layer l's attention is block l's (README, "Layer numbers"): none at the final stream
+            values.append(f"{stats['mean'][layer]:.6g}" if layer < n_blocks else "")
         lines.append(",".join(values))
     write_text_atomically(out_dir / "aggregates.csv", "\n".join(lines) + "\n")
 
