@@ -23,7 +23,8 @@ from hooked_vllm.cli.common import (
     DEMO,
     DTYPES,
     UsageError,
-    add_rendezvous_timeout,
+    add_item_flags,
+    add_run_flags,
     check_data_dir,
     join_ranks,
     load_data,
@@ -116,27 +117,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     run.add_argument("--seed", type=int, default=0, help="seed of the item sample (default: 0)")
     run.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default: 0)")
-    run.add_argument(
-        "--skip-bad",
-        action="store_true",
-        help="skip bad items (missing/corrupt images, text holding an image placeholder, images or text "
-        "the processor refuses) and list them",
-    )
-    run.add_argument(
-        "--max-pixels",
-        type=positive_int,
-        default=None,
-        help="refuse images with more pixels than this (default: Pillow's limit, about 89 million)",
-    )
+    add_item_flags(run)
     run.add_argument(
         "--repair", action="store_true", help="set bad shards aside (quarantine/) and recompute them"
     )
     run.add_argument(
         "--allow-weight-mismatch", action="store_true", help="load a mismatched checkpoint anyway"
     )
-    run.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
-    add_rendezvous_timeout(run)
-    run.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_run_flags(run)
     return run
 
 

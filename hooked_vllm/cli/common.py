@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from hooked_vllm.errors import HookedVLMError
+from hooked_vllm.model.loading import DEMO, resolve_source
 from hooked_vllm.runs.constants import READS_DATA_DIR
 
 #: the model dtypes the commands offer (torch's names); torch itself is imported when a command runs
 DTYPES = ("bfloat16", "float16", "float32")
-DEMO = "demo"
 #: seconds a rank of a data-parallel run waits for the others to join (``--rendezvous-timeout``)
 RENDEZVOUS_TIMEOUT_S = 300.0
 
@@ -77,10 +77,7 @@ def resolve_device(requested: str | None) -> str:
 def resolve_model(model: str) -> str:
     """``--model`` as a value (a folder resolved), checked before anything is written: a folder must
     hold a checkpoint, and a hub id must be in the local cache or the hub reachable."""
-    from hooked_vllm.model.loading import DEMO as DEMO_MODEL
-    from hooked_vllm.model.loading import resolve_source
-
-    if model == DEMO_MODEL:
+    if model == DEMO:
         return DEMO
     source = resolve_source(model)  # raises ModelNotFoundError, one line
     return str(source.path) if source.path is not None else source.name
@@ -159,8 +156,25 @@ def load_data(args, settings):
     )
 
 
-def add_rendezvous_timeout(parser: argparse.ArgumentParser) -> None:
-    """The ``--rendezvous-timeout`` flag of the subcommands that run data parallel."""
+def add_item_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the subcommands that read dataset items: ``--skip-bad`` and ``--max-pixels``."""
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip bad items (missing/corrupt images, text holding an image placeholder, images or text "
+        "the processor refuses) and list them",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=None,
+        help="refuse images with more pixels than this (default: Pillow's limit, about 89 million)",
+    )
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The last flags of every subcommand: progress, the data-parallel rendezvous, tracebacks."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     parser.add_argument(
         "--rendezvous-timeout",
         type=float,
@@ -169,6 +183,7 @@ def add_rendezvous_timeout(parser: argparse.ArgumentParser) -> None:
         help="under torchrun, how long a rank waits for the others to join before it gives up with "
         f"an error (default: {RENDEZVOUS_TIMEOUT_S:g})",
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
 def join_ranks(device: str | None, timeout_s: float = RENDEZVOUS_TIMEOUT_S) -> tuple[int, int]:

@@ -15,7 +15,8 @@ from hooked_vllm.cli.common import (
     DEMO,
     DTYPES,
     UsageError,
-    add_rendezvous_timeout,
+    add_item_flags,
+    add_run_flags,
     check_data_dir,
     join_ranks,
     load_data,
@@ -101,18 +102,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "more forward pass and adds layers x (heads + 1) x image tokens x 5.3 bytes to the report "
         "(3.6 MB at LLaVA-1.5-7B; default: 8)",
     )
-    run.add_argument(
-        "--skip-bad",
-        action="store_true",
-        help="skip bad items (missing/corrupt images, text holding an image placeholder, images or text "
-        "the processor refuses) and list them",
-    )
-    run.add_argument(
-        "--max-pixels",
-        type=positive_int,
-        default=None,
-        help="refuse images with more pixels than this (default: Pillow's limit, about 89 million)",
-    )
+    add_item_flags(run)
     run.add_argument(
         "--repair",
         action="store_true",
@@ -124,9 +114,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="load a checkpoint whose tensors are missing, unexpected or mis-shaped (warns instead of "
         "refusing; missing tensors stay at random initialisation)",
     )
-    run.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
-    add_rendezvous_timeout(run)
-    run.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_run_flags(run)
     return run
 
 
