@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from hooked_vllm.activations.layout import MODALITIES
+from hooked_vllm.runs.files import write_text_atomically
 from hooked_vllm.runs.store import (
     ACTIVATIONS_KIND,
     FolderLock,
@@ -190,9 +191,7 @@ def write_info(folder: Path, feats: datasets.Features, description: str) -> None
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f"tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(value, indent=1))
 
 
 # ---------------------------------------------------------------- one rank's writer

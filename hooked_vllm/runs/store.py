@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hooked_vllm.errors import HookedVLMError
+from hooked_vllm.runs.files import write_text_atomically
 
 PART_NAME = re.compile(r"^part-r(\d+)-(\d{6})\.parquet$")
 SETTINGS_KEY = b"hooked_vllm.settings"
@@ -342,9 +343,7 @@ class ResultStore:
 
     @staticmethod
     def _write_json(path: Path, value: Any) -> None:
-        tmp = path.with_name(f"tmp-{path.name}")
-        tmp.write_text(json.dumps(value, indent=1))
-        os.replace(tmp, path)
+        write_text_atomically(path, json.dumps(value, indent=1))
 
     # ------------------------------------------------------------------ parts
     def parts(self) -> list[Path]:
