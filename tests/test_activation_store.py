@@ -30,6 +30,7 @@ from hooked_vllm.activations.store import (
 )
 from hooked_vllm.cli import main as cli_main
 from hooked_vllm.model.images import load_image
+from hooked_vllm.runs.checksums import write_checksums
 from hooked_vllm.runs.datasets import DatasetItem, DatasetSample
 from tests.conftest import INSTRUCTIONS, ROOT, random_images
 
@@ -279,14 +280,18 @@ def test_bad_shards_are_refused_then_set_aside_and_recomputed(llava, tmp_path):
     ActivationStore.write(llava.vlm, items, out, **write)
     shard = out / "data-b0000001.arrow"
     shard.write_bytes(shard.read_bytes()[:-500])  # truncated
-    shutil.copy(out / "data-b0000000.arrow", out / "data-b0000002.arrow")  # batch 0's items as batch 2
-    with pytest.raises(ActivationStoreError, match=r"2 bad shard\(s\).*b0000001.*b0000002.*--repair"):
+    shutil.copy(out / "data-b0000000.arrow", out / "data-b0000002.arrow")  # batch 0's items as batch 2,
+    write_checksums(out / "data-b0000002.sha256", [out / "data-b0000002.arrow"])  # its checksum right
+    bad = r"2 bad shard\(s\).*b0000001.arrow does not match its checksum.*b0000002.*not batch 2's"
+    with pytest.raises(ActivationStoreError, match=bad + ".*--repair"):
         ActivationStore.write(llava.vlm, items, out, **write)
     repaired = ActivationStore.write(llava.vlm, items, out, repair=True, **write)
     _assert_same_stores(repaired, clean)
     assert sorted(p.name for p in (out / "quarantine").iterdir()) == [
         "data-b0000001.arrow",
+        "data-b0000001.sha256",
         "data-b0000002.arrow",
+        "data-b0000002.sha256",
     ]
     with pytest.raises(HookedVLMError, match="hooks differ"):
         ActivationStore.write(llava.vlm, items, out, **{**write, "hooks": ["blocks.0.hook_resid_post"]})

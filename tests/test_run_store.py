@@ -75,7 +75,8 @@ def test_corrupt_parts_are_reported_then_set_aside_with_repair(tmp_path):
     npz = parts[2].with_suffix(".npz")
     npz.write_bytes(npz.read_bytes()[:100])  # a truncated .npz beside a good Parquet file
     parts[3].with_suffix(".npz").unlink()
-    with pytest.raises(RunStoreError, match=r"3 bad part\(s\).*000001.*Parquet.*000002.*npz.*--repair"):
+    bad = r"3 bad part\(s\).*000001.parquet does not match its checksum.*000002.npz does not match"
+    with pytest.raises(RunStoreError, match=bad + r".*000003.npz is missing.*--repair"):
         ResultStore(tmp_path, settings=SETTINGS).open()
     with ResultStore(tmp_path, settings=SETTINGS, repair=True) as store:
         assert store.done_ids() == {"a"}
@@ -83,8 +84,8 @@ def test_corrupt_parts_are_reported_then_set_aside_with_repair(tmp_path):
     assert [row["item_id"] for row in rows] == ["a"]
     np.testing.assert_array_equal(sums["sum_image"], _vectors(0)["sum_image"])
     kept = sorted(p.name for p in (tmp_path / "items" / "quarantine").iterdir())
-    set_aside = ["part-r0-000001.npz", "part-r0-000001.parquet", "part-r0-000002.npz"]
-    assert kept == [*set_aside, "part-r0-000002.parquet", "part-r0-000003.parquet"]
+    set_aside = [f"part-r0-00000{n}.{ext}" for n in (1, 2) for ext in ("npz", "parquet", "sha256")]
+    assert kept == [*set_aside, "part-r0-000003.parquet", "part-r0-000003.sha256"]
 
 
 def test_a_part_repeating_another_is_reported_and_never_aggregated(tmp_path):

@@ -5,6 +5,8 @@
   ``items[batch * batch_size:(batch + 1) * batch_size]``, whichever rank computed it), written under
   ``tmp-r{rank}-...`` and renamed when complete. Every shard carries the run's settings and its own
   facts (batch, items, rows per item, rank) in its schema metadata, and the ``datasets`` features.
+  Its SHA-256 is written beside it (``data-b{batch:07d}.sha256``, :mod:`hooked_vllm.runs.checksums`)
+  before the rename.
 - **What ``datasets`` sees.** ``state.json`` lists exactly the verified shards, in batch order (so
   the rows are in item order, then position order, however the run was split or interrupted);
   ``dataset_info.json`` holds the features. ``datasets.load_from_disk`` reads the folder
@@ -14,9 +16,11 @@
   phase-diagram's results is refused) and in every shard; a resume with other settings is refused, as is
   a folder whose ``run.json`` is gone (``repair`` rewrites it when every shard agrees).
 - **One writer per rank**: ``.lock-r{rank}``, the run store's :class:`~hooked_vllm.runs.store.FolderLock`.
-- **Verified on open**: every shard is read back (memory-mapped: headers, row counts, item ids).
-  Unreadable or truncated shards, shards whose items are not their batch's, or that repeat another's
-  items are reported; ``repair`` moves them to ``quarantine/`` and their batches are computed again.
+- **Verified on open**: every shard's bytes are checked against its checksum, then it is read back
+  (memory-mapped: headers, row counts, item ids). Shards whose bytes changed, unreadable or truncated
+  shards, shards whose items are not their batch's, or that repeat another's items are reported;
+  ``repair`` moves them (with their checksums) to ``quarantine/`` and their batches are computed
+  again. Shards of earlier versions, without checksums, are read back and reported as not checksummed.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from hooked_vllm.activations.layout import MODALITIES
+from hooked_vllm.runs.checksums import NoChecksum, checksum_problem, sidecar_of, write_checksums
 from hooked_vllm.runs.files import write_text_atomically
 from hooked_vllm.runs.store import (
     ACTIVATIONS_KIND,
@@ -99,6 +104,12 @@ class Shard:
         return sum(self.item_rows)
 
 
+def shard_checksum_problem(path: Path) -> str | None:
+    """Why the shard's bytes do not match its checksum (None when they do); :class:`NoChecksum` when
+    it has none (a shard of an earlier version)."""
+    return checksum_problem(sidecar_of(path), [path])
+
+
 def read_shard(path: Path, schema: pa.Schema | None = None, *, check: bool = True) -> tuple[Shard, dict]:
     """The shard's facts and settings, after reading it back (memory-mapped; ``check=False``: its
     header only); ValueError says why it cannot be used."""
@@ -156,6 +167,7 @@ def write_shard(
     tmp = folder / f"tmp-r{rank}-{shard_name(batch)}"
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         writer.write_table(table)
+    write_checksums(sidecar_of(folder / shard_name(batch)), [tmp], [shard_name(batch)])
     os.replace(tmp, folder / shard_name(batch))  # the shard exists only once complete
     return folder / shard_name(batch)
 
@@ -218,6 +230,8 @@ class ShardWriter:
         self.repair = repair
         self.description = description
         self.verified: dict[int, Shard] = {}
+        #: verified shards with no checksum (written by an earlier version): read back, bytes unchecked
+        self.unchecksummed: list[Path] = []
         self._new: list[str] = []
         self._published = time.monotonic()
         self._lock = FolderLock(self.folder, rank)
@@ -283,8 +297,16 @@ class ShardWriter:
         """Read every shard back; report (or, with ``repair``, quarantine) the bad ones."""
         problems: list[tuple[Path, str]] = []
         seen: dict[str, str] = {}
-        self.verified = {}
+        self.verified, unchecksummed = {}, []
         for path in self.shards():
+            try:
+                changed = shard_checksum_problem(path)
+            except NoChecksum:
+                changed = None
+                unchecksummed.append(path)
+            if changed is not None:
+                problems.append((path, changed))
+                continue
             try:
                 shard, settings = read_shard(path, self.schema)
             except ValueError as exc:
@@ -320,7 +342,19 @@ class ShardWriter:
             )
         for path, why in problems:
             set_aside(path, self.folder / "quarantine")
+            if sidecar_of(path).exists():
+                set_aside(sidecar_of(path), self.folder / "quarantine")
             print(f"repair: set aside {path.name} ({why})", file=sys.stderr)
+        kept = {shard.path for shard in self.verified.values()}
+        unchecksummed = [p for p in unchecksummed if p in kept]
+        if unchecksummed and len(unchecksummed) != len(self.unchecksummed):
+            print(
+                f"warning: {len(unchecksummed)} shard(s) in {self.folder} have no checksums (written by "
+                f"an earlier version, e.g. {unchecksummed[0].name}): they were read back, but their "
+                "bytes cannot be checked.",
+                file=sys.stderr,
+            )
+        self.unchecksummed = unchecksummed
         return problems
 
     def write(self, batch: int, columns: Mapping[str, Any], items: list[str], item_rows: list[int]) -> Path:

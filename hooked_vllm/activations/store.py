@@ -40,6 +40,7 @@ Gotchas:
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,11 +58,19 @@ from hooked_vllm.activations.run import (
     stored_settings,
     write_store,
 )
-from hooked_vllm.activations.shards import ActivationStoreError, read_shard
+from hooked_vllm.activations.shards import ActivationStoreError, read_shard, shard_checksum_problem
+from hooked_vllm.runs.checksums import NoChecksum
 from hooked_vllm.runs.datasets import DatasetItem, DatasetSample, screen_items
 from hooked_vllm.runs.store import ACTIVATIONS_KIND, KINDS, folder_kind
 
-__all__ = ["ActivationStore", "ActivationStoreError", "DiskBudgetError", "HookSelectionError", "StorePlan"]
+__all__ = [
+    "ActivationStore",
+    "ActivationStoreError",
+    "DiskBudgetError",
+    "HookSelectionError",
+    "StorePlan",
+    "UnverifiedStoreWarning",
+]
 
 
 # ---------------------------------------------------------------- the store
@@ -91,10 +100,15 @@ def _read_json(path: Path) -> dict:
     return value
 
 
-class ActivationStore:
-    """A store folder opened for reading (memory-mapped); :meth:`write` makes one."""
+class UnverifiedStoreWarning(UserWarning):
+    """A store was read without checking its shards' bytes against their checksums."""
 
-    def __init__(self, path: str | Path) -> None:
+
+class ActivationStore:
+    """A store folder opened for reading (memory-mapped); :meth:`write` makes one, :meth:`open` opens
+    one (verifying every shard's checksum unless ``verify=False``)."""
+
+    def __init__(self, path: str | Path, *, verify: bool = True) -> None:
         self.path = Path(path)
         kind = folder_kind(self.path) if self.path.is_dir() else None
         if kind != ACTIVATIONS_KIND:
@@ -112,6 +126,8 @@ class ActivationStore:
         for entry in files:
             if not (self.path / entry["filename"]).is_file():
                 raise _damaged(self.path / entry["filename"], "it is missing (state.json lists it)")
+        #: whether every listed shard's bytes were checked against its checksum when the store opened
+        self.verified = verify and self._verify_checksums([self.path / entry["filename"] for entry in files])
         try:
             self.dataset: datasets.Dataset = datasets.load_from_disk(str(self.path), keep_in_memory=False)
         except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
@@ -125,6 +141,27 @@ class ActivationStore:
         self._offsets = np.cumsum([0] + [len(chunk) for chunk in self._table.column(0).chunks])
         self._views: dict[str, list] = {}
         self._items: dict[str, tuple[int, int]] | None = None
+
+    def _verify_checksums(self, shards: list[Path]) -> bool:
+        """Check each shard's bytes against its checksum; raise naming the first that changed. False
+        (with a warning) when some shards have no checksum."""
+        unchecksummed = []
+        for shard in shards:
+            try:
+                changed = shard_checksum_problem(shard)
+            except NoChecksum:
+                unchecksummed.append(shard.name)
+                continue
+            if changed is not None:
+                raise _damaged(shard, changed)
+        if unchecksummed:
+            warnings.warn(
+                f"{len(unchecksummed)} shard(s) of {self.path} have no checksums (written by an earlier "
+                f"version, e.g. {unchecksummed[0]}): their bytes were not checked.",
+                UnverifiedStoreWarning,
+                stacklevel=3,
+            )
+        return not unchecksummed
 
     # ---------------------------------------------------------------- writing
     @staticmethod
@@ -188,14 +225,31 @@ class ActivationStore:
             progress=progress,
             max_batches=max_batches,
         )
-        return ActivationStore(path) if rank == 0 else None
+        if rank != 0:
+            return None
+        store = ActivationStore(path, verify=False)  # write_store verified every shard as it finished
+        store.verified = True
+        return store
 
     @classmethod
-    def open(cls, path: str | Path) -> ActivationStore:
+    def open(cls, path: str | Path, *, verify: bool = True) -> ActivationStore:
         """Open a store for reading: the rows of the shards ``state.json`` lists, memory-mapped. A damaged
-        store (``run.json``, ``state.json``, ``dataset_info.json`` or a listed shard missing or unreadable)
-        is an :class:`ActivationStoreError` naming the file and how a resume mends it."""
-        return cls(path)
+        store (``run.json``, ``state.json``, ``dataset_info.json`` or a listed shard missing, unreadable,
+        or with bytes that no longer match its checksum) is an :class:`ActivationStoreError` naming the
+        file and how a resume mends it.
+
+        ``verify=False`` skips the checksums (about 1 s a GB: BENCHMARKS.md) and warns
+        (:class:`UnverifiedStoreWarning`) that the values read are unchecked.
+        """
+        store = cls(path, verify=verify)
+        if not verify:
+            warnings.warn(
+                f"{store.path} was opened with verify=False: its shards' bytes were not checked against "
+                "their checksums, so a damaged shard would be read as good.",
+                UnverifiedStoreWarning,
+                stacklevel=2,
+            )
+        return store
 
     # ---------------------------------------------------------------- reading
     @property

@@ -18,10 +18,14 @@ sums (``.npz``, for the cross-input baseline). The rules:
 - **One writer.** Each rank of a run holds an exclusive lock on ``.lock-r{rank}`` in the run folder
   (``fcntl.flock``: released by the OS when the process dies, even by ``kill -9``). A second run on the
   same folder is refused and told who holds it.
-- **Verified on resume.** Every part is read back (Parquet and ``.npz``) and its item ids checked
-  against the others before anything is computed. A corrupt part or one repeating another's items is
-  reported; with ``repair=True`` it is moved to ``items/quarantine/`` (never deleted) and its items
-  are computed again. Nothing corrupt or doubled is ever aggregated.
+- **Checksummed.** Each part's ``.sha256`` sidecar (:mod:`hooked_vllm.runs.checksums`) holds the
+  SHA-256 of its Parquet and ``.npz`` files, written before the part is committed.
+- **Verified on open, on resume and on read.** Every part's bytes are checked against its checksums,
+  then read back (Parquet and ``.npz``) and its item ids checked against the others before anything is
+  computed or aggregated. A part whose bytes changed, a corrupt part or one repeating another's items
+  is reported; with ``repair=True`` it is moved to ``items/quarantine/`` (never deleted) and its items
+  are computed again. Nothing corrupt or doubled is ever aggregated. Parts of earlier versions, which
+  have no checksums, are read back as before and reported as not checksummed.
 
 Example:
     >>> with ResultStore("out", settings={"model": "demo"}) as store:  # doctest: +SKIP
@@ -50,6 +54,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hooked_vllm.errors import HookedVLMError
+from hooked_vllm.runs.checksums import NoChecksum, checksum_problem, sidecar_of, write_checksums
 from hooked_vllm.runs.files import write_text_atomically
 
 PART_NAME = re.compile(r"^part-r(\d+)-(\d{6})\.parquet$")
@@ -239,6 +244,8 @@ class ResultStore:
         self.repair = repair
         self._lock = FolderLock(self.out_dir, rank)
         self._verified: dict[Path, list[str]] | None = None  # part -> its item ids
+        #: verified parts with no checksum (written by an earlier version): read back, bytes unchecked
+        self.unchecksummed: list[Path] = []
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> ResultStore:
@@ -360,8 +367,9 @@ class ResultStore:
         problems: list[PartProblem] = []
         seen: dict[str, str] = {}
         good: dict[Path, list[str]] = {}
+        unchecksummed: list[Path] = []
         for part in self.parts():
-            ids, reason = self._check_part(part)
+            ids, reason, checksummed = self._check_part(part)
             if reason is None:
                 counts = Counter(ids)
                 doubled = sorted(i for i in counts if i in seen or counts[i] > 1)
@@ -373,6 +381,8 @@ class ResultStore:
                 continue
             seen.update({item: part.name for item in ids})
             good[part] = ids
+            if not checksummed:
+                unchecksummed.append(part)
         if problems and not self.repair:
             listed = "; ".join(f"{p.part.name}: {p.reason}" for p in problems[:5])
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
@@ -383,17 +393,33 @@ class ResultStore:
         for problem in problems:
             self._quarantine(problem.part)
             print(f"repair: set aside {problem.part.name} ({problem.reason})", file=sys.stderr)
-        self._verified = good
+        if unchecksummed and len(unchecksummed) != len(self.unchecksummed):
+            print(
+                f"warning: {len(unchecksummed)} part(s) in {self.dir} have no checksums (written by "
+                f"an earlier version, e.g. {unchecksummed[0].name}): they were read back, but their "
+                "bytes cannot be checked.",
+                file=sys.stderr,
+            )
+        self._verified, self.unchecksummed = good, unchecksummed
         return problems
 
-    def _check_part(self, part: Path) -> tuple[list[str], str | None]:
-        """The part's item ids, and why it cannot be used (None when it can)."""
+    def _check_part(self, part: Path) -> tuple[list[str], str | None, bool]:
+        """The part's item ids, why it cannot be used (None when it can), and whether its bytes were
+        checked against a checksum."""
+        vectors = part.with_suffix(".npz")
+        try:
+            changed = checksum_problem(sidecar_of(part), [part, vectors])
+            checksummed = True
+        except NoChecksum:
+            changed, checksummed = None, False
+        if changed is not None:
+            return [], changed, checksummed
         try:
             table = pq.read_table(part)
         except (OSError, pa.ArrowException) as exc:
-            return [], f"unreadable Parquet ({type(exc).__name__}: {str(exc)[:80]})"
+            return [], f"unreadable Parquet ({type(exc).__name__}: {str(exc)[:80]})", checksummed
         if "item_id" not in table.column_names:
-            return [], "no item_id column"
+            return [], "no item_id column", checksummed
         ids = table.column("item_id").to_pylist()
         if self.settings is not None:
             metadata = table.schema.metadata or {}
@@ -404,22 +430,21 @@ class ResultStore:
                     f"{part} was made with other settings ({', '.join(changed)} differ). Use another --out, "
                     "or the same settings to resume it."
                 )
-        vectors = part.with_suffix(".npz")
         try:
             with np.load(vectors) as data:
                 missing = [key for key in VECTOR_KEYS if key not in data.files]
                 if missing:
-                    return ids, f"{vectors.name} lacks {missing}"
+                    return ids, f"{vectors.name} lacks {missing}", checksummed
                 for key in VECTOR_KEYS:
                     data[key]  # noqa: B018  (reads and checks the array's zip entry)
         except FileNotFoundError:
-            return ids, f"no {vectors.name} beside it"
+            return ids, f"no {vectors.name} beside it", checksummed
         except Exception as exc:  # zipfile.BadZipFile, ValueError, EOFError, OSError...
-            return ids, f"unreadable {vectors.name} ({type(exc).__name__}: {str(exc)[:80]})"
-        return ids, None
+            return ids, f"unreadable {vectors.name} ({type(exc).__name__}: {str(exc)[:80]})", checksummed
+        return ids, None, checksummed
 
     def _quarantine(self, part: Path) -> None:
-        for path in (part, part.with_suffix(".npz")):
+        for path in (part, part.with_suffix(".npz"), sidecar_of(part)):
             if path.exists():
                 set_aside(path, self.dir / "quarantine")
 
@@ -446,6 +471,11 @@ class ResultStore:
         if self.settings is not None:
             table = table.replace_schema_metadata({SETTINGS_KEY: json.dumps(self.settings).encode()})
         pq.write_table(table, tmp_parquet)
+        # the checksums first: a committed part always has them (an orphan sidecar of a part never
+        # committed is overwritten by the next part of that name)
+        write_checksums(
+            sidecar_of(self.dir / name), [tmp_parquet, tmp_npz], [f"{name}.parquet", f"{name}.npz"]
+        )
         os.replace(tmp_npz, self.dir / f"{name}.npz")
         os.replace(tmp_parquet, self.dir / f"{name}.parquet")  # the part exists only once complete
         if self._verified is not None:
