@@ -97,7 +97,9 @@ def test_the_csv_rows_give_block_ls_attention_at_layer_l(tmp_path):
     from hooked_vllm.runs.phase_diagram import GROUPS, write_aggregates
 
     n_blocks = 3
-    curve = {k: [0.5] * (n_blocks + 1) for k in ("mean", "ci95", "adjusted_mean")}
+    curve = {k: [0.5] * (n_blocks + 1) for k in ("mean", "ci95", "adjusted_mean")} | {
+        "n": [4] * (n_blocks + 1)
+    }
     aggregates = {
         "n_layers": n_blocks,
         "contextualization": {group: curve for group in GROUPS},

@@ -66,6 +66,9 @@ class BatchAnalysis:
     image_verbalization: Int[torch.Tensor, "layer batch n_image"] | None = None
     #: image tokens per item: where each item's saliency and verbalization rows end
     n_image_tokens: list[int] = field(default_factory=list)
+    #: True where stream layer l of item b holds a NaN or inf at one of its (unpadded) positions: a
+    #: NaN weight, or an overflow of the model's dtype. Every lens of that item and layer is unusable.
+    nonfinite: Bool[torch.Tensor, "layer batch"] | None = None
 
 
 class BatchReducer:
@@ -127,6 +130,7 @@ class BatchReducer:
         self._lens_resid: list[torch.Tensor] = []
         self._image_top1: list[torch.Tensor] = []
         self._attention: list[dict] = []
+        self._nonfinite: list[torch.Tensor] = []
 
     def _at(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The batch's masks and indices on ``device``, copied once: a host-to-device copy per
@@ -143,6 +147,7 @@ class BatchReducer:
     def on_resid(self, hidden: Float[torch.Tensor, "batch pos d_model"]) -> None:
         """Residual stream of the next layer (the embedding first)."""
         here = self._at(hidden.device)
+        self._nonfinite.append((~torch.isfinite(hidden).all(-1) & here["key_mask"]).any(-1))
         if "contextualization" in self.analyses:
             sums = layer_sums(hidden, here["image"], here["text"])
             self._resid.append(tuple(_detached(part) for part in sums))
@@ -227,6 +232,8 @@ class BatchReducer:
         """Stack the layers and bring them to the CPU: per-layer results stay on the model's device
         until here, so that no layer waits for the GPU (a .cpu() per layer would)."""
         result = BatchAnalysis(n_image_tokens=self.n_image_tokens)
+        if self._nonfinite:
+            result.nonfinite = _stacked(self._nonfinite)
         if self._resid:
             result.contextualization = stack_layer_sums(
                 [tuple(_to_cpu(part) for part in parts) for parts in self._resid]

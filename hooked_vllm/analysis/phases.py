@@ -93,8 +93,16 @@ def detect_phases(
     """Locate the four phases (see the module docstring for the rules)."""
     intra_image, intra_text, inter = (np.asarray(c, dtype=float) for c in (intra_image, intra_text, inter))
     n = len(inter)
-    if n < 4 or np.isnan(inter).any() or np.isnan(intra_image).any() or np.isnan(intra_text).any():
-        reason = "need at least 4 layers of finite curves"
+    curves = [intra_image, intra_text, inter]
+    if kl_to_final is not None:
+        curves.append(np.asarray(kl_to_final, dtype=float))
+    not_finite = sorted({int(i) for curve in curves for i in np.nonzero(~np.isfinite(curve))[0]})
+    if n < 4 or not_finite:
+        reason = (
+            f"not located: the curves are NaN or inf at layer(s) {', '.join(map(str, not_finite[:8]))}"
+            if not_finite
+            else "need at least 4 layers of finite curves"
+        )
         return PhaseReport([Phase(name, None, None, False, reason) for name in PHASE_NAMES])
     intra = (intra_image + intra_text) / 2
     inter_s, intra_s = smooth(inter, window), smooth(intra, window)

@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_of(args)  # the model source checked too: nothing heavy imported before
 
     from hooked_vllm.report.html import write_report
-    from hooked_vllm.runs.phase_diagram import open_run_store, run_phase_diagram
+    from hooked_vllm.runs.phase_diagram import nonfinite_summary, open_run_store, run_phase_diagram
     from hooked_vllm.runs.store import ResultStore
 
     rank, world = join_ranks(settings["device"], args.rendezvous_timeout)
@@ -199,7 +199,10 @@ def run(args: argparse.Namespace) -> int:
         )
         if result is None:
             return 0
-        title = f"{args.model} on {sample.name} ({result.n_items} items)"
+        counted = result.aggregates["n_items"]
+        if result.aggregates["n_items_nonfinite"]:
+            counted = f"{counted} of {result.aggregates['n_items_run']}"  # the rest: NaN or inf
+        title = f"{args.model} on {sample.name} ({counted} items)"
         explored = _explore(vlm, sample, result.rows, args)
         report = write_report(
             args.out,
@@ -217,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {phase['name']:22s} {where:14s} {phase['evidence']}")
     for path, reason in sample.skipped:
         print(f"  skipped {path}: {reason}")
+    if nonfinite := nonfinite_summary(result.aggregates):
+        print(f"  NaN/inf: {nonfinite}")
     if warning:
         print(f"  NOTE: {warning}")
     print(f"wrote {report}, {args.out / 'aggregates.json'}, {args.out / 'phase_diagram.png'}")

@@ -31,6 +31,7 @@ from hooked_vllm.analysis.phases import PHASE_RULES
 from hooked_vllm.report import figures
 from hooked_vllm.report.explorer import ItemView, payload
 from hooked_vllm.runs.files import atomic_path, write_text_atomically
+from hooked_vllm.runs.phase_diagram import nonfinite_summary
 
 #: how every figure numbers its layers (in the page, the back-quoted names are code)
 LAYER_CONVENTION = (
@@ -122,6 +123,8 @@ def _overview(aggregates: dict) -> str:
     )
     note = not_found_note(aggregates)
     note_html = f'<p class="notfound">{html.escape(note)}</p>' if note else ""
+    if nonfinite := nonfinite_summary(aggregates):
+        note_html = f'<p class="notfound" id="nonfinite">{html.escape(nonfinite)}</p>' + note_html
     return (
         f"<p>{aggregates['n_items']} items, {aggregates['n_layers']} language-model layers (L = "
         f"{aggregates['n_layers']}). {with_code(LAYER_CONVENTION)}</p>"

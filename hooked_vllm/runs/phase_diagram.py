@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ def batch_rows(vlm, items, analysis, batch) -> tuple[list[dict], dict[str, np.nd
             "selfdot_text": (s_txt[:, b] * s_txt[:, b]).sum(-1).tolist(),
             "crossdot": (s_img[:, b] * s_txt[:, b]).sum(-1).tolist(),
         }
+        if analysis.nonfinite is not None:
+            row["nonfinite_layers"] = analysis.nonfinite[:, b].nonzero().flatten().tolist()
         for group in GROUPS:
             row[f"ctx_{group}"] = per_item[group][:, b].tolist()
         if analysis.attention is not None:
@@ -106,7 +109,9 @@ def batch_rows(vlm, items, analysis, batch) -> tuple[list[dict], dict[str, np.nd
             n = analysis.n_image_tokens[b]
             row["image_verbalization"] = analysis.image_verbalization[:, b, :n].flatten().tolist()
         rows.append(row)
-    vectors = {"sum_image": s_img.sum(1).numpy(), "sum_text": s_txt.sum(1).numpy()}
+    # the cross-input baseline's sums: over the items aggregate() keeps (finite at every layer)
+    finite = torch.tensor([not nonfinite_layers(row) for row in rows])
+    vectors = {"sum_image": s_img[:, finite].sum(1).numpy(), "sum_text": s_txt[:, finite].sum(1).numpy()}
     return rows, vectors
 
 
@@ -136,13 +141,43 @@ def _cross_input_baselines(total_img, total_txt, self_img, self_txt, cross, n_im
     }
 
 
-def _stats(matrix: np.ndarray) -> dict[str, list[float]]:
-    """Mean, standard deviation and normal-approximation 95% interval half-width over items."""
+def _stats(matrix: np.ndarray) -> dict[str, list]:
+    """Per layer: mean, standard deviation and normal-approximation 95% interval half-width over the
+    items where the value is defined (``n``: how many). NaN marks a value undefined for an item (a
+    group it lacks); a layer no item defines has mean NaN, and std and interval NaN below 2 items."""
     n = np.sum(~np.isnan(matrix), axis=0)
-    mean = np.nanmean(matrix, axis=0)
-    std = np.nanstd(matrix, axis=0, ddof=1) if matrix.shape[0] > 1 else np.zeros(matrix.shape[1])
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN layers: NaN, counted in n
+        mean = np.nanmean(matrix, axis=0)
+        std = np.where(n > 1, np.nanstd(matrix, axis=0, ddof=1), np.nan)
     ci = 1.96 * std / np.sqrt(np.maximum(n, 1))
-    return {"mean": mean.tolist(), "std": np.nan_to_num(std).tolist(), "ci95": np.nan_to_num(ci).tolist()}
+    return {"mean": mean.tolist(), "std": std.tolist(), "ci95": ci.tolist(), "n": n.tolist()}
+
+
+def nonfinite_layers(row: dict) -> list[int]:
+    """The stream layers where an item's activations are not finite: as the collector found them, and
+    wherever its all-token contextualization is not (for rows of earlier versions, also its logit-lens
+    KL, which a non-finite last layer makes NaN at every layer)."""
+    layers = set(row.get("nonfinite_layers", ()))
+    for key in ("ctx_all",) if "nonfinite_layers" in row else ("ctx_all", "lens_kl"):
+        if key in row:
+            layers |= set(np.nonzero(~np.isfinite(np.asarray(row[key], dtype=float)))[0].tolist())
+    return sorted(layers)
+
+
+class NonFiniteResultsError(RunStoreError):
+    """No item of a run has finite activations at every layer: there is nothing to aggregate."""
+
+
+#: what each count of the aggregates counts
+COUNTS = {
+    "n_items": "items every mean, interval and phase is computed over: those finite at every layer",
+    "n_items_run": "items analysed and stored (n_items plus n_items_nonfinite)",
+    "n_items_nonfinite": "items left out of every mean because their activations hold NaN or inf at "
+    "some layer (listed with those layers in nonfinite_items)",
+    "n": "per layer, the items where that value is defined (an item lacking a modality has no value "
+    "for its groups)",
+}
 
 
 def aggregate(rows: list[dict], sums: dict[str, np.ndarray], *, window: int = 3) -> dict:
@@ -150,6 +185,16 @@ def aggregate(rows: list[dict], sums: dict[str, np.ndarray], *, window: int = 3)
     norm/weight attention by modality pair, logit-lens convergence, and the phases."""
     if not rows:
         raise ValueError("No results to aggregate: the run processed no items.")
+    nonfinite = {row["item_id"]: layers for row in rows if (layers := nonfinite_layers(row))}
+    if len(nonfinite) == len(rows):
+        first = min(min(layers) for layers in nonfinite.values())
+        raise NonFiniteResultsError(
+            f"Every item's activations hold NaN or inf (from stream layer {first} on, in "
+            f"{next(iter(nonfinite))} and {len(rows) - 1} more): a NaN in the model's weights, or values "
+            "beyond its dtype (try --dtype float32). The items are stored; nothing was aggregated."
+        )
+    n_run = len(rows)
+    rows = [row for row in rows if row["item_id"] not in nonfinite]  # (and not in sums: batch_rows)
     n_img = np.array([r["n_image"] for r in rows])
     n_txt = np.array([r["n_text"] for r in rows])
     self_img = np.array([r["selfdot_image"] for r in rows])  # [item, layer]
@@ -158,11 +203,19 @@ def aggregate(rows: list[dict], sums: dict[str, np.ndarray], *, window: int = 3)
     total_img, total_txt = sums["sum_image"], sums["sum_text"]  # [layer, d]
     with np.errstate(divide="ignore", invalid="ignore"):  # one item: no cross-input pair (NaN, unused)
         baseline = _cross_input_baselines(total_img, total_txt, self_img, self_txt, cross, n_img, n_txt)
-    out: dict = {"n_items": len(rows), "n_layers": int(self_img.shape[1]) - 1, "contextualization": {}}
+    out: dict = {
+        "n_items": len(rows),
+        "n_items_run": n_run,
+        "n_items_nonfinite": len(nonfinite),
+        "nonfinite_items": nonfinite,
+        "counts": COUNTS,
+        "n_layers": int(self_img.shape[1]) - 1,
+        "contextualization": {},
+    }
     for group in GROUPS:
         raw = np.array([r[f"ctx_{group}"] for r in rows], dtype=float)
         stats = _stats(raw)
-        stats["baseline"] = np.nan_to_num(baseline[group], nan=0.0).tolist() if len(rows) > 1 else None
+        stats["baseline"] = baseline[group].tolist() if len(rows) > 1 else None
         adjusted = _stats(raw - baseline[group]) if len(rows) > 1 else stats
         stats["adjusted_mean"] = adjusted["mean"]
         stats["adjusted_ci95"] = adjusted["ci95"]
@@ -210,22 +263,55 @@ def aggregate(rows: list[dict], sums: dict[str, np.ndarray], *, window: int = 3)
     return out
 
 
+def nonfinite_summary(aggregates: dict, show: int = 3) -> str | None:
+    """One line naming the items left out for NaN or inf and what the means are over (None if none)."""
+    left_out = aggregates.get("nonfinite_items") or {}
+    if not left_out:
+        return None
+    named = "; ".join(f"{item} from layer {layers[0]}" for item, layers in list(left_out.items())[:show])
+    more = f"; and {len(left_out) - show} more" if len(left_out) > show else ""
+    return (
+        f"{len(left_out)} of {aggregates['n_items_run']} items hold NaN or inf activations ({named}{more}): "
+        f"they are left out of every mean, interval and phase, which are over the other "
+        f"{aggregates['n_items']} items (aggregates.json lists them under nonfinite_items)."
+    )
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with every NaN or inf float as None (JSON's null): JSON has no NaN, and a reader that
+    takes ``NaN`` for a number (or 0) would read an undefined value as data."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
+
+
 def write_aggregates(out_dir: Path, aggregates: dict) -> None:
-    write_text_atomically(out_dir / "aggregates.json", json.dumps(aggregates, indent=1))
+    """``aggregates.json`` (undefined values as null) and ``aggregates.csv`` (one row per stream layer;
+    ``n_items``: the items its means are over; undefined values empty)."""
+    write_text_atomically(out_dir / "aggregates.json", json.dumps(json_ready(aggregates), indent=1))
     ctx = aggregates["contextualization"]
     header = ["layer"] + [f"{g}_{k}" for g in GROUPS for k in ("mean", "ci95", "adjusted_mean")]
-    header += [f"norm_{p}" for p in aggregates["norm_attention"]]
+    header += [f"norm_{p}" for p in aggregates["norm_attention"]] + ["n_items"]
     lines = [",".join(header)]
     n_blocks = aggregates["n_layers"]
     for layer in range(n_blocks + 1):
         values = [str(layer)]
         for g in GROUPS:
-            values += [f"{ctx[g][k][layer]:.6g}" for k in ("mean", "ci95", "adjusted_mean")]
+            values += [_csv_number(ctx[g][k][layer]) for k in ("mean", "ci95", "adjusted_mean")]
         for stats in aggregates["norm_attention"].values():
             # layer l's attention is block l's (README, "Layer numbers"): none at the final stream
-            values.append(f"{stats['mean'][layer]:.6g}" if layer < n_blocks else "")
+            values.append(_csv_number(stats["mean"][layer]) if layer < n_blocks else "")
+        values.append(str(ctx["all"]["n"][layer]))
         lines.append(",".join(values))
     write_text_atomically(out_dir / "aggregates.csv", "\n".join(lines) + "\n")
+
+
+def _csv_number(value: float | None) -> str:
+    return f"{value:.6g}" if value is not None and np.isfinite(value) else ""
 
 
 # ---------------------------------------------------------------- the run
