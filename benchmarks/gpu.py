@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import tempfile
 import time
@@ -309,6 +310,15 @@ def main() -> None:
     )
     parser.add_argument("--pipeline-batch", type=int, default=8)
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers for --pipeline")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="also write the times as JSON ({'batch N': {name: s}}), for ab.py",
+    )
+    parser.add_argument(
+        "--only", nargs="+", default=None, metavar="NAME", help="time only these (and HF sdpa, the baseline)"
+    )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
 
@@ -321,6 +331,7 @@ def main() -> None:
         f"{args.dtype}, torch {torch.__version__}"
     )
     resid = [f"blocks.{layer}.hook_resid_post" for layer in range(vlm.cfg.n_layers)]
+    measured: dict[str, dict[str, float]] = {}
     for batch_size in args.batches:
         batch = vlm.prepare(sample_images(batch_size), [PROMPT] * batch_size).to(args.device)
         inputs = {**batch.inputs, "position_ids": batch.position_ids}  # 3-D M-RoPE ones for Qwen
@@ -336,7 +347,10 @@ def main() -> None:
             "collect, pattern hooks": lambda batch=batch: collect(vlm, batch, attention="pattern"),
             "collect (3 lenses)": lambda batch=batch: collect(vlm, batch),
         }
+        if args.only:
+            fns = {name: fn for name, fn in fns.items() if name == "HF sdpa" or name in args.only}
         times = interleaved_times(fns, args.repeats, args.device)
+        measured[f"batch {batch_size}"] = times
         memory = {name: peak(fn, args.device) for name, fn in fns.items()}
         base = times["HF sdpa"]
         print(
@@ -348,6 +362,10 @@ def main() -> None:
                 f"  {name:38s} {seconds * 1000:9.1f} ms  {seconds / base:5.2f}x  "
                 f"{batch_size / seconds:7.2f} items/s  peak +{memory[name]:8.0f} MiB"
             )
+    if args.json is not None:
+        import hooked_vllm
+
+        args.json.write_text(json.dumps({"hooked_vllm": hooked_vllm.__file__, "seconds": measured}))
     if args.pipeline:
         pipeline(vlm, sdpa_model, args.pipeline, args.pipeline_batch, args.device, args.workers)
 
