@@ -47,6 +47,7 @@ def attention_group_sums(
     causal: bool = True,
     query_block: int = 64,
     backend: str = "auto",
+    padded: bool | None = None,
 ) -> tuple[Float[torch.Tensor, "batch group key"], Float[torch.Tensor, "batch head group key"]]:
     """Per query group: the head-summed norm each key receives and the attention weight per head.
 
@@ -59,6 +60,8 @@ def attention_group_sums(
     positions (equal counts in a plain forward).
 
     ``backend``: "torch", "triton" (CUDA tensors, Triton installed) or "auto" (Triton where it can run).
+    ``padded``: whether ``key_mask`` masks any key (None: look, which waits for the device; callers
+    that know it per batch say so, and an unpadded batch skips the masking).
     The PyTorch path evaluates the quadratic form with G directly (as the pattern path does,
     :func:`~hooked_vllm.analysis.norm_attention.summed_norms_key_major`); the kernel with a factor
     G_j = L_j L_j^T, as ||L_j^T alpha_:ij|| (it accumulates over heads one at a time).
@@ -82,7 +85,11 @@ def attention_group_sums(
             if backend == "triton":
                 raise
             _give_up_on_triton(error)
-    return _attention_group_sums_torch(q, k, gram, query_groups, key_mask, query_block=query_block, **kwargs)
+    if padded is None:
+        padded = not bool(key_mask.all())
+    return _attention_group_sums_torch(
+        q, k, gram, query_groups, key_mask, query_block=query_block, padded=padded, **kwargs
+    )
 
 
 _triton_failed = False
@@ -101,27 +108,35 @@ def _give_up_on_triton(error: Exception) -> None:
     )
 
 
-def _attention_group_sums_torch(q, k, gram, query_groups, key_mask, *, scaling, causal, query_block):
+def _attention_group_sums_torch(q, k, gram, query_groups, key_mask, *, scaling, causal, query_block, padded):
     batch, n_heads, queries, _ = q.shape
     keys = k.shape[2]
     offset = keys - queries  # query i sits at key position offset + i
-    k = k.float().repeat_interleave(n_heads // k.shape[1], dim=1)
-    query_groups = query_groups.float()
+    q, k = q.float(), k.float()
+    if k.shape[1] != n_heads:
+        k = k.repeat_interleave(n_heads // k.shape[1], dim=1)
+    k_t = k.transpose(-1, -2)
+    groups_by_head = query_groups.float()[:, None]  # [batch, 1, group, query]
+    gram = gram.float()
     norm_rows = q.new_zeros(batch, query_groups.shape[1], keys, dtype=torch.float32)
     alpha_rows = q.new_zeros(batch, n_heads, query_groups.shape[1], keys, dtype=torch.float32)
+    not_key = ~key_mask[:, None, None, :]
     key_positions = torch.arange(keys, device=q.device)
     for q0 in range(0, queries, query_block):
         q1 = min(q0 + query_block, queries)
         seen = offset + q1 if causal else keys  # keys any query of the block may see
-        scores = torch.matmul(q[:, :, q0:q1].float(), k[:, :, :seen].transpose(-1, -2)) * scaling
-        allowed = key_mask[:, None, None, :seen]
-        if causal:
-            query_positions = torch.arange(offset + q0, offset + q1, device=q.device)
-            allowed = allowed & (key_positions[:seen] <= query_positions[:, None])
-        alpha = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-        alpha = alpha.nan_to_num_(0.0)  # rows that see no key
-        groups = query_groups[:, :, q0:q1]
-        alpha_rows[..., :seen] += torch.einsum("bgq,bhqk->bhgk", groups, alpha)
+        scores = torch.matmul(q[:, :, q0:q1], k_t[..., :seen]).mul_(scaling)
+        if padded:
+            scores.masked_fill_(not_key[..., :seen], float("-inf"))
+        if causal:  # keys before the block's first query are seen by all of its queries
+            first = offset + q0
+            later = key_positions[first:seen] > torch.arange(first, offset + q1, device=q.device)[:, None]
+            scores[..., first:seen].masked_fill_(later, float("-inf"))
+        alpha = torch.softmax(scores, dim=-1)
+        if padded:  # (without padding every query sees at least itself)
+            alpha.nan_to_num_(0.0)  # rows that see no key (left-padding queries)
+        groups = groups_by_head[..., q0:q1]
+        alpha_rows[..., :seen] += torch.matmul(groups, alpha)  # [batch, head, group, key]
         norms = summed_norms_key_major(alpha, gram[:, :seen])  # [batch, key, query]
-        norm_rows[..., :seen] += torch.einsum("bgq,bkq->bgk", groups, norms)
+        norm_rows[..., :seen] += torch.matmul(groups[:, 0], norms.transpose(1, 2))
     return norm_rows, alpha_rows

@@ -89,6 +89,7 @@ class BatchReducer:
         self.analyses = analyses
         self.image, self.text = batch.image_mask, batch.text_mask
         self.key_mask = batch.attention_mask.bool()
+        self.padded = not bool(self.key_mask.all())  # once a batch: a device sync
         #: alpha is zero above the diagonal (the family's mask is causal plus padding)
         self.causal = vlm.adapter.plain_causal
         # Each block's query mask is one of a few groups ("text<-image" reads text queries): keep
@@ -194,7 +195,14 @@ class BatchReducer:
         gram = head_gram(v.transpose(1, 2), self._w_o(layer, device))
         here = self._at(device)
         norm_rows, alpha_rows = attention_group_sums(
-            q, k, gram, here["query_matrix"], here["key_mask"], scaling=scaling, causal=True
+            q,
+            k,
+            gram,
+            here["query_matrix"],
+            here["key_mask"],
+            scaling=scaling,
+            causal=True,
+            padded=self.padded,
         )
         self._summarise(layer, norm_rows, alpha_rows, gram)
 
