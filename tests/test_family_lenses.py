@@ -48,8 +48,12 @@ def allowed_pairs_naive(family, batch, layer: int | None = None) -> torch.Tensor
     return ((causal & in_window) if sliding else causal) | extra
 
 
-def hf_logits_with_blocked(family, batch, blocked: torch.Tensor) -> torch.Tensor:
-    """HF's language model on our input embeddings with the family's own masks, ``blocked`` removed."""
+def hf_logits_with_blocked(
+    family, batch, blocked: torch.Tensor, removed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """HF's language model on our input embeddings with the family's own masks, ``blocked`` removed;
+    in layers with no attention pattern (Qwen3.5's linear attention) the positions ``removed``
+    (``[batch, pos]``) are treated as HF treats padding there."""
     vlm, reference = family.vlm, family.reference
     embeds, injections = vlm._embed_with_injections(batch)  # Qwen3-VL: its DeepStack features too
     extra = vlm.adapter.injection_inputs(injections) if injections else {}
@@ -83,6 +87,10 @@ def hf_logits_with_blocked(family, batch, blocked: torch.Tensor) -> torch.Tensor
     else:
         allowed = allowed_pairs_naive(family, batch) & ~blocked
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, minimum)[:, None]
+        kinds = getattr(reference.config.get_text_config(), "layer_types", None) or ()
+        if "linear_attention" in kinds:  # Qwen3.5: HF zeroes the masked positions before these layers
+            kept = batch.attention_mask.bool() & (~removed if removed is not None else True)
+            mask = {"full_attention": mask, "linear_attention": kept.long()}
     hidden = reference.model.get_decoder()(
         inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids, **extra
     ).last_hidden_state
@@ -121,8 +129,17 @@ def test_norm_based_attention_matches_naive(new_family, padding_side):
     _, cache = vlm.run_with_cache(batch)
     counts = batch.image_mask.sum(-1).tolist()
     for layer in range(vlm.cfg.n_layers):
+        if layer not in vlm.adapter.attention_layers:  # Qwen3.5's linear attention: no pattern, no lens
+            assert f"blocks.{layer}.attn.hook_pattern" not in cache
+            for pair in modality_pairs(batch):
+                assert torch.isnan(streamed.attention.norm[pair][layer]).all()
+                assert torch.isnan(streamed.attention.weight[pair][layer]).all()
+            assert torch.isnan(streamed.attention.image_saliency_from_last[layer]).all()
+            continue
         allowed = allowed_pairs_naive(new_family, batch, layer)
-        naive_head, naive_summed = naive_norms(cache["pattern", layer], cache["v", layer], vlm.W_O[layer])
+        naive_head, naive_summed = naive_norms(
+            cache["pattern", layer], cache["v", layer], vlm.blocks[layer].attn.W_O
+        )
         weights = cache["pattern", layer].double().mean(1)
         for pair, (queries, keys) in modality_pairs(batch).items():
             block = queries[:, :, None] & keys[:, None, :] & allowed
@@ -211,8 +228,10 @@ def test_pruning_every_image_token_matches_hf(new_family):
         pruned = vlm(batch)
     blocked = batch.image_mask[:, None, :].expand(-1, batch.input_ids.shape[1], -1)
     real = batch.attention_mask.bool()
-    assert (pruned - hf_logits_with_blocked(new_family, batch, blocked))[real].abs().max() <= TOL
-    keep = select_image_tokens(vlm, batch, 5, "norm", layer=1)
+    expected = hf_logits_with_blocked(new_family, batch, blocked, removed=batch.image_mask)
+    assert (pruned - expected)[real].abs().max() <= TOL
+    # saliency read at the layer before the pruning starts, which must have an attention pattern
+    keep = select_image_tokens(vlm, batch, 5, "norm", layer=1 + min(vlm.adapter.attention_layers))
     assert (keep.sum(-1) == 5).all() and not (keep & ~batch.image_mask).any()
 
 

@@ -26,6 +26,9 @@ An adapter knows one HF model family and nothing else. It answers five questions
    family's own: Gemma 3's bidirectional image blocks) for the prompt pass, as HF's outer
    ``forward`` computes them; :attr:`plain_causal` says whether that mask is causal plus padding.
    Decoding steps always use the 2-D mask and continue after the largest position.
+   :attr:`attention_layers` names the layers that have an attention pattern (all, except in
+   hybrid models: Qwen3.5's linear-attention layers have none); :attr:`decodes_left_padded` says
+   whether generation must left-pad (sliding windows, layers that keep a recurrent state).
 
 Everything else (the bridge, hooks, caching, generation) is family-independent and lives in
 :mod:`hooked_vllm.model`, :mod:`hooked_vllm.model.batch` and :mod:`hooked_vllm.model.generation`.
@@ -350,6 +353,28 @@ class VLMAdapter(ABC):
         return inputs["attention_mask"].to(inputs_embeds.device)
 
     @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """The language-model layers that have an attention pattern (``blocks.{l}.attn``): every
+        layer but those whose ``layer_types`` entry in the text config is one of
+        :data:`NO_PATTERN_LAYER_TYPES` (Qwen3.5's Gated DeltaNet layers). The attention lenses,
+        knockout and attention-based token selection read these layers only; the other layers mix
+        positions too (a recurrence, a convolution), but through no pattern to read or edit."""
+        config = self.text_config
+        kinds = list(getattr(config, "layer_types", None) or ())
+        n_layers = int(config.num_hidden_layers)
+        if not kinds:
+            return tuple(range(n_layers))
+        return tuple(layer for layer in range(n_layers) if kinds[layer] not in NO_PATTERN_LAYER_TYPES)
+
+    @property
+    def decodes_left_padded(self) -> bool:
+        """Whether generation must run on a left-padded batch: sliding windows count cache slots,
+        and layers with no attention pattern keep a state (convolution, recurrence) that a
+        right-padded item's padding would run into."""
+        n_layers = int(self.text_config.num_hidden_layers)
+        return self.sliding_window is not None or len(self.attention_layers) < n_layers
+
+    @property
     def sliding_window(self) -> int | None:
         """The window of the language model's sliding-window layers, if it has any."""
         config = self.text_config
@@ -360,6 +385,10 @@ class VLMAdapter(ABC):
         if not layer_types and not getattr(config, "use_sliding_window", True):
             return None
         return int(window)
+
+
+#: ``layer_types`` entries (HF's names) of layers that mix positions without an attention pattern
+NO_PATTERN_LAYER_TYPES = ("linear_attention", "conv", "mamba", "recurrent")
 
 
 def installed_transformers() -> str:

@@ -5,8 +5,12 @@ values (attention runs as HF sdpa, see :mod:`hooked_vllm.model.observed_attentio
 it goes (contextualization sums, norm-based attention aggregates from alpha recomputed block by
 block, logit lens at the chosen positions); nothing of a layer outlives its reduction, and no
 attention pattern is ever stored. ``attention="pattern"`` hooks the bridge's ``hook_pattern``
-instead. :func:`reduce_cache` applies the same :class:`BatchReducer` to a full ``ActivationCache``:
-it agrees exactly with the pattern path and to float rounding with the fused one.
+instead. Layers with no attention pattern (Qwen3.5's linear attention:
+``vlm.adapter.attention_layers`` leaves them out) have no attention lens: their rows of
+:class:`AttentionSummary` are NaN and :attr:`AttentionSummary.attention_layers` names the others;
+the stream lenses (contextualization, the logit lens) cover every layer. :func:`reduce_cache`
+applies the same :class:`BatchReducer` to a full ``ActivationCache``: it agrees exactly with the
+pattern path and to float rounding with the fused one.
 
 Example:
     >>> result = collect(vlm, batch)  # doctest: +SKIP
@@ -45,6 +49,8 @@ class AttentionSummary:
     ``image_saliency_from_text``/``image_saliency_from_last``: ``[layer, batch, n_image_tokens]``,
     head-summed norm received by each image token from the instruction / the last position (items
     with fewer image tokens than the batch's most are NaN-padded at the end).
+    Rows of layers with no attention pattern are NaN; ``attention_layers`` names the layers that
+    have one (all, except in hybrid models such as Qwen3.5).
     """
 
     norm: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -52,6 +58,7 @@ class AttentionSummary:
     head_norm: dict[str, torch.Tensor] = field(default_factory=dict)
     image_saliency_from_text: torch.Tensor | None = None
     image_saliency_from_last: torch.Tensor | None = None
+    attention_layers: tuple[int, ...] = ()
 
 
 @dataclass
@@ -126,11 +133,13 @@ class BatchReducer:
         if self.has_images:  # [batch, most image tokens]: gathered, not boolean-indexed (no device sync)
             self.image_positions, self.image_valid = _padded_positions(self.image)
         self._blocks = vlm.blocks  # W_O read per layer: vlm.W_O would stack all (1 GiB at 7B)
+        self.n_layers = vlm.cfg.n_layers
+        self.attention_layers = tuple(vlm.adapter.attention_layers)
         self._on_device: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._resid: list[tuple] = []
         self._lens_resid: list[torch.Tensor] = []
         self._image_top1: list[torch.Tensor] = []
-        self._attention: list[dict] = []
+        self._attention: dict[int, dict] = {}
         self._nonfinite: list[torch.Tensor] = []
 
     def _at(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -233,7 +242,7 @@ class BatchReducer:
                 received = norm_rows[:, self.group_names.index(query_name)]
                 received = received.gather(1, here["image_positions"])
                 out[key] = received.masked_fill(~here["image_valid"], float("nan"))
-        self._attention.append(out)
+        self._attention[layer] = out
 
     def _w_o(self, layer: int, device: torch.device) -> Float[torch.Tensor, "head d_head d_model"]:
         return self._blocks[layer].attn.W_O.to(device)
@@ -250,13 +259,17 @@ class BatchReducer:
                 [tuple(_to_cpu(part) for part in parts) for parts in self._resid]
             )
         if self._attention:
-            summary = AttentionSummary()
+            # every block a row: NaN where the layer has no attention pattern (linear attention)
+            any_layer = next(iter(self._attention.values()))
+            nan = _nan_like(any_layer)
+            layers = [self._attention.get(layer, nan) for layer in range(self.n_layers)]
+            summary = AttentionSummary(attention_layers=self.attention_layers)
             for kind in ("norm", "weight", "head_norm"):
-                for name in self._attention[0][kind]:
-                    getattr(summary, kind)[name] = _stacked(layer[kind][name] for layer in self._attention)
-            if "from_text" in self._attention[0]:
-                summary.image_saliency_from_text = _stacked(layer["from_text"] for layer in self._attention)
-                summary.image_saliency_from_last = _stacked(layer["from_last"] for layer in self._attention)
+                for name in any_layer[kind]:
+                    getattr(summary, kind)[name] = _stacked(layer[kind][name] for layer in layers)
+            if "from_text" in any_layer:
+                summary.image_saliency_from_text = _stacked(layer["from_text"] for layer in layers)
+                summary.image_saliency_from_last = _stacked(layer["from_last"] for layer in layers)
             result.attention = summary
         if self._lens_resid:
             result.lens = self.lens.summarize(torch.stack(self._lens_resid), k=self.top_k)
@@ -321,6 +334,16 @@ def pair_count(
     return torch.einsum("bq,bqk,bk->b", query_mask.float(), allowed.float(), key_mask.float())
 
 
+def _nan_like(layer: dict) -> dict:
+    """One layer's attention summary with every value NaN (a layer with no attention pattern)."""
+    return {
+        key: {name: torch.full_like(v, float("nan")) for name, v in value.items()}
+        if isinstance(value, dict)
+        else torch.full_like(value, float("nan"))
+        for key, value in layer.items()
+    }
+
+
 def _stacked(tensors) -> torch.Tensor:
     return torch.stack(list(tensors)).cpu()
 
@@ -333,11 +356,13 @@ def _to_cpu(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.cpu() for k, v in part.items()}
 
 
-def hook_names(n_layers: int, analyses: tuple[str, ...]) -> list[str]:
-    """The hook points :func:`collect` reads."""
+def hook_names(
+    n_layers: int, analyses: tuple[str, ...], attention_layers: tuple[int, ...] | None = None
+) -> list[str]:
+    """The hook points :func:`collect` reads (attention: in ``attention_layers``, default all)."""
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
     if "norm_attention" in analyses:
-        for layer in range(n_layers):
+        for layer in range(n_layers) if attention_layers is None else attention_layers:
             names += [f"blocks.{layer}.attn.hook_v", f"blocks.{layer}.attn.hook_pattern"]
     return names
 
@@ -382,7 +407,7 @@ def collect(
         and vlm.adapter.sliding_window is None
         and (attention == "fused" or (attention == "auto" and supported(vlm)))
     )
-    names = hook_names(vlm.cfg.n_layers, () if fused else analyses)
+    names = hook_names(vlm.cfg.n_layers, () if fused else analyses, vlm.adapter.attention_layers)
     hooks = [(name, partial(hook_fn, name=name)) for name in names]
     if not fused:
         vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
@@ -408,7 +433,7 @@ def reduce_cache(
     reducer = BatchReducer(vlm, batch, analyses, lens_positions, top_k, verbalize_images)
     feed = _feeder(reducer)
     # Residual streams come in layer order, and each layer's values before its pattern.
-    for name in hook_names(vlm.cfg.n_layers, analyses):
+    for name in hook_names(vlm.cfg.n_layers, analyses, vlm.adapter.attention_layers):
         feed(name, cache[name])
     return reducer.finish()
 

@@ -4,6 +4,10 @@ large language models"): block attention edges from one token group to another i
 Edges are removed on the attention *scores* before the softmax (set to the dtype's minimum, as the
 model's own masks are), so the remaining weights renormalise as the model would.
 
+Edges exist in layers with an attention pattern only (``vlm.adapter.attention_layers``): in a hybrid
+model (Qwen3.5) the linear-attention layers' recurrence, which has no edges, runs unchanged, so
+information can still flow through them; knockout skips them.
+
 Groups: ``"image"``, ``"text"`` (instruction), ``"special"``, ``"last"`` (each item's last real
 position), or an explicit ``[batch, pos]`` boolean mask. An edge ``("image", "text")`` blocks text
 *queries* from reading image *keys* (information flowing image -> text).
@@ -72,9 +76,11 @@ def knockout_hooks(
 
 @contextmanager
 def knockout(vlm, batch, edges: Sequence[tuple[Group, Group]], layers: Iterable[int] | None = None):
-    """Context manager: ``edges`` blocked in ``layers`` (default: all) for every forward inside."""
+    """Context manager: ``edges`` blocked in ``layers`` (default: all) for every forward inside;
+    layers with no attention pattern among them are skipped (their recurrence has no edges)."""
     batch = vlm.to_batch(batch)
     layers = range(vlm.cfg.n_layers) if layers is None else check_blocks(vlm.cfg.n_layers, layers, "knockout")
+    layers = [layer for layer in layers if layer in vlm.adapter.attention_layers]
     with vlm.hooks(fwd_hooks=knockout_hooks(batch, edges, layers)):
         yield vlm
 

@@ -6,6 +6,15 @@ dtype's minimum for every query). Every other position then computes exactly wha
 pruned tokens were dropped from the sequence, so fidelity numbers are those of dropping; the compute
 a drop would save is reported analytically (token-layers removed from the linear layers).
 
+In layers with no attention pattern (Qwen3.5's linear attention) pruned tokens are removed as HF
+removes padding there: their input to the layer's token mixer is zeroed
+(``blocks.{l}.linear_attn.hook_in``), so nothing of them enters the convolution or the recurrent
+state. That is not quite a drop: the convolution still sees a zero in their slot and the state
+decays at their step, but no information of a pruned token reaches another position.
+
+``select_image_tokens`` by ``norm`` or ``attention`` reads the last layer with an attention pattern
+before the pruning starts.
+
 Example:
     >>> keep = select_image_tokens(vlm, batch, k=64, method="norm", layer=2)  # doctest: +SKIP
     >>> with prune(vlm, batch, keep, from_layer=2):  # doctest: +SKIP
@@ -22,6 +31,7 @@ import torch
 from jaxtyping import Bool
 
 from hooked_vllm.analysis.norm_attention import head_summed_norms
+from hooked_vllm.errors import LayerError
 from hooked_vllm.model.layers import check_blocks
 
 METHODS = ("norm", "attention", "first", "random")
@@ -35,7 +45,9 @@ def select_image_tokens(
 
     ``norm``/``attention``: the most salient image tokens for the last position at ``layer - 1``
     (head-summed norm-based attention, or head-mean attention weight), i.e. what is known before
-    pruning starts at ``layer``. ``first``: the first k. ``random``: k at random (seeded).
+    pruning starts at ``layer`` (where ``layer - 1`` has no attention pattern: the last layer before
+    ``layer`` that has one; at ``layer`` 0, the first). ``first``: the first k. ``random``: k at
+    random (seeded).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose from {METHODS}.")
@@ -43,7 +55,15 @@ def select_image_tokens(
     batch = vlm.to_batch(batch)
     image = batch.image_mask
     if method in ("norm", "attention"):
-        source = max(layer - 1, 0)
+        with_pattern = vlm.adapter.attention_layers
+        before = [source for source in with_pattern if source < layer]
+        if not before and layer > 0:
+            raise LayerError(
+                f"select_image_tokens(method={method!r}, layer={layer}): no layer before {layer} has an "
+                f"attention pattern (those with one: {list(with_pattern)}); prune from a later layer "
+                "or select by 'first' or 'random'."
+            )
+        source = before[-1] if before else with_pattern[0]
         names = [f"blocks.{source}.attn.hook_pattern", f"blocks.{source}.attn.hook_v"]
         _, cache = vlm.run_with_cache(batch, names_filter=names)
         pattern = cache[names[0]]
@@ -65,10 +85,24 @@ def select_image_tokens(
     return keep & image
 
 
-def pruning_hooks(batch, keep: torch.Tensor, from_layer: int, n_layers: int) -> list:
-    """Hooks removing the pruned image tokens as keys in layers ``from_layer..n_layers-1``,
-    for the prompt forward and every cached decoding step."""
+def pruning_hooks(
+    batch,
+    keep: torch.Tensor,
+    from_layer: int,
+    n_layers: int,
+    attention_layers: tuple[int, ...] | None = None,
+) -> list:
+    """Hooks removing the pruned image tokens as keys in layers ``from_layer..n_layers-1`` (the
+    ``attention_layers`` among them; default all), and zeroing their input to the others' token
+    mixer (linear attention), for the prompt forward and every cached decoding step."""
     pruned = batch.image_mask & ~keep  # [batch, prompt]
+    if attention_layers is None:
+        attention_layers = tuple(range(n_layers))
+
+    def zero_pruned(hidden: torch.Tensor, hook) -> torch.Tensor | None:
+        if hidden.shape[1] != pruned.shape[1]:  # a decoding step: no pruned token in it
+            return None
+        return hidden.masked_fill(pruned[..., None].to(hidden.device), 0.0)
 
     def hook(scores: torch.Tensor, hook) -> torch.Tensor:
         columns = torch.zeros(scores.shape[0], scores.shape[-1], dtype=torch.bool, device=scores.device)
@@ -76,7 +110,12 @@ def pruning_hooks(batch, keep: torch.Tensor, from_layer: int, n_layers: int) -> 
         columns[:, :n] = pruned[:, :n].to(scores.device)
         return scores.masked_fill(columns[:, None, None, :], torch.finfo(scores.dtype).min)
 
-    return [(f"blocks.{layer}.attn.hook_attn_scores", hook) for layer in range(from_layer, n_layers)]
+    return [
+        (f"blocks.{layer}.attn.hook_attn_scores", hook)
+        if layer in attention_layers
+        else (f"blocks.{layer}.linear_attn.hook_in", zero_pruned)
+        for layer in range(from_layer, n_layers)
+    ]
 
 
 @contextmanager
@@ -84,7 +123,8 @@ def prune(vlm, batch, keep: torch.Tensor, from_layer: int):
     """Context manager: only ``keep``'s image tokens are readable from ``from_layer`` on."""
     check_blocks(vlm.cfg.n_layers, [from_layer], "prune(from_layer=...)")
     batch = vlm.to_batch(batch)
-    with vlm.hooks(fwd_hooks=pruning_hooks(batch, keep, from_layer, vlm.cfg.n_layers)):
+    hooks = pruning_hooks(batch, keep, from_layer, vlm.cfg.n_layers, vlm.adapter.attention_layers)
+    with vlm.hooks(fwd_hooks=hooks):
         yield vlm
 
 

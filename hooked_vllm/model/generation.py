@@ -277,11 +277,12 @@ class GenerationMixin:
     @torch.no_grad()
     def _laid_out_for_decoding(self, batch: VLMBatch, recording: bool = False) -> VLMBatch:
         """The batch as decoding can take it: left-padded where the language model has sliding-window
-        layers (the window counts cache slots, so a right-padded item's padding would eat into it).
+        layers (the window counts cache slots, so a right-padded item's padding would eat into it)
+        or layers that keep a state (Qwen3.5's linear attention: the padding would run into it).
 
         Re-padding moves every token to another column, so it is refused where something keyed to
         the batch's columns would see it: hooks in effect, or a cache to return in the batch's layout."""
-        if self.adapter.sliding_window is None:
+        if not self.adapter.decodes_left_padded:
             return batch
         left = batch.left_padded()
         if left is batch:
@@ -293,8 +294,13 @@ class GenerationMixin:
                 if hooked
                 else ("the cache would come back in another layout than the batch's")
             )
+            kind = (
+                "sliding-window attention layers"
+                if self.adapter.sliding_window is not None
+                else "layers that keep a recurrent state"
+            )
             raise GenerationArgumentError(
-                "This model has sliding-window attention layers, so generation needs a left-padded "
+                f"This model has {kind}, so generation needs a left-padded "
                 f"batch, and re-padding this right-padded one here is refused: {why}. Build the batch "
                 "with vlm.prepare(..., padding_side='left')."
             )
@@ -465,7 +471,11 @@ def _kv_cache_kwarg_for_bridge(blocks: Iterable[torch.nn.Module]) -> Iterator[No
             kwargs["past_key_values"] = kwargs.pop("cache")
         return args, kwargs
 
-    handles = [block.attn.register_forward_pre_hook(rename, with_kwargs=True) for block in blocks]
+    handles = [
+        block.attn.register_forward_pre_hook(rename, with_kwargs=True)
+        for block in blocks
+        if "attn" in block._modules  # layers with no attention (linear attention) get theirs from HF
+    ]
     try:
         yield
     finally:

@@ -418,6 +418,9 @@ class HookedVLM(TokensMixin, GenerationMixin):
                 embeds,
                 **self.lm_inputs(batch, embeds, injections),
                 return_type="logits" if wants_loss else return_type,
+                # no KV cache: HF would build one, and with it transformer-lens runs linear-attention
+                # layers (Qwen3.5) natively, where only their hook_in/hook_out fire
+                use_cache=False,
             )
         if not wants_loss:
             return logits
@@ -442,8 +445,8 @@ class HookedVLM(TokensMixin, GenerationMixin):
             return contextlib.nullcontext()
         layers = [
             layer
-            for layer, block in enumerate(self.blocks)
-            if not observed_attention.needs_step_by_step(block.attn)
+            for layer in self.adapter.attention_layers
+            if not observed_attention.needs_step_by_step(self.blocks[layer].attn)
         ]
         causal_only = (
             self.adapter.plain_causal

@@ -55,8 +55,8 @@ def supported(vlm) -> bool:
     step-by-step path."""
     if any(getattr(vlm.cfg, setting, False) for setting in _STEP_BY_STEP_SETTINGS):
         return False
-    for block in vlm.blocks:
-        hf_attention = getattr(block.attn, "original_component", None)
+    for layer in vlm.adapter.attention_layers:  # layers with no attention (linear attention) run as they are
+        hf_attention = getattr(vlm.blocks[layer].attn, "original_component", None)
         if hf_attention is None or not hasattr(getattr(hf_attention, "config", None), "_attn_implementation"):
             return False
         if not hasattr(hf_attention, "scaling"):
@@ -99,12 +99,12 @@ def observed_sdpa_attention(
     causal_only: bool = False,
     layers: Iterable[int] | None = None,
 ) -> Iterator[None]:
-    """Inside, the language model's attention in ``layers`` (default: all) runs as HF sdpa and
-    reports q, k, v to ``observer``. ``causal_only=True`` promises the batch has no padding (the
-    mask is purely causal), which lets sdpa use its causal kernel. A layer already switched by an
-    enclosing block keeps that block's observer. Everything is restored on exit, errors included;
-    a switched layer that never reported raises (its architecture does not dispatch through
-    ``AttentionInterface``)."""
+    """Inside, the language model's attention in ``layers`` (default: every layer that has
+    attention) runs as HF sdpa and reports q, k, v to ``observer``. ``causal_only=True`` promises
+    the batch has no padding (the mask is purely causal), which lets sdpa use its causal kernel.
+    A layer already switched by an enclosing block keeps that block's observer. Everything is
+    restored on exit, errors included; a switched layer that never reported raises (its
+    architecture does not dispatch through ``AttentionInterface``)."""
     if not supported(vlm):
         raise NotImplementedError(
             "This model's attention does not dispatch through transformers' AttentionInterface; "
@@ -119,7 +119,7 @@ def observed_sdpa_attention(
 
     saved = []
     try:
-        for layer in range(len(vlm.blocks)) if layers is None else layers:
+        for layer in vlm.adapter.attention_layers if layers is None else layers:
             bridge = vlm.blocks[layer].attn
             hf_attention = bridge.original_component
             if hasattr(hf_attention, "_hooked_vllm_observer"):

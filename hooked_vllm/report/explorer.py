@@ -188,7 +188,7 @@ def explorer_pass(vlm, batch, top_k: int = 5, attention: str = "auto") -> _Pass:
     ] & batch.attention_mask.bool()[:, None, :]  # [b, n_queries, key]
     lens = LogitLens.from_vlm(vlm)
     values: dict[int, torch.Tensor] = {}
-    saliency: dict[str, list[torch.Tensor]] = {source: [] for source in SOURCES}
+    saliency: dict[str, dict[int, torch.Tensor]] = {source: {} for source in SOURCES}
     grid, last_tokens, last_probs = [], [], []
 
     def reduce(layer, alpha, v):
@@ -211,7 +211,7 @@ def explorer_pass(vlm, batch, top_k: int = 5, attention: str = "auto") -> _Pass:
         hidden = ~valid.to(device)[:, None, :]
         for source, (all_heads, per_head) in pieces.items():
             both = torch.cat([all_heads[:, None], per_head * f_norm], dim=1)  # [b, 1 + h, n]
-            saliency[source].append(both.masked_fill(hidden, float("nan")).cpu())
+            saliency[source][layer] = both.masked_fill(hidden, float("nan")).cpu()
 
     def keep_values(v, hook, layer):
         values[layer] = v
@@ -248,12 +248,18 @@ def explorer_pass(vlm, batch, top_k: int = 5, attention: str = "auto") -> _Pass:
         with observed_sdpa_attention(vlm, observe):
             vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
     else:
-        for layer in range(vlm.cfg.n_layers):
+        for layer in vlm.adapter.attention_layers:
             hooks.append((f"blocks.{layer}.attn.hook_v", partial(keep_values, layer=layer)))
             hooks.append((f"blocks.{layer}.attn.hook_pattern", partial(reduce_pattern, layer=layer)))
         vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
+    # every block a row: NaN at layers with no attention pattern (Qwen3.5's linear attention)
+    shown = next(iter(saliency["last"].values()))
+    nan = torch.full_like(shown, float("nan"))
     return _Pass(
-        saliency={source: torch.stack(layers) for source, layers in saliency.items()},
+        saliency={
+            source: torch.stack([layers.get(layer, nan) for layer in range(vlm.cfg.n_layers)])
+            for source, layers in saliency.items()
+        },
         lens_grid=torch.stack(grid),
         lens_last_tokens=torch.stack(last_tokens),
         lens_last_probs=torch.stack(last_probs),
