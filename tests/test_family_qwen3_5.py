@@ -105,3 +105,16 @@ def test_right_padded_generation_is_left_padded_and_refused_with_hooks(qwen3_5):
     with vlm.hooks(fwd_hooks=identity):
         with pytest.raises(GenerationArgumentError, match="recurrent state"):
             vlm.generate(right, 2, eos_token_id=NEVER)
+
+
+def test_report_names_the_layers_without_attention():
+    from hooked_vllm.report import figures
+
+    aggregates = {"n_layers": 4, "norm_attention": {"text<-image": {"mean": [None, 0.1, float("nan"), 0.2]}}}
+    assert figures.layers_without_attention(aggregates) == [0, 2]
+    assert (
+        "no attention pattern at layers 0, 2"
+        in figures.attention_by_pair(
+            {**aggregates, "weight_attention": aggregates["norm_attention"]}
+        ).layout.title.text
+    )

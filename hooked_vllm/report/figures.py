@@ -77,9 +77,29 @@ def phase_diagram(aggregates: dict, title: str = "Phase diagram") -> go.Figure:
     return fig
 
 
+def layers_without_attention(aggregates: dict) -> list[int]:
+    """The blocks whose attention figures are empty: layers with no attention pattern (Qwen3.5's
+    linear attention), where every pair's mean is undefined (NaN, or null read back from JSON)."""
+    means = [stats["mean"] for stats in aggregates["norm_attention"].values()]
+    return [
+        layer
+        for layer in range(aggregates["n_layers"])
+        if means and all(m[layer] is None or not np.isfinite(m[layer]) for m in means)
+    ]
+
+
+def no_attention_note(aggregates: dict) -> str:
+    """A sentence naming the layers with no attention pattern, or ''."""
+    missing = layers_without_attention(aggregates)
+    if not missing:
+        return ""
+    return f"no attention pattern at layers {', '.join(map(str, missing))} (linear attention): not drawn"
+
+
 def attention_by_pair(aggregates: dict) -> go.Figure:
     """Norm-based (solid) and weight-based (dotted) attention by modality pair, per layer (block
-    index: layer l is block l's attention)."""
+    index: layer l is block l's attention; layers with no attention pattern are gaps, named in the
+    title)."""
     x = np.arange(aggregates["n_layers"])
     fig = make_subplots(
         rows=1, cols=2, subplot_titles=("norm-based ||sum_h alpha f_h(x)||", "weight alpha (head mean)")
@@ -95,7 +115,9 @@ def attention_by_pair(aggregates: dict) -> go.Figure:
             col=2,
         )
     fig.update_layout(
-        title="Attention by modality pair (query <- key), mean over items", template="plotly_white"
+        title="Attention by modality pair (query <- key), mean over items"
+        + (f"<br><sub>{note}</sub>" if (note := no_attention_note(aggregates)) else ""),
+        template="plotly_white",
     )
     fig.update_xaxes(title_text="layer (block l's attention)")
     fig.update_yaxes(title_text="head-summed norm, mean over pairs", row=1, col=1)
