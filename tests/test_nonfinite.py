@@ -194,3 +194,30 @@ def test_an_undefined_value_is_never_a_zero():
     assert np.isfinite(agg["contextualization"]["intra_text"]["ci95"]).all()
     assert np.isnan(single["contextualization"]["intra_text"]["ci95"]).all()  # one item: no interval
     assert not any(p["found"] for p in agg["phases"])
+
+
+def test_the_activation_store_counts_nan_and_inf_rows_per_hook_and_item(llava, tmp_path):
+    from collections import Counter
+
+    from hooked_vllm.activations.store import ActivationStore
+
+    vlm, hook = llava.vlm, "blocks.0.hook_resid_post"
+
+    def poison(x, hook):  # the first item of every batch: NaN at its last position
+        x = x.clone()
+        x[0, -1, 0] = float("nan")
+        return x
+
+    items = _items(tmp_path / "images", CLEAN)
+    with vlm.hooks([(hook, poison)]):
+        store = ActivationStore.write(
+            vlm, items, tmp_path / "store", hooks=[hook, "hook_visual_prefix"], positions="all", batch_size=2
+        )
+    rows = store[:]
+    bad = (~torch.isfinite(rows[hook].float()).all(-1)).tolist()
+    want = Counter(item for item, is_bad in zip(rows["item_id"], bad) if is_bad)
+    assert sorted(want) == ["item-0", "item-2"]
+    # the visual prefix's rows outside the image are NaN by design: not counted
+    assert bool(torch.isnan(rows["hook_visual_prefix"].float()).any())
+    assert store.nonfinite == {hook: dict(want)}
+    assert ActivationStore.open(tmp_path / "store").nonfinite == {hook: dict(want)}

@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -42,7 +43,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from hooked_vllm.activations.layout import MODALITIES
+from hooked_vllm.activations.layout import MODALITIES, is_per_image
 from hooked_vllm.runs.checksums import NoChecksum, checksum_problem, sidecar_of, write_checksums
 from hooked_vllm.runs.files import write_text_atomically
 from hooked_vllm.runs.store import (
@@ -98,6 +99,9 @@ class Shard:
     items: list[str]
     item_rows: list[int]
     rank: int
+    #: per hook, the items with rows holding NaN or inf, and how many such rows each ({} for shards
+    #: of earlier versions, which did not count)
+    nonfinite: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def n_rows(self) -> int:
@@ -123,7 +127,14 @@ def read_shard(path: Path, schema: pa.Schema | None = None, *, check: bool = Tru
                 raise ValueError("no hooked_vllm shard metadata")
             facts = json.loads(metadata[SHARD_KEY])
             settings = json.loads(metadata.get(SETTINGS_KEY, b"{}"))
-            shard = Shard(path, int(match.group(1)), facts["items"], facts["item_rows"], int(facts["rank"]))
+            shard = Shard(
+                path,
+                int(match.group(1)),
+                facts["items"],
+                facts["item_rows"],
+                int(facts["rank"]),
+                facts.get("nonfinite", {}),
+            )
             if not check:
                 return shard, settings
             if schema is not None and not reader.schema.remove_metadata().equals(schema.remove_metadata()):
@@ -141,6 +152,26 @@ def read_shard(path: Path, schema: pa.Schema | None = None, *, check: bool = Tru
     return shard, settings
 
 
+def nonfinite_rows(schema: pa.Schema, columns: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    """Per stored hook, the items whose rows hold NaN or inf and how many rows each: values the model
+    gave (a NaN weight, an overflow of its dtype). A per-image hook's rows at positions that are not
+    image positions are NaN by design (``positions="all"``) and not counted."""
+    image = np.asarray(columns["modality"]) == MODALITIES.index("image")
+    item_ids = np.asarray(columns["item_id"], dtype=object)
+    found: dict[str, dict[str, int]] = {}
+    for column in schema:
+        if not pa.types.is_fixed_size_list(column.type):
+            continue
+        values = np.asarray(columns[column.name])
+        bad = ~np.isfinite(values.sum(-1, dtype=np.float64))  # any NaN or inf in the row's vector
+        if is_per_image(column.name):
+            bad &= image
+        if bad.any():
+            ids, counts = np.unique(item_ids[bad], return_counts=True)
+            found[column.name] = dict(zip(ids.tolist(), counts.tolist()))
+    return found
+
+
 def write_shard(
     folder: Path,
     rank: int,
@@ -153,6 +184,7 @@ def write_shard(
 ) -> Path:
     """Write one batch's rows as a shard, atomically (temp name, then rename)."""
     facts = {"batch": batch, "items": items, "item_rows": item_rows, "rank": rank}
+    facts["nonfinite"] = nonfinite_rows(schema, columns)
     meta = {**(schema.metadata or {}), SETTINGS_KEY: json.dumps(settings), SHARD_KEY: json.dumps(facts)}
     schema = schema.with_metadata(meta)
     arrays = []

@@ -28,6 +28,8 @@ Gotchas:
 - ``with_format("torch")`` hands float16 columns over as float32 (``datasets``' default); the values
   are the stored ones. ``ActivationStore.rows`` keeps the stored dtype.
 - ``dtype="float16"`` refuses activations above 65504 (they would read back as inf), naming the hook.
+  Values the model itself gives as NaN or inf are stored as they are and counted per hook and item
+  (:attr:`ActivationStore.nonfinite`; the CLI names them).
 - With ``positions="all"``, per-image hooks (vision tower, Q-Former, visual prefix) are NaN at the rows
   that are not image positions; with ``text`` or ``last`` they are refused.
 - LLaVA's CLS token reaches no position (``vision_feature_select_strategy="default"``) and is not
@@ -141,6 +143,7 @@ class ActivationStore:
         self._offsets = np.cumsum([0] + [len(chunk) for chunk in self._table.column(0).chunks])
         self._views: dict[str, list] = {}
         self._items: dict[str, tuple[int, int]] | None = None
+        self._shard_facts: list | None = None
 
     def _verify_checksums(self, shards: list[Path]) -> bool:
         """Check each shard's bytes against its checksum; raise naming the first that changed. False
@@ -333,16 +336,35 @@ class ActivationStore:
     def item_ids(self) -> list[str]:
         return list(self._item_index())
 
+    def _shards(self) -> list:
+        """The listed shards' facts, from their headers."""
+        if self._shard_facts is None:
+            state = json.loads((self.path / "state.json").read_text())
+            self._shard_facts = [
+                read_shard(self.path / entry["filename"], check=False)[0] for entry in state["_data_files"]
+            ]
+        return self._shard_facts
+
     def _item_index(self) -> dict[str, tuple[int, int]]:
         if self._items is None:
-            state = json.loads((self.path / "state.json").read_text())
             self._items, start = {}, 0
-            for entry in state["_data_files"]:
-                shard, _ = read_shard(self.path / entry["filename"], check=False)
+            for shard in self._shards():
                 for item, n in zip(shard.items, shard.item_rows):
                     self._items[item] = (start, start + n)
                     start += n
         return self._items
+
+    @property
+    def nonfinite(self) -> dict[str, dict[str, int]]:
+        """Per hook, the items whose stored rows hold NaN or inf (as the model gave them), with how
+        many rows each; empty when every value is finite. A per-image hook's rows outside the image
+        positions (NaN by design under ``positions="all"``) are not counted. Counted as the shards
+        were written (shards of earlier versions did not count)."""
+        found: dict[str, dict[str, int]] = {}
+        for shard in self._shards():
+            for hook, items in shard.nonfinite.items():
+                found.setdefault(hook, {}).update(items)
+        return found
 
     def rows_of(self, item_id: str) -> range:
         """The row indices of an item (contiguous)."""

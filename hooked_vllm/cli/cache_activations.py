@@ -234,6 +234,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"stored {len(store):,} rows of {items} items in {args.out} (read it with {where})")
     for path, reason in sample.skipped:
         print(f"  skipped {path}: {reason}")
+    for hook, bad in store.nonfinite.items():
+        named = ", ".join(list(bad)[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        print(
+            f"  NaN/inf: {hook} holds NaN or inf in {sum(bad.values()):,} rows of {len(bad)} items "
+            f"({named}); stored as the model gave them (ActivationStore.nonfinite lists them)"
+        )
     if warning:
         print(f"  NOTE: {warning}")
     return 0
