@@ -282,3 +282,32 @@ def test_activation_store_write_skips_bad_items_itself_under_skip_bad(tmp_path, 
     assert len(store) == len(alone)
     for row in range(len(store)):
         assert (store[row]["hook_embed"] == alone[row]["hook_embed"]).all()
+
+
+def test_items_another_rank_skipped_are_listed_by_rank_0(model_dir, tmp_path, monkeypatch):
+    """Under torchrun each rank prepares its own items: the ones its processor refuses are listed in
+    rank 0's aggregates too, not only on the rank that met them."""
+    vlm = HookedVLM.from_pretrained(str(model_dir))
+    prepare = vlm.prepare
+
+    def refusing(images, texts, *args, **kwargs):  # the processor refusing one item's text
+        if any("refuse me" in text for text in texts):
+            raise ValueError("the processor refuses this item")
+        return prepare(images, texts, *args, **kwargs)
+
+    monkeypatch.setattr(vlm, "prepare", refusing)
+    images = tmp_path / "images"
+    images.mkdir()
+    items = []
+    for i in range(4):
+        Image.new("RGB", (24 + 8 * i, 24), (60 * i, 90, 30)).save(images / f"{i}.png")
+        text = "refuse me" if i == 3 else "What is this?"
+        items.append(DatasetItem(f"item-{i}", images / f"{i}.png", text))
+    for rank in (0, 1, 0):  # rank 1 meets item-3 (items[1::2]); rank 0 aggregates once it is done
+        sample = DatasetSample("two ranks", list(items), skip_bad=True)
+        result = run_phase_diagram(
+            vlm, sample, tmp_path / "run", batch_size=2, rank=rank, world_size=2, progress=False
+        )
+    assert [item_id for item_id, _ in result.aggregates["skipped"]] == ["item-3"]
+    assert "the processor refuses this item" in result.aggregates["skipped"][0][1]
+    assert result.aggregates["n_items"] == 3

@@ -490,10 +490,21 @@ def _run(vlm, sample, store, batch_size, rank, world_size, workers, verbalize_im
             store.write(*batch_rows(vlm, items, analysis, batch))
             bar.update(len(items))
     bar.close()
+    skipped_here = [item_id for item_id, _ in sample.skipped]
+    if world_size > 1 and rank != 0:  # rank 0 lists every rank's skipped items
+        write_text_atomically(store.dir / f"skipped-r{rank}.json", json.dumps(sample.skipped))
     if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank != 0:
         return None
+    for other in range(1, world_size):
+        listed = store.dir / f"skipped-r{other}.json"
+        if listed.is_file():
+            sample.skipped.extend(
+                (item_id, reason)
+                for item_id, reason in json.loads(listed.read_text())
+                if item_id not in skipped_here
+            )
     rows, sums = store.read()
     aggregates = aggregate(rows, sums)
     aggregates["skipped"] = sample.skipped
