@@ -265,17 +265,16 @@ def write_report(
 
 
 def write_pngs(out_dir: Path, aggregates: dict, title: str, warning: str | None = None) -> list[Path]:
-    """The phase diagram and attention-by-pair figures as PNG (matplotlib, headless)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The phase diagram and attention-by-pair figures as PNG (matplotlib, headless: figures made
+    without pyplot, which is slow to import and would switch a notebook's backend)."""
+    from matplotlib.figure import Figure
 
     ctx = aggregates["contextualization"]
     adjusted = aggregates.get("phases_from") == "adjusted_mean"
     key, ci_key = ("adjusted_mean", "adjusted_ci95") if adjusted else ("mean", "ci95")
     x = np.arange(aggregates["n_layers"] + 1)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    fig = Figure(figsize=(8, 4.5), dpi=120)
+    ax = fig.subplots()
     colours = ["#ffc800", "#0096ff", "#dc0050", "#787878"]
     for i, phase in enumerate(aggregates["phases"]):
         if phase["found"]:
@@ -295,9 +294,9 @@ def write_pngs(out_dir: Path, aggregates: dict, title: str, warning: str | None 
     paths = [out_dir / "phase_diagram.png"]
     with atomic_path(paths[0]) as tmp:
         fig.savefig(tmp)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    fig = Figure(figsize=(8, 4.5), dpi=120)
+    ax = fig.subplots()
     layers = np.arange(aggregates["n_layers"])  # block l's attention is layer l
     for pair, stats in aggregates["norm_attention"].items():
         ax.plot(layers, stats["mean"], marker="o", ms=3, label=pair)
@@ -310,5 +309,4 @@ def write_pngs(out_dir: Path, aggregates: dict, title: str, warning: str | None 
     paths.append(out_dir / "attention.png")
     with atomic_path(paths[1]) as tmp:
         fig.savefig(tmp)
-    plt.close(fig)
     return paths
