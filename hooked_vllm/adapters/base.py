@@ -29,6 +29,8 @@ An adapter knows one HF model family and nothing else. It answers five questions
    :attr:`attention_layers` names the layers that have an attention pattern (all, except in
    hybrid models: Qwen3.5's linear-attention layers have none); :attr:`decodes_left_padded` says
    whether generation must left-pad (sliding windows, layers that keep a recurrent state).
+   :meth:`routed_experts` names the layers whose MLP is a sparse mixture of experts, and the HF
+   module that loops over their experts (each expert's output gets a hook point; none elsewhere).
 
 Everything else (the bridge, hooks, caching, generation) is family-independent and lives in
 :mod:`hooked_vllm.model`, :mod:`hooked_vllm.model.batch` and :mod:`hooked_vllm.model.generation`.
@@ -373,6 +375,14 @@ class VLMAdapter(ABC):
         right-padded item's padding would run into."""
         n_layers = int(self.text_config.num_hidden_layers)
         return self.sliding_window is not None or len(self.attention_layers) < n_layers
+
+    def routed_experts(self) -> dict[int, torch.nn.Module]:
+        """``{layer: module}``: the language-model layers whose MLP is a sparse mixture of experts,
+        each with the HF module that runs its routed experts in one loop (Qwen3.5-MoE's
+        ``mlp.experts``). Each expert's weighted output there becomes the hook point
+        ``blocks.{l}.mlp.experts.{e}.hook_out`` (:mod:`hooked_vllm.model.experts`). Default: none (a
+        dense MLP, or an MoE whose experts keep transformer-lens's block-level hooks only)."""
+        return {}
 
     @property
     def sliding_window(self) -> int | None:

@@ -8,7 +8,9 @@ activation is HF's. Hook names are TransformerLens's (``blocks.{l}.hook_resid_po
 - ``hook_visual_prefix``: ``[n_slots, d_model]``, the vectors placed at the image placeholder
   positions, in their order (``cache["hook_embed"][vlm.adapter.placeholder_mask(batch.input_ids)]``);
 - ``vision.blocks.{l}.hook_resid_post``: the vision tower's layer outputs;
-- ``qformer.blocks.{l}.hook_resid_post``: InstructBLIP's Q-Former layer outputs.
+- ``qformer.blocks.{l}.hook_resid_post``: InstructBLIP's Q-Former layer outputs;
+- ``blocks.{l}.mlp.experts.{e}.hook_out``: a mixture-of-experts layer's expert e, its weighted output
+  (:mod:`hooked_vllm.model.experts`).
 
 Example:
     >>> from hooked_vllm import HookedVLM
@@ -48,6 +50,8 @@ from hooked_vllm.model import observed_attention
 from hooked_vllm.model import sae as sae_lib
 from hooked_vllm.model.batch import BatchLike, ModelInput, NamesFilter, VLMBatch, build_batch
 from hooked_vllm.model.cache import VLMActivationCache
+from hooked_vllm.model.experts import install_expert_hooks
+from hooked_vllm.model.experts import unwrap as unwrap_experts
 from hooked_vllm.model.generation import GenerationMixin
 from hooked_vllm.model.images import ImageLike, item_images, to_rgb
 from hooked_vllm.model.loading import resolve_source
@@ -95,6 +99,11 @@ class HookedVLM(TokensMixin, GenerationMixin):
             point = HookPoint()
             self._extra_hook_points[name] = point
             module.register_forward_hook(_route_output_through(point), prepend=True)
+        #: ``blocks.{l}.mlp.experts.{e}.hook_out``: each routed expert's weighted output (MoE layers)
+        for layer, experts in self.adapter.routed_experts().items():
+            n_experts = int(unwrap_experts(experts).num_experts)
+            names = [f"blocks.{layer}.mlp.experts.{e}.hook_out" for e in range(n_experts)]
+            install_expert_hooks(experts, [self._extra_hook_points.setdefault(n, HookPoint()) for n in names])
         self._register_hook_points()
         #: run attention as HF sdpa where no step-by-step-only hook needs the bridge's path (opt-in:
         #: see :meth:`forward`)
