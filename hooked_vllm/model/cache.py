@@ -92,10 +92,29 @@ class VLMActivationCache(ActivationCache):
         return_labels: bool = False,
     ) -> Any:
         """TransformerLens's ``decompose_resid``; with ``mode="all"`` an injection after block l is
-        the term ``"{l}_deepstack"`` (after ``"{l}_mlp_out"``), so the terms still sum to the stream."""
-        components, labels = super().decompose_resid(
-            layer, mlp_input, mode, False, pos_slice, incl_embeds, return_labels=True
-        )
+        the term ``"{l}_deepstack"`` (after ``"{l}_mlp_out"``), so the terms still sum to the stream.
+        A layer whose token mixer has no attention (Qwen3.5's Gated DeltaNet, no ``hook_attn_out``)
+        contributes its mixer's output, ``blocks.{l}.linear_attn.hook_out``, as ``"{l}_linear_attn_out"``.
+        The MLP term ``"{l}_mlp_out"`` of a mixture-of-experts layer is the whole block's output: the
+        routed experts' sum plus any shared expert."""
+        mixers = {
+            f"blocks.{n}.hook_attn_out": f"blocks.{n}.linear_attn.hook_out"
+            for n in range(self.model.cfg.n_layers)
+            if f"blocks.{n}.hook_attn_out" not in self.cache_dict
+            and f"blocks.{n}.linear_attn.hook_out" in self.cache_dict
+        }
+        self.cache_dict.update({attn: self.cache_dict[linear] for attn, linear in mixers.items()})
+        try:
+            components, labels = super().decompose_resid(
+                layer, mlp_input, mode, False, pos_slice, incl_embeds, return_labels=True
+            )
+        finally:
+            for attn in mixers:
+                del self.cache_dict[attn]
+        renamed = {f"{attn.split('.')[1]}_attn_out" for attn in mixers}
+        labels = [
+            label.replace("_attn_out", "_linear_attn_out") if label in renamed else label for label in labels
+        ]
         last = self.model.cfg.n_layers if layer is None or layer == -1 else layer
         injected = self._injections_before(last) if mode == "all" else []
         if injected:
