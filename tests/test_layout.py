@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("interventions",),
     ("runs",),
     ("activations", "report"),
+    ("studies",),  # published experiments on the run store, each with its report (issue 29)
     ("cli",),
     ("testing",),
 ]

@@ -6,6 +6,7 @@
         --out runs/llava-coco
     torchrun --nproc-per-node 4 -m hooked_vllm.cli phase-diagram ...   # data parallel
     hooked-vllm cache-activations --hooks blocks.3.hook_resid_post --positions image --out store/
+    hooked-vllm study knockout                      # a published experiment (issue 29) on the demo
 
 A run writes ``items/`` (per-item results, resumable), ``aggregates.json``/``.csv``, ``report.html``
 and PNGs into ``--out``. Run the same command again after an interruption to resume. Every error is
@@ -19,12 +20,12 @@ import signal
 import sys
 import threading
 
-from hooked_vllm.cli import cache_activations, phase_diagram
+from hooked_vllm.cli import cache_activations, phase_diagram, study
 from hooked_vllm.cli.common import OneLineParser
 from hooked_vllm.errors import HookedVLMError
 
 #: each subcommand's module: ``add_parser(subparsers)`` and ``run(args)``
-SUBCOMMANDS = {"phase-diagram": phase_diagram, "cache-activations": cache_activations}
+SUBCOMMANDS = {"phase-diagram": phase_diagram, "cache-activations": cache_activations, "study": study}
 
 
 def build_parser() -> OneLineParser:

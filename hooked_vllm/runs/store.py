@@ -63,10 +63,11 @@ VECTOR_KEYS = ("sum_image", "sum_text")
 #: keys an older run.json held that are not settings of the results (where the store was, ...)
 NOT_SETTINGS = frozenset({"out", "workers", "no_progress", "command", "debug", "repair", "kind"})
 #: the kinds of store a run folder holds, as ``run.json``'s ``kind`` says, and how to tell them apart
-RESULTS_KIND, ACTIVATIONS_KIND = "phase-diagram results", "activation store"
+RESULTS_KIND, ACTIVATIONS_KIND, STUDY_KIND = "phase-diagram results", "activation store", "study results"
 KINDS = {
     RESULTS_KIND: "a phase-diagram results store (hooked-vllm phase-diagram)",
     ACTIVATIONS_KIND: "an activation store (hooked-vllm cache-activations)",
+    STUDY_KIND: "a study's results store (hooked-vllm study)",
 }
 
 
@@ -235,8 +236,12 @@ class ResultStore:
         *,
         repair: bool = False,
         upgrade: Callable[[dict], dict] | None = None,
+        kind: str = RESULTS_KIND,
+        vector_keys: tuple[str, ...] = VECTOR_KEYS,
     ) -> None:
         self.out_dir = Path(out_dir)
+        self.kind = kind  # what run.json says the folder holds (KINDS)
+        self.vector_keys = vector_keys  # the arrays each part's .npz must hold
         self.upgrade = upgrade  # maps a run.json of an earlier version to the settings it meant
         self.dir = self.out_dir / "items"
         self.rank = rank
@@ -251,7 +256,7 @@ class ResultStore:
     def open(self) -> ResultStore:
         """Take the rank's lock, check the settings, verify every part and remove own leftovers."""
         prepare_folder(self.out_dir)
-        check_kind(self.out_dir, RESULTS_KIND)
+        check_kind(self.out_dir, self.kind)
         self.dir.mkdir(exist_ok=True)
         self._lock.acquire()
         try:
@@ -272,7 +277,7 @@ class ResultStore:
             prepare_folder(self.out_dir)  # raises, naming the file
         if not self.out_dir.is_dir():
             return
-        check_kind(self.out_dir, RESULTS_KIND)
+        check_kind(self.out_dir, self.kind)
         self._lock.check_free()
         if self.rank == 0:
             self._check_settings(write=False)
@@ -337,7 +342,7 @@ class ResultStore:
                     + "."
                 )
         if write:
-            self._write_json(self.settings_path, {"kind": RESULTS_KIND, **self.settings})
+            self._write_json(self.settings_path, {"kind": self.kind, **self.settings})
 
     def _part_settings(self, part: Path) -> dict:
         """The settings a part was written with ({} for parts of older versions, or unreadable ones:
@@ -432,10 +437,10 @@ class ResultStore:
                 )
         try:
             with np.load(vectors) as data:
-                missing = [key for key in VECTOR_KEYS if key not in data.files]
+                missing = [key for key in self.vector_keys if key not in data.files]
                 if missing:
                     return ids, f"{vectors.name} lacks {missing}", checksummed
-                for key in VECTOR_KEYS:
+                for key in self.vector_keys:
                     data[key]  # noqa: B018  (reads and checks the array's zip entry)
         except FileNotFoundError:
             return ids, f"no {vectors.name} beside it", checksummed
