@@ -212,12 +212,15 @@ class KnockoutStudy(Study):
                 ),
                 table(
                     ["parameter", "value"],
-                    [[key, str(value)] for key, value in aggregates["params"].items()]
+                    [
+                        [key, ", ".join(value) if isinstance(value, list) else str(value)]
+                        for key, value in aggregates["params"].items()
+                    ]
                     + [["model blocks", aggregates["n_layers"]]],
                 ),
                 paragraph(
                     f"{aggregates['n_items']} of {aggregates['n_items_run']} items counted "
-                    f"({aggregates['counts']['n_items']}); the model's accuracy on the answers: "
+                    f"({aggregates['counts']['n_items'].removeprefix('items ')}); the model's accuracy on the answers: "
                     f"{aggregates['accuracy']:.1%}; answers from the dataset's labels: "
                     f"{aggregates['answer_from']['label']}, from the model's prediction: "
                     f"{aggregates['answer_from']['prediction']}.",
