@@ -25,7 +25,9 @@ from hooked_vllm.studies.knockout import knockout_windows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num-items", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
@@ -67,7 +69,9 @@ def main() -> None:
     began = time.perf_counter()
     study.write_report(folder / "run", result.aggregates, "benchmark")
     report = time.perf_counter() - began
-    print(f"knockout, demo model ({vlm.cfg.n_layers} blocks), {args.num_items} items, batch {args.batch_size}:")
+    print(
+        f"knockout, demo model ({vlm.cfg.n_layers} blocks), {args.num_items} items, batch {args.batch_size}:"
+    )
     print(f"  forwards needed per batch: {n_forwards} (1 clean + edges x windows)")
     print(f"  plain forwards: {best['plain']:.3f} s; the study's per-item function: {best['study']:.3f} s")
     print(f"  study / plain forwards: {best['study'] / best['plain']:.3f}x (best of {args.repeats})")

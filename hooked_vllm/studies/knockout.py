@@ -220,7 +220,8 @@ class KnockoutStudy(Study):
                 ),
                 paragraph(
                     f"{aggregates['n_items']} of {aggregates['n_items_run']} items counted "
-                    f"({aggregates['counts']['n_items'].removeprefix('items ')}); the model's accuracy on the answers: "
+                    f"({aggregates['counts']['n_items'].removeprefix('items ')}); "
+                    "the model's accuracy on the answers: "
                     f"{aggregates['accuracy']:.1%}; answers from the dataset's labels: "
                     f"{aggregates['answer_from']['label']}, from the model's prediction: "
                     f"{aggregates['answer_from']['prediction']}.",
