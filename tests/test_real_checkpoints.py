@@ -200,6 +200,8 @@ class Loaded:
         self.name = name
         self.checkpoint = CHECKPOINTS[name]
         self.directory = directory
+        if not (REAL / self.checkpoint.folder / "config.json").is_file():
+            pytest.skip(f"no {self.checkpoint.folder} in {REAL}")
         self.fingerprints = build_and_save(self.checkpoint, directory)
         gc.collect()
         try:
