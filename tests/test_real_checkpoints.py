@@ -10,8 +10,9 @@ model card uses it, the tokens against the processor's, image-token counts for s
 (the real ones, written out), the image mask (structure tokens excluded) and attention mask, logits
 on a padded batch of two (1e-5 on real positions), and the saved tensor names against the real
 checkpoint's weight index. The shared folder sits beside the checkout (``../shared``); without it
-every test here is skipped. Real widths make these models 0.5-2 GB in float32: one is built at a
-time (a module-scoped fixture per checkpoint) and freed after its tests.
+every test here is skipped. Real widths make these models 0.3-2.8 GB in float32: one is built at a
+time (a module-scoped fixture per checkpoint), held twice (ours and HF's: 9.5 GB of memory at most,
+Qwen3-VL's) and freed after its tests; the file takes about 80 s of CPU time.
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ def loaded(request, tmp_path_factory):
     directory = model.directory
     del model
     gc.collect()
-    shutil.rmtree(directory, ignore_errors=True)  # 0.2-2 GB of weights
+    shutil.rmtree(directory, ignore_errors=True)  # 0.3-2.8 GB of weights
 
 
 def hf_logits(loaded: Loaded, batch) -> torch.Tensor:
