@@ -3,10 +3,11 @@
 transformer-lens 4.3 wraps a sparse MoE block whole (``blocks.{l}.mlp``: its ``gate`` router with
 ``hook_out`` on the router logits, ``hook_expert_weights``/``hook_expert_indices`` on the routing,
 and ``experts.hook_out`` on the experts' weighted sum); HF runs all routed experts inside one module
-(``Qwen3_5MoeExperts``: 3-D ``gate_up_proj``/``down_proj``, a loop over the experts chosen in the
-batch). Per expert there is no module, so no hook point. :func:`install_expert_hooks` gives that
-module a forward that is HF's eager loop, line for line, with each expert's contribution passed
-through a hook point before it is added:
+(``Qwen3_5MoeExperts``, and Qwen3-VL-MoE's ``Qwen3VLMoeTextExperts``, whose forward is the same
+source: 3-D ``gate_up_proj``/``down_proj``, a loop over the experts chosen in the batch). Per expert
+there is no module, so no hook point. :func:`install_expert_hooks` gives that module a forward that
+is HF's eager loop, line for line, with each expert's contribution passed through a hook point
+before it is added:
 
 ``blocks.{l}.mlp.experts.{e}.hook_out``: ``[batch * pos, d_model]`` (rows as the router's hooks and
 ``blocks.{l}.mlp.experts.hook_out`` flatten them, row ``b * pos + p``), expert e's output times its
@@ -17,8 +18,9 @@ The point fires for every expert on every forward (an expert no token chose give
 some hook sits on one of the layer's points; otherwise HF's own forward runs.
 
 The MLP term of a decomposition (``blocks.{l}.hook_mlp_out``, ``cache.decompose_resid``) is the
-whole block's output: the routed experts' sum plus the shared expert scaled by its sigmoid gate
-(``blocks.{l}.mlp.shared_expert.hook_out``, ``blocks.{l}.mlp.shared_expert_gate.hook_out``).
+whole block's output: the routed experts' sum plus, in Qwen3.5-MoE, the shared expert scaled by its
+sigmoid gate (``blocks.{l}.mlp.shared_expert.hook_out``, ``blocks.{l}.mlp.shared_expert_gate.hook_out``);
+Qwen3-VL-MoE has no shared expert, so there the experts' sum is the MLP term.
 """
 
 from __future__ import annotations
