@@ -43,10 +43,23 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+#: the 6-layer demo on its 16 items: outputs small enough for the 8 MB disk
+SMALL = ["--model", "demo"]
+
+
 def _main_job(out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "hooked_vllm.cli", "phase-diagram", "--no-progress", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "hooked_vllm.cli",
+            "phase-diagram",
+            "--no-progress",
+            *SMALL,
+            "--out",
+            str(out),
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -141,9 +141,8 @@ def explorer_data(report: str) -> dict | None:
 
 
 def test_the_cli_explores_the_chosen_number_of_items(tmp_path, capsys):
-    assert (
-        main(["phase-diagram", "--out", str(tmp_path / "run"), "--no-progress", "--report-items", "3"]) == 0
-    )
+    run = ["phase-diagram", "--model", "demo", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main([*run, "--report-items", "3"]) == 0
     report = (tmp_path / "run" / "report.html").read_text()
     data = explorer_data(report)
     ids = [item["id"] for item in data["items"]]
@@ -155,9 +154,7 @@ def test_the_cli_explores_the_chosen_number_of_items(tmp_path, capsys):
     if not all(phase["found"] for phase in aggregates["phases"]):
         assert "Not found" in report and "To try:" in report
     # again without the explorer (the results are reused: --report-items is not a result setting)
-    assert (
-        main(["phase-diagram", "--out", str(tmp_path / "run"), "--no-progress", "--report-items", "0"]) == 0
-    )
+    assert main([*run, "--report-items", "0"]) == 0
     assert explorer_data((tmp_path / "run" / "report.html").read_text()) is None
 
 

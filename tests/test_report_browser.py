@@ -36,7 +36,10 @@ def browser():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report") / "run"
-    assert main(["phase-diagram", "--out", str(out), "--no-progress", "--report-items", "4"]) == 0
+    assert (
+        main(["phase-diagram", "--model", "demo", "--out", str(out), "--no-progress", "--report-items", "4"])
+        == 0
+    )
     return out
 
 

@@ -9,13 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from hooked_vllm.errors import HookedVLMError
-from hooked_vllm.model.loading import DEMO, resolve_source
+from hooked_vllm.model.loading import DEMO, DEMO_PHASES, SHIPPED, resolve_source
 from hooked_vllm.runs.constants import READS_DATA_DIR
 
 #: the model dtypes the commands offer (torch's names); torch itself is imported when a command runs
 DTYPES = ("bfloat16", "float16", "float32")
 #: seconds a rank of a data-parallel run waits for the others to join (``--rendezvous-timeout``)
 RENDEZVOUS_TIMEOUT_S = 300.0
+#: items of the shapes dataset when --n is not given: for demo-phases enough that the phases' curves
+#: have narrow bands (see hooked_vllm/demo/phases/MODEL_CARD.md, "Items"), else a quick look
+SHAPES_ITEMS = {DEMO_PHASES: 512}
+SHAPES_ITEMS_OTHERWISE = 16
 
 
 class UsageError(HookedVLMError):
@@ -77,8 +81,8 @@ def resolve_device(requested: str | None) -> str:
 def resolve_model(model: str) -> str:
     """``--model`` as a value (a folder resolved), checked before anything is written: a folder must
     hold a checkpoint, and a hub id must be in the local cache or the hub reachable."""
-    if model == DEMO:
-        return DEMO
+    if model in SHIPPED:
+        return model
     source = resolve_source(model)  # raises ModelNotFoundError, one line
     return str(source.path) if source.path is not None else source.name
 
@@ -145,7 +149,8 @@ def load_data(args, settings):
     if settings["dataset"] == "shapes":
         from hooked_vllm.runs.shapes_dataset import load_shapes
 
-        return load_shapes(args.out / "shapes-images", n=args.n or 16, seed=args.seed)
+        n = args.n or SHAPES_ITEMS.get(settings["model"], SHAPES_ITEMS_OTHERWISE)
+        return load_shapes(args.out / "shapes-images", n=n, seed=args.seed)
     return load_dataset(
         settings["dataset"],
         args.data_dir,

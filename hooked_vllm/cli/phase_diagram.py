@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from hooked_vllm.cli.common import (
-    DEMO,
+    DEMO_PHASES,
     DTYPES,
+    SHAPES_ITEMS,
+    SHIPPED,
     UsageError,
     add_item_flags,
     add_run_flags,
@@ -35,15 +37,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--model",
-        default=DEMO,
+        default=DEMO_PHASES,
         help="hub id or local directory of any supported family (LLaVA-1.5/NeXT/OneVision, InstructBLIP, "
-        "Qwen2/2.5/3-VL, Gemma 3, Idefics3, SmolVLM, InternVL, PaliGemma; default: the shipped demo model)",
+        "Qwen2/2.5/3-VL, Gemma 3, Idefics3, SmolVLM, InternVL, PaliGemma), or a shipped demo model: "
+        "demo-phases (16 layers, trained in three stages; the default) or demo (6 layers)",
     )
     run.add_argument(
         "--dataset",
         default=None,
         choices=["coco", "winoground", "samples", "shapes"],
-        help="default: shapes for the demo model, else samples (photos shipped with the package)",
+        help="default: shapes for the demo models, else samples (photos shipped with the package)",
     )
     run.add_argument(
         "--data-dir",
@@ -57,7 +60,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         dest="n",
         type=positive_int,
         default=None,
-        help="number of images/examples to sample (default: all; 16 for shapes). Under torchrun use "
+        help=f"number of images/examples to sample (default: all; for shapes {SHAPES_ITEMS[DEMO_PHASES]} "
+        "with demo-phases, else 16). Under torchrun use "
         "--num-items: torchrun takes --n as an abbreviation of its own flags",
     )
     run.add_argument("--batch-size", type=positive_int, default=8, help="items per forward pass (default: 8)")
@@ -120,7 +124,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """The run's settings as values (paths resolved, defaults filled in): what run.json holds."""
-    dataset = args.dataset or ("shapes" if args.model == DEMO else "samples")
+    dataset = args.dataset or ("shapes" if args.model in SHIPPED else "samples")
     check_data_dir(args.data_dir, dataset)
     return {
         "model": resolve_model(args.model),

@@ -54,7 +54,12 @@ OUT = Path(__file__).parent / "phases"
 TEXT = TinyTextConfig(d_model=64, n_layers=16, n_heads=4, n_kv_heads=2, d_mlp=256, n_ctx=256)
 #: data seeds of each stage (the step is added), disjoint from each other, from the vision stage
 #: (10**9 and above) and from the held-out scenes (``shapes.HELD_OUT_SEED_BASE`` = 10**8 and above)
-STAGE_SEED_BASE = {"text": corpus.SEED_BASE, "alignment": 5 * 10**7, "instruction": 7 * 10**7}
+STAGE_SEED_BASE = {
+    "text": corpus.SEED_BASE,
+    "alignment": 5 * 10**7,
+    "instruction": 7 * 10**7,
+    "replay": 9 * 10**7,
+}
 ALIGNMENT_PROMPTS = ("describe the image .", "what is in the image ?")
 
 
@@ -142,7 +147,9 @@ def schedule(steps: int):
     return factor
 
 
-def run_stage(name, model, params, steps, lr, make_batch, log_every=100, evaluate=None, eval_every=0):
+def run_stage(
+    name, model, params, steps, lr, make_batch, log_every=100, evaluate=None, eval_every=0, replay=None
+):
     """AdamW with warm-up and cosine decay over ``params``; returns the stage's seconds and last loss."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(steps))
@@ -151,6 +158,9 @@ def run_stage(name, model, params, steps, lr, make_batch, log_every=100, evaluat
         model.train()
         model.model.vision_tower.eval()
         loss = model(**make_batch(step)).loss
+        if replay is not None:
+            weight, make_text_batch = replay
+            loss = loss + weight * model(**make_text_batch(step)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -189,6 +199,19 @@ def main() -> None:
     parser.add_argument(
         "--stages-dir", type=Path, default=None, help="also save the model after each stage here"
     )
+    parser.add_argument(
+        "--text-replay",
+        type=float,
+        default=0.0,
+        help="in instruction tuning, add this weight times the text-pretraining loss on a corpus batch "
+        "each step (rehearsal of the language model's objective; default 0: none)",
+    )
+    parser.add_argument(
+        "--from-text-stage",
+        type=Path,
+        default=None,
+        help="start from a saved stage1-text model (skips the vision and text stages; for experiments)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.seed >= 19:
@@ -204,6 +227,8 @@ def main() -> None:
     tokenizer = build_tokenizer(args.out)
     processor = build_processor(tokenizer)
     model = build_model(tokenizer, args.seed)
+    if args.from_text_stage is not None:
+        model = LlavaForConditionalGeneration.from_pretrained(args.from_text_stage)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"demo-phases LLaVA: {n_params / 1e6:.2f}M parameters", flush=True)
     held_out = shapes.examples(seed=shapes.HELD_OUT_SEED_BASE + args.seed, n=400)
@@ -212,20 +237,23 @@ def main() -> None:
     language_model = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
     projector = list(model.model.multi_modal_projector.parameters())
 
-    start = time.time()
-    vision_accuracy = pretrain_vision(model, processor, args.vision_steps, args.seed)
-    seconds["vision"] = round(time.time() - start)
+    vision_accuracy = None
+    if args.from_text_stage is None:
+        start = time.time()
+        vision_accuracy = pretrain_vision(model, processor, args.vision_steps, args.seed)
+        seconds["vision"] = round(time.time() - start)
+        print(f"vision stage done: held-out patch accuracy {vision_accuracy:.4f}", flush=True)
     model.model.vision_tower.requires_grad_(False)
-    print(f"vision stage done: held-out patch accuracy {vision_accuracy:.4f}", flush=True)
 
-    seconds["text"], losses["text"] = run_stage(
-        "text",
-        model,
-        language_model,
-        args.text_steps,
-        args.text_lr,
-        lambda step: text_batch(tokenizer, corpus.documents(seeds("text", step), args.batch_size)),
-    )
+    if args.from_text_stage is None:
+        seconds["text"], losses["text"] = run_stage(
+            "text",
+            model,
+            language_model,
+            args.text_steps,
+            args.text_lr,
+            lambda step: text_batch(tokenizer, corpus.documents(seeds("text", step), args.batch_size)),
+        )
     if args.stages_dir:
         save(model, processor, args.stages_dir / "stage1-text")
 
@@ -256,6 +284,14 @@ def main() -> None:
             processor,
             shapes.examples(seed=seeds("instruction", step), n=args.batch_size, kinds=TRAIN_KINDS),
         ),
+        replay=(
+            (
+                args.text_replay,
+                lambda step: text_batch(tokenizer, corpus.documents(seeds("replay", step), args.batch_size)),
+            )
+            if args.text_replay
+            else None
+        ),
         evaluate=lambda: accuracy(model, processor, held_out),
         eval_every=args.eval_every,
     )
@@ -276,6 +312,8 @@ def main() -> None:
         },
         "lr": {"text": args.text_lr, "alignment": args.alignment_lr, "instruction": args.instruction_lr},
         "threads": torch.get_num_threads(),
+        "text_replay": args.text_replay,
+        "from_text_stage": str(args.from_text_stage) if args.from_text_stage else None,
         "vision_patch_accuracy": vision_accuracy,
         "final_losses": {k: round(v, 4) for k, v in losses.items()},
         "seconds": seconds,

@@ -22,11 +22,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from hooked_vllm.demo import demo_model_dir
+from hooked_vllm.demo import demo_model_dir, demo_phases_model_dir
 from hooked_vllm.errors import ModelNotFoundError
 
 #: the name of the demo model shipped with the package (``HookedVLM.from_pretrained("demo")``)
 DEMO = "demo"
+#: the name of the 16-layer demo model trained in three stages, the main job's default
+DEMO_PHASES = "demo-phases"
+#: the shipped models by name, and where each is
+SHIPPED = {DEMO: demo_model_dir, DEMO_PHASES: demo_phases_model_dir}
 #: seconds one connection attempt to the hub may take before it counts as unreachable
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -48,14 +52,15 @@ class ModelSource:
 def resolve_source(name_or_path: str, *, probe_hub: bool = True) -> ModelSource:
     """The source of ``name_or_path``, or a one-line :class:`ModelNotFoundError` saying why not.
 
-    ``"demo"`` is the shipped demo model (a folder named ``demo`` is ``"./demo"``). A folder must hold
+    ``"demo"`` and ``"demo-phases"`` are the shipped demo models (a folder named ``demo`` is
+    ``"./demo"``). A folder must hold
     a readable ``config.json``. Anything else is a hub id: taken from the local Hugging Face cache
     when it is there (offline, without retries, when the hub cannot be reached), downloaded by HF when
     the hub can be reached, refused at once otherwise.
     """
-    if name_or_path == DEMO:
+    if name_or_path in SHIPPED:
         try:
-            return ModelSource(DEMO, demo_model_dir())
+            return ModelSource(name_or_path, SHIPPED[name_or_path]())
         except FileNotFoundError as exc:
             raise ModelNotFoundError(str(exc)) from None
     path = Path(name_or_path).expanduser()
@@ -65,7 +70,8 @@ def resolve_source(name_or_path: str, *, probe_hub: bool = True) -> ModelSource:
     if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise ModelNotFoundError(
             f"{name_or_path}: no such model folder. Give a folder holding config.json and the weights "
-            "(as save_pretrained writes it), a hub id such as llava-hf/llava-1.5-7b-hf, or 'demo'."
+            "(as save_pretrained writes it), a hub id such as llava-hf/llava-1.5-7b-hf, 'demo' or "
+            "'demo-phases'."
         )
     return _hub_source(name_or_path, probe_hub=probe_hub)
 
