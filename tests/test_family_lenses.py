@@ -11,6 +11,7 @@ from transformers.models.gemma3.modeling_gemma3 import (
     get_block_sequence_ids_for_mask,
 )
 
+from hooked_vllm.adapters.base import no_kv_cache
 from hooked_vllm.analysis import collect, contextualization_from_cache, modality_pairs
 from hooked_vllm.interventions import blocked_edges, knockout, patch_hook, prune, select_image_tokens
 from tests.conftest import family_images
@@ -63,7 +64,7 @@ def hf_logits_with_blocked(
             config=reference.config.get_text_config(),
             inputs_embeds=embeds,
             attention_mask=batch.attention_mask,
-            past_key_values=None,
+            **no_kv_cache(create_masks_for_vision_model),  # its name changed in transformers 5.24
             position_ids=batch.position_ids,
             block_sequence_ids=get_block_sequence_ids_for_mask(batch.inputs["token_type_ids"]),
         )
@@ -76,7 +77,7 @@ def hf_logits_with_blocked(
             config=config,
             inputs_embeds=embeds,
             attention_mask=batch.attention_mask,
-            past_key_values=None,
+            **no_kv_cache(create_masks_for_vision_model),  # its name changed in transformers 5.24
             position_ids=batch.position_ids,
             block_sequence_ids=torch.where(batch.inputs["token_type_ids"] == 0, 0, -1),
         )

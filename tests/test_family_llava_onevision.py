@@ -132,7 +132,11 @@ def test_get_image_features_is_packed_per_image_with_the_newlines(new_family):
         newlines = features[~slots.is_patch]
         assert torch.equal(newlines, reference.model.image_newline.expand(len(newlines), -1))
     _, cache = vlm.run_with_cache(batch, names_filter="hook_visual_prefix")
-    scattered = reference(**batch.inputs, position_ids=batch.position_ids).image_hidden_states
+    output = reference(**batch.inputs, position_ids=batch.position_ids)
+    # transformers 5.24 moved the scattered features from image_hidden_states (one tensor) to
+    # image_outputs.pooler_output (a list, one tensor per image)
+    images_out = output.get("image_outputs")
+    scattered = output.image_hidden_states if images_out is None else torch.cat(images_out.pooler_output)
     assert torch.equal(cache["hook_visual_prefix"], torch.cat(pooled))
     assert torch.equal(cache["hook_visual_prefix"], scattered)
 

@@ -92,6 +92,39 @@ def test_reference_depends_on_the_context(family, images, reference):
     assert not torch.equal(context_free, reference)
 
 
+def test_cached_generate_when_attention_gets_the_cache_as_transformers_5_24_passes_it(
+    family, images, reference
+):
+    """From transformers 5.24 a decoder layer hands its attention the KV cache as ``cache=`` (before:
+    ``past_key_values=``), and transformer-lens 4.3's attention bridges read only the old name, so
+    ``generate`` renames it for them. The pinned release (constraints.txt) may pass the old name, where
+    the rename never acts: here every attention bridge is handed the cache as 5.24 hands it, on
+    whatever release is installed, and cached generation must still equal the greedy reference."""
+    vlm = family.vlm
+    handed = []
+
+    def as_transformers_5_24(module, args, kwargs):
+        if "past_key_values" in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        handed.append(kwargs.get("cache") is not None)
+        return args, kwargs
+
+    # Registered before generate registers its own: PyTorch runs forward pre-hooks in that order.
+    handles = [
+        block.attn.register_forward_pre_hook(as_transformers_5_24, with_kwargs=True) for block in vlm.blocks
+    ]
+    try:
+        batch = vlm.prepare(images, INSTRUCTIONS, padding_side="left")
+        ours = vlm.generate(batch, max_new_tokens=NEW_TOKENS, eos_token_id=NEVER)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert any(handed), "no attention bridge was handed a KV cache: the simulation did not act"
+    for item, (mine, expected) in enumerate(zip(ours.tolist(), reference.tolist())):
+        step = next((i for i, (a, b) in enumerate(zip(mine, expected)) if a != b), None)
+        assert step is None, f"item {item} diverges at new token {step} with the cache passed as cache="
+
+
 # ---------------------------------------------------------------- TransformerLens's return_type
 TEXT_PROMPTS = ["what colour is the", "a red circle on a big square"]
 

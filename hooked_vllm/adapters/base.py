@@ -39,6 +39,7 @@ Everything else (the bridge, hooks, caching, generation) is family-independent a
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Bool, Float, Int
+from packaging.requirements import Requirement
 from packaging.version import Version
 from PIL import Image
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -161,10 +163,11 @@ class VLMAdapter(ABC):
             return
         installed = installed_transformers()
         if Version(installed) < Version(cls.min_transformers):
+            upgrade = upgrade_range(cls.min_transformers)
             raise UnsupportedModelError(
                 f"{'/'.join(cls.architectures)} needs transformers >= {cls.min_transformers} (installed: "
                 f"{installed}): older releases compute this family differently from the release our "
-                f"parity tests pass on. Upgrade: pip install 'transformers>={cls.min_transformers},<5.24'."
+                f"parity tests pass on. Upgrade: pip install 'transformers{upgrade}'."
             )
 
     # 2. The language model
@@ -404,6 +407,31 @@ NO_PATTERN_LAYER_TYPES = ("linear_attention", "conv", "mamba", "recurrent")
 def installed_transformers() -> str:
     """The installed transformers release (its distribution's metadata)."""
     return importlib.metadata.version("transformers")
+
+
+def no_kv_cache(function: Any) -> dict[str, None]:
+    """``{name: None}``: "no KV cache" for one of transformers' mask builders, under the name it takes.
+
+    transformers 5.24 renamed their ``past_key_values`` parameter to ``cache``: Gemma 3's
+    ``create_masks_for_vision_model`` takes only the new name from 5.24 on (the old one is a TypeError),
+    ``create_causal_mask`` and ``create_sliding_window_causal_mask`` take both until 5.40. Releases up
+    to 5.23 take only ``past_key_values``."""
+    parameters = inspect.signature(function).parameters
+    return {"cache" if "cache" in parameters else "past_key_values": None}
+
+
+def upgrade_range(minimum: str) -> str:
+    """``>=minimum`` with the ceiling hooked-vllm declares for transformers (its installed metadata,
+    i.e. pyproject.toml's range), so that an upgrade hint never names a release the package excludes."""
+    try:
+        requires = importlib.metadata.requires("hooked-vllm") or []
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        requires = []
+    for requirement in map(Requirement, requires):
+        if requirement.name == "transformers" and requirement.marker is None:
+            ceilings = sorted(str(s) for s in requirement.specifier if s.operator in ("<", "<="))
+            return ",".join([f">={minimum}", *ceilings])
+    return f">={minimum}"
 
 
 def positions_from_mask(

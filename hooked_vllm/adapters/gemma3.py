@@ -23,7 +23,7 @@ from transformers.models.gemma3.modeling_gemma3 import (
     get_block_sequence_ids_for_mask,
 )
 
-from hooked_vllm.adapters.base import VLMAdapter
+from hooked_vllm.adapters.base import VLMAdapter, no_kv_cache
 from hooked_vllm.adapters.tokens import token_ids_with_spans
 
 
@@ -98,7 +98,7 @@ class Gemma3Adapter(VLMAdapter):
             config=self.text_config,
             inputs_embeds=inputs_embeds,
             attention_mask=inputs["attention_mask"].to(inputs_embeds.device),
-            past_key_values=None,
+            **no_kv_cache(create_masks_for_vision_model),
             position_ids=position_ids,
             block_sequence_ids=get_block_sequence_ids_for_mask(token_types.to(inputs_embeds.device)),
         )

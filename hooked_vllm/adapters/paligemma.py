@@ -31,7 +31,7 @@ from jaxtyping import Float, Int
 from PIL import Image
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from hooked_vllm.adapters.base import ImageSlots, VLMAdapter
+from hooked_vllm.adapters.base import ImageSlots, VLMAdapter, no_kv_cache
 from hooked_vllm.adapters.prompts import chat_prompt
 from hooked_vllm.adapters.tokens import token_ids_with_spans
 from hooked_vllm.errors import ImageCountError
@@ -131,7 +131,7 @@ class PaliGemmaAdapter(VLMAdapter):
             config=self.text_config,
             inputs_embeds=inputs_embeds,
             attention_mask=inputs["attention_mask"].to(device),
-            past_key_values=None,
+            **no_kv_cache(create_causal_mask),
             position_ids=position_ids,
         )
         token_types = inputs.get("token_type_ids")

@@ -17,12 +17,16 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import transformers
 from jaxtyping import Int
+from packaging.version import Version
 from transformers import GenerationConfig
 from transformers import GenerationMixin as HFGenerationMixin
 from transformers.generation.logits_process import (
@@ -102,10 +106,7 @@ class Decoding:
         (``prompt_mask``: the prompt's attention mask, whose left padding the repetition penalty skips)."""
         processors = LogitsProcessorList()
         if self.repetition_penalty is not None and self.repetition_penalty != 1.0:
-            ignore = (prompt_mask != 0).int().argmax(dim=1)
-            processors.append(
-                RepetitionPenaltyLogitsProcessor(float(self.repetition_penalty), prompt_ignore_length=ignore)
-            )
+            processors.append(_repetition_penalty(float(self.repetition_penalty), prompt_mask))
         if self.no_repeat_ngram_size:
             processors.append(NoRepeatNGramLogitsProcessor(self.no_repeat_ngram_size))
         if self.do_sample:
@@ -365,6 +366,17 @@ class GenerationMixin:
         return torch.stack(new_tokens, dim=1)
 
 
+def _repetition_penalty(penalty: float, prompt_mask: torch.Tensor) -> RepetitionPenaltyLogitsProcessor:
+    """HF's repetition penalty as the installed release's ``generate`` builds it. From transformers
+    5.23 it skips each item's left padding (``prompt_ignore_length`` per item, from the mask); 5.17 to
+    5.22 take only an int there (a tensor is a ValueError) and their ``generate`` penalizes the whole
+    prompt, padding included."""
+    if Version(transformers.__version__) < Version("5.23"):
+        return RepetitionPenaltyLogitsProcessor(penalty)
+    ignore = (prompt_mask != 0).int().argmax(dim=1)
+    return RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=ignore)
+
+
 def next_position_ids(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The position of each item's first new token: one after the largest position of its real
     tokens, in every axis (M-RoPE's ``[3, batch, pos]`` included, where an image's rows and
@@ -459,25 +471,49 @@ def _check_generation_arguments(max_new_tokens: Any, do_sample: bool, temperatur
 
 @contextlib.contextmanager
 def _kv_cache_kwarg_for_bridge(blocks: Iterable[torch.nn.Module]) -> Iterator[None]:
-    """Hand transformer-lens' attention bridges the KV cache under the name they read.
+    """Hand transformer-lens' bridges the KV cache (or recurrent state) under the name they read.
 
-    transformers >= 5.24 passes it to the attention layers as ``cache=``; transformer-lens 4.3's
-    attention bridges read only ``past_key_values``, so the cache would stay empty and every decoding
-    step would attend to itself alone (tests/test_generation.py catches that). A no-op before 5.24.
+    transformers >= 5.24 passes it to each layer's mixer as ``cache=``; up to 5.23 it was
+    ``past_key_values=`` for attention and ``cache_params=`` for Qwen3.5's linear attention, and
+    transformer-lens 4.3's bridges read only those: its attention bridges would leave the cache empty
+    and its GatedDeltaNet bridge would run its no-cache prefill path at every step, so each decoding
+    step would ignore the tokens before it (tests/test_generation.py and the Qwen3.5 generate tests of
+    tests/test_families.py catch that). HF's 5.24 and 5.25 layers still take the old names (deprecated
+    until 5.40). A no-op before 5.24.
     """
+    old_names = {"attn": "past_key_values", "linear_attn": "cache_params"}
+    # transformer-lens 4.3 takes the cache as `past_key_values` and reads it back from HF's output under
+    # that name: 5.24 and 5.25 then print two deprecation warnings per process, about transformer-lens's
+    # code, not the user's (and the CLI promises one line on stderr). Those two are silenced here.
 
-    def rename(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if "cache" in kwargs and "past_key_values" not in kwargs:
-            kwargs["past_key_values"] = kwargs.pop("cache")
-        return args, kwargs
+    def renamer(old_name: str) -> Any:
+        def rename(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if "cache" in kwargs and old_name not in kwargs:
+                kwargs[old_name] = kwargs.pop("cache")
+            return args, kwargs
+
+        return rename
 
     handles = [
-        block.attn.register_forward_pre_hook(rename, with_kwargs=True)
+        block._modules[mixer].register_forward_pre_hook(renamer(old_name), with_kwargs=True)
         for block in blocks
-        if "attn" in block._modules  # layers with no attention (linear attention) get theirs from HF
+        for mixer, old_name in old_names.items()
+        if mixer in block._modules
     ]
+    output_logger = logging.getLogger("transformers.utils.generic")  # ModelOutput.past_key_values
+    output_logger.addFilter(_old_cache_name_warning)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", r"`(past_key_values|cache_params)` is deprecated", category=FutureWarning
+            )
+            yield
     finally:
+        output_logger.removeFilter(_old_cache_name_warning)
         for handle in handles:
             handle.remove()
+
+
+def _old_cache_name_warning(record: logging.LogRecord) -> bool:
+    """A logging filter: False for transformers' "`past_key_values`/`cache_params` are deprecated"."""
+    return not record.getMessage().startswith("`past_key_values`/`cache_params` are deprecated")
