@@ -44,7 +44,13 @@ import numpy as np
 import pyarrow as pa
 
 from hooked_vllm.activations.layout import MODALITIES, is_per_image
-from hooked_vllm.runs.checksums import NoChecksum, checksum_problem, sidecar_of, write_checksums
+from hooked_vllm.runs.checksums import (
+    NoChecksum,
+    checksum_problem,
+    sidecar_of,
+    warn_unchecksummed,
+    write_checksums,
+)
 from hooked_vllm.runs.files import write_text_atomically
 from hooked_vllm.runs.store import (
     ACTIVATIONS_KIND,
@@ -379,13 +385,7 @@ class ShardWriter:
             print(f"repair: set aside {path.name} ({why})", file=sys.stderr)
         kept = {shard.path for shard in self.verified.values()}
         unchecksummed = [p for p in unchecksummed if p in kept]
-        if unchecksummed and len(unchecksummed) != len(self.unchecksummed):
-            print(
-                f"warning: {len(unchecksummed)} shard(s) in {self.folder} have no checksums (written by "
-                f"an earlier version, e.g. {unchecksummed[0].name}): they were read back, but their "
-                "bytes cannot be checked.",
-                file=sys.stderr,
-            )
+        warn_unchecksummed(unchecksummed, self.unchecksummed, "shard", self.folder)
         self.unchecksummed = unchecksummed
         return problems
 

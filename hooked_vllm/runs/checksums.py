@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -105,3 +106,14 @@ def checksum_problem(sidecar: Path, files: Sequence[Path]) -> str | None:
                 "(its bytes changed after it was written)"
             )
     return None
+
+
+def warn_unchecksummed(found: Sequence[Path], known: Sequence[Path], what: str, folder: Path) -> None:
+    """Say on stderr that ``found`` (verified parts or shards, ``what``) have no checksums, unless
+    ``known`` (what the last verification found) already said so."""
+    if found and len(found) != len(known):
+        print(
+            f"warning: {len(found)} {what}(s) in {folder} have no checksums (written by an earlier "
+            f"version, e.g. {found[0].name}): they were read back, but their bytes cannot be checked.",
+            file=sys.stderr,
+        )

@@ -54,7 +54,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hooked_vllm.errors import HookedVLMError
-from hooked_vllm.runs.checksums import NoChecksum, checksum_problem, sidecar_of, write_checksums
+from hooked_vllm.runs.checksums import (
+    NoChecksum,
+    checksum_problem,
+    sidecar_of,
+    warn_unchecksummed,
+    write_checksums,
+)
 from hooked_vllm.runs.files import write_text_atomically
 
 PART_NAME = re.compile(r"^part-r(\d+)-(\d{6})\.parquet$")
@@ -398,13 +404,7 @@ class ResultStore:
         for problem in problems:
             self._quarantine(problem.part)
             print(f"repair: set aside {problem.part.name} ({problem.reason})", file=sys.stderr)
-        if unchecksummed and len(unchecksummed) != len(self.unchecksummed):
-            print(
-                f"warning: {len(unchecksummed)} part(s) in {self.dir} have no checksums (written by "
-                f"an earlier version, e.g. {unchecksummed[0].name}): they were read back, but their "
-                "bytes cannot be checked.",
-                file=sys.stderr,
-            )
+        warn_unchecksummed(unchecksummed, self.unchecksummed, "part", self.dir)
         self._verified, self.unchecksummed = good, unchecksummed
         return problems
 
