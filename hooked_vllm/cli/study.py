@@ -21,6 +21,7 @@ from hooked_vllm.cli.common import (
     add_item_flags,
     add_run_flags,
     check_data_dir,
+    int_at_least,
     join_ranks,
     load_data,
     load_model,
@@ -36,7 +37,7 @@ def _flag(name: str) -> str:
 
 
 def _shown(value: Any) -> str:
-    return " ".join(value) if isinstance(value, tuple) else str(value)
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def add_study_flags(parser: argparse.ArgumentParser, params_type: type) -> None:
@@ -53,7 +54,9 @@ def add_study_flags(parser: argparse.ArgumentParser, params_type: type) -> None:
             continue
         kwargs: dict[str, Any] = {"default": default, "help": help_text}
         if meta.get("type") is int:
-            kwargs["type"] = positive_int
+            kwargs["type"] = int_at_least(meta.get("minimum", 1))
+        elif meta.get("type") is float:
+            kwargs["type"] = float
         if "choices" in meta:
             kwargs["choices"] = meta["choices"]
         if "nargs" in meta:
