@@ -31,7 +31,28 @@ def load_shapes(directory: str | Path, n: int = 16, seed: int = 0) -> DatasetSam
                 f"shapes-{seed}-{i:05d}",
                 path,
                 example.question,
-                {"answer": example.answer, "kind": example.kind},
+                {
+                    "answer": example.answer,
+                    "kind": example.kind,
+                    "objects": [scene_object(shape) for shape in example.scene],
+                    "asked": asked_objects(example),
+                },
             )
         )
     return DatasetSample("shapes", items)
+
+
+def scene_object(shape: shapes.Shape) -> dict:
+    """One shape as an object of the image: its name, its colour and its box ``[x0, y0, x1, y1]`` as
+    fractions of the image's width and height (what the object-ablation study maps to image tokens)."""
+    box = [shape.x - shape.size, shape.y - shape.size, shape.x + shape.size, shape.y + shape.size]
+    return {"name": shape.kind, "colour": shape.colour, "box": [v / shapes.IMAGE_SIZE for v in box]}
+
+
+def asked_objects(example: shapes.Example) -> list[int]:
+    """The indices (into the scene) of the objects the question is about: the shape it names, or the
+    one of the colour it names; every shape for a count question."""
+    if example.kind == "count":
+        return list(range(len(example.scene)))
+    words = set(example.question.split())
+    return [i for i, s in enumerate(example.scene) if s.kind in words or s.colour in words]
