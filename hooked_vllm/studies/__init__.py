@@ -5,6 +5,8 @@ interventions (:mod:`hooked_vllm.interventions`); gives a resumable run on the r
 (:class:`~hooked_vllm.runs.store.ResultStore`), aggregates and one HTML report per study.
 
 - ``knockout``: attention knockout windows (Zhang et al. 2024, arXiv 2411.18620)
+- ``attribution``: attribution patching beside real activation patching (Nanda 2023; Syed et al. 2023;
+  Kramar et al. 2024)
 
 A study is parameters (the paper's setting as defaults), a per-item function, an aggregation and a
 report (:mod:`hooked_vllm.studies.base`). The names below load on first use, so the command line's
@@ -21,9 +23,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from hooked_vllm.studies.params import STUDIES, KnockoutParams
+from hooked_vllm.studies.params import STUDIES, AttributionParams, KnockoutParams
 
 if TYPE_CHECKING:
+    from hooked_vllm.studies.attribution_study import AttributionStudy
     from hooked_vllm.studies.base import Study, StudyResult, run_study
     from hooked_vllm.studies.knockout import KnockoutStudy
 
@@ -32,9 +35,20 @@ _LAZY = {
     "StudyResult": "hooked_vllm.studies.base",
     "run_study": "hooked_vllm.studies.base",
     "KnockoutStudy": "hooked_vllm.studies.knockout",
+    "AttributionStudy": "hooked_vllm.studies.attribution_study",
 }
 
-__all__ = ["STUDIES", "KnockoutParams", "KnockoutStudy", "Study", "StudyResult", "get_study", "run_study"]
+__all__ = [
+    "STUDIES",
+    "AttributionParams",
+    "AttributionStudy",
+    "KnockoutParams",
+    "KnockoutStudy",
+    "Study",
+    "StudyResult",
+    "get_study",
+    "run_study",
+]
 
 
 def get_study(name: str) -> type:

@@ -63,6 +63,10 @@ class Study:
         """What identifies the study's results besides the model and the data."""
         return {"study": self.name, **params_dict(self.params)}
 
+    def plan(self, vlm, sample: DatasetSample) -> None:
+        """Called once with the whole sample before any item runs, on every rank and resume (a study
+        whose items need other items, e.g. attribution's pairs, finds them here). Default: nothing."""
+
     def item_rows(self, vlm, items: Sequence, batch) -> list[dict]:
         """One row of plain values (numbers, strings, lists of numbers) per item of ``batch``."""
         raise NotImplementedError
@@ -192,6 +196,7 @@ def run_study(
         raise RunStoreError(f"batch_size must be a positive integer; got {batch_size!r}.")
     _check_unique_ids(sample)
     screen_items(vlm, sample)
+    study.plan(vlm, sample)
     env_rank, env_world = shard_of_environment()
     rank = env_rank if rank is None else rank
     world_size = env_world if world_size is None else world_size

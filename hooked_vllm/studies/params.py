@@ -214,6 +214,67 @@ class ObjectAblationParams:
             )
 
 
+#: the hook kinds attribution patching estimates (``z``: per head)
+ATTRIBUTION_KINDS = ("resid_pre", "attn_out", "mlp_out", "z")
+#: the position groups of the layer x group maps (disjoint: ``last`` is taken out of the others)
+ATTRIBUTION_GROUPS = ("image", "text", "special", "last")
+
+
+@dataclass(frozen=True)
+class AttributionParams:
+    """Attribution patching beside real activation patching (Nanda 2023; Syed, Rager, Conmy 2023,
+    arXiv 2310.10348; Kramar, Lieberum, Shah, Nanda 2024, arXiv 2403.00745)."""
+
+    kinds: tuple[str, ...] = param(
+        ("resid_pre",),
+        "the hook kinds estimated, all from the same forward and backward: resid_pre, attn_out, "
+        "mlp_out, z (per head)",
+        nargs="+",
+        choices=ATTRIBUTION_KINDS,
+    )
+    pairs: str = param(
+        "swap",
+        "the corrupted counterpart of each item: 'swap' (the same question on another image of the "
+        "dataset whose answer differs, resized to the item's size) or 'noise' (the item's own image "
+        "under Gaussian pixel noise)",
+        choices=("swap", "noise"),
+    )
+    noise: int = param(
+        96, "the pixel noise's standard deviation, of 255 (--pairs noise only)", type=int, minimum=1
+    )
+    cells: int = param(
+        32,
+        "single (block, position[, head]) cells patched for real per item and hook kind, drawn evenly "
+        "from the position groups (one forward each per batch)",
+        type=int,
+    )
+    groups: tuple[str, ...] = param(
+        ATTRIBUTION_GROUPS,
+        "the position groups of the block x group maps and of the drawn cells",
+        nargs="+",
+        choices=ATTRIBUTION_GROUPS,
+    )
+    answer: str = param(
+        "label",
+        "the answers compared: 'label' (the dataset's answers of the item and of its partner, their "
+        "first tokens) or 'prediction' (the model's own top-1 tokens on the clean and corrupted runs)",
+        choices=("label", "prediction"),
+    )
+    only_correct: bool = param(
+        True,
+        "count the pairs whose clean and corrupted items the model answers (top-1 = each one's answer), "
+        "as patching studies do",
+        type=bool,
+    )
+
+    def __post_init__(self) -> None:
+        for name, values in (("kinds", self.kinds), ("groups", self.groups)):
+            if not values or len(set(values)) != len(values):
+                raise ValueError(f"{name} must name at least one, each once; got {list(values)}.")
+        if self.cells < 1 or self.noise < 1:
+            raise ValueError(f"cells and noise must be at least 1; got {self.cells} and {self.noise}.")
+
+
 #: every study: name -> (its parameters, the module that runs it, one line saying what it does)
 STUDIES: dict[str, tuple[type, str, str]] = {
     "knockout": (
@@ -233,6 +294,12 @@ STUDIES: dict[str, tuple[type, str, str]] = {
         "hooked_vllm.studies.object_ablation",
         "object-token ablation (Neo et al. 2024): correct answers with the object's image tokens "
         "ablated vs as many random ones, and the logit lens's verbalization of the object by layer",
+    ),
+    "attribution": (
+        AttributionParams,
+        "hooked_vllm.studies.attribution_study",
+        "attribution patching (Nanda 2023; Syed et al. 2023; Kramar et al. 2024): the gradient estimate "
+        "at every block's hook and position beside real activation patching, and their correlation",
     ),
 }
 
