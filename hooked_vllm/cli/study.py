@@ -213,4 +213,11 @@ def summary_lines(aggregates: dict) -> list[str]:
             f"{edge:16s} largest drop {drop['mean']:+.1f}% with blocks "
             f"{drop['window_start']}-{drop['window_start'] + aggregates['window'] - 1} knocked out"
         )
+    for kind, result in aggregates.get("kinds", {}).items():  # attribution: agreement per hook kind
+        cells = result["cells"]
+        shown = {key: "n/a" if cells[key] is None else f"{cells[key]:.3f}" for key in ("pearson", "spearman")}
+        lines.append(
+            f"hook_{kind:9s} estimate vs real patching over {cells['n']} cells: Pearson "
+            f"{shown['pearson']}, Spearman {shown['spearman']}"
+        )
     return lines
