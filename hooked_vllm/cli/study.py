@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         report = study.write_report(args.out, result.aggregates, title)
     if result.n_resumed:
         print(f"  resumed: {result.n_resumed} of {len(sample.items)} items were already done in {args.out}")
-    for line in summary_lines(result.aggregates):
+    for line in getattr(study, "summary_lines", summary_lines)(result.aggregates):
         print(f"  {line}")
     for path, reason in sample.skipped:
         print(f"  skipped {path}: {reason}")
