@@ -1,9 +1,10 @@
 """Study 1, attention knockout windows, against an independent reference: the untouched HF model with
 forward pre-hooks on its decoder layers' attention that remove the blocked edges from the mask each
 layer receives (in the knocked-out window only), the answer's probability read at the last real
-position found by hand. Two mask kinds (LLaVA causal; Gemma 3's bidirectional image blocks and
-sliding windows; PaliGemma's prefix-LM), both padding sides. Then the run store (resume, settings,
-shards), the aggregation by hand, and the command line."""
+position found by hand. Mask kinds: LLaVA causal; Gemma 3's bidirectional image blocks and sliding
+windows; PaliGemma's prefix-LM; Qwen2-VL's M-RoPE (3-D positions); Qwen3.5's hybrid stack (knockout
+on its attention layers only, the linear-attention layers run unchanged); both padding sides. Then
+the run store (resume, settings, shards), the aggregation by hand, and the command line."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ PROMPTS = ["Describe the image.", "What colour is the square in the picture?", "
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["llava", "gemma3", "paligemma"])
+@pytest.fixture(scope="module", params=["llava", "gemma3", "paligemma", "qwen2_vl", "qwen3_5"])
 def masked_family(request, tmp_path_factory) -> Family:
     return Family(request.param, tmp_path_factory.mktemp(f"study-{request.param}"))
 
@@ -47,7 +48,8 @@ def by_hand_groups(family: Family, batch, side: str) -> dict[str, torch.Tensor]:
 
 def reference_probabilities(family: Family, batch, groups, edge: str | None, layers, answer=None):
     """The untouched HF model's probability of ``answer`` (default: its own top-1) at the last real
-    position, with ``edge`` removed from the attention mask of the decoder layers in ``layers``."""
+    position, with ``edge`` removed from the attention mask of the decoder layers in ``layers`` that
+    have one (a hybrid model's linear-attention layers, ``linear_attn``, have no edges to remove)."""
     hf = family.reference
     decoder = hf.model.language_model
     hooks = []
@@ -61,7 +63,9 @@ def reference_probabilities(family: Family, batch, groups, edge: str | None, lay
             return args, kwargs
 
         hooks = [
-            decoder.layers[i].self_attn.register_forward_pre_hook(pre_hook, with_kwargs=True) for i in layers
+            decoder.layers[i].self_attn.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            for i in layers
+            if hasattr(decoder.layers[i], "self_attn")
         ]
     try:
         logits = hf(**hf_forward_inputs(family, batch)).logits
