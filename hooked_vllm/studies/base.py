@@ -67,10 +67,6 @@ class Study:
         """Called once with the whole sample before any item runs, on every rank and resume (a study
         whose items need other items, e.g. attribution's pairs, finds them here). Default: nothing."""
 
-    def prepare(self, vlm, sample: DatasetSample, batch_size: int) -> None:
-        """Called once before the items run, on every rank (default: nothing): where a study needs a
-        quantity of the whole sample first (the object-ablation study's mean image token)."""
-
     def item_rows(self, vlm, items: Sequence, batch) -> list[dict]:
         """One row of plain values (numbers, strings, lists of numbers) per item of ``batch``."""
         raise NotImplementedError
@@ -210,7 +206,6 @@ def run_study(
         full = {**(default_settings(vlm, sample) if settings is None else settings), **study.settings()}
         store, owned = open_study_store(out_dir, rank, world_size, full, repair=repair), True
     try:
-        study.prepare(vlm, sample, batch_size)
         return _run(study, vlm, sample, store, batch_size, rank, world_size, progress, max_batches)
     finally:
         if owned:
