@@ -5,6 +5,10 @@ interventions (:mod:`hooked_vllm.interventions`); gives a resumable run on the r
 (:class:`~hooked_vllm.runs.store.ResultStore`), aggregates and one HTML report per study.
 
 - ``knockout``: attention knockout windows (Zhang et al. 2024, arXiv 2411.18620)
+- ``pruning``: visual-token pruning after layer K (FastV, arXiv 2403.06764; FEATHER's position bias,
+  arXiv 2412.13180)
+- ``object-ablation``: object-token ablation and the logit lens at the object (Neo et al. 2024,
+  arXiv 2410.07149)
 - ``attribution``: attribution patching beside real activation patching (Nanda 2023; Syed et al. 2023;
   Kramar et al. 2024)
 
@@ -23,18 +27,28 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from hooked_vllm.studies.params import STUDIES, AttributionParams, KnockoutParams
+from hooked_vllm.studies.params import (
+    STUDIES,
+    AttributionParams,
+    KnockoutParams,
+    ObjectAblationParams,
+    PruningParams,
+)
 
 if TYPE_CHECKING:
     from hooked_vllm.studies.attribution_study import AttributionStudy
     from hooked_vllm.studies.base import Study, StudyResult, run_study
     from hooked_vllm.studies.knockout import KnockoutStudy
+    from hooked_vllm.studies.object_ablation import ObjectAblationStudy
+    from hooked_vllm.studies.pruning import PruningStudy
 
 _LAZY = {
     "Study": "hooked_vllm.studies.base",
     "StudyResult": "hooked_vllm.studies.base",
     "run_study": "hooked_vllm.studies.base",
     "KnockoutStudy": "hooked_vllm.studies.knockout",
+    "PruningStudy": "hooked_vllm.studies.pruning",
+    "ObjectAblationStudy": "hooked_vllm.studies.object_ablation",
     "AttributionStudy": "hooked_vllm.studies.attribution_study",
 }
 
@@ -44,6 +58,10 @@ __all__ = [
     "AttributionStudy",
     "KnockoutParams",
     "KnockoutStudy",
+    "ObjectAblationParams",
+    "ObjectAblationStudy",
+    "PruningParams",
+    "PruningStudy",
     "Study",
     "StudyResult",
     "get_study",
