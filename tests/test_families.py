@@ -150,7 +150,10 @@ def test_image_mask_is_exactly_the_image_patch_positions(new_family, padding_sid
     # which would make every comparison at image positions pass trivially).
     assert cache["hook_visual_prefix"].dim() == 2
     assert (cache["hook_visual_prefix"].abs().amax(-1) > 0).all()
-    assert torch.equal(embed[placeholders], cache["hook_visual_prefix"])
+    prefix = cache["hook_visual_prefix"]
+    if vlm.adapter.visual_prefix_added:  # Molmo 2: added to the placeholder tokens' own embeddings
+        prefix = new_family.reference.get_input_embeddings()(ids[placeholders]) + prefix
+    assert torch.equal(embed[placeholders], prefix)
     assert not (batch.image_mask & ~real).any()
     assert not (batch.image_mask & batch.text_mask).any()
     assert torch.equal(batch.special_mask, ~(batch.image_mask | batch.text_mask))

@@ -25,7 +25,8 @@ FIXED_IMAGE_TOKENS = ("gemma3", "paligemma", "paligemma2")
 
 def allowed_pairs_naive(family, batch, layer: int | None = None) -> torch.Tensor:
     """``[batch, query, key]``: causal attention to real keys, for Gemma 3 also every pair inside one
-    image's run of soft tokens, for PaliGemma every pair of the prefix; in a sliding-window ``layer``
+    image's run of soft tokens, for PaliGemma every pair of the prefix, for Molmo 2 every pair of an
+    item's image tokens; in a sliding-window ``layer``
     only keys within the window of columns (Gemma 3: on top of everything; PaliGemma 2: the causal
     part only). Written out by hand, not with HF's mask functions."""
     n = batch.input_ids.shape[1]
@@ -46,6 +47,9 @@ def allowed_pairs_naive(family, batch, layer: int | None = None) -> torch.Tensor
     if family.name.startswith("paligemma"):  # prefix LM: the prefix (token type 0) both ways
         prefix = (batch.inputs["token_type_ids"] == 0) & real
         extra = prefix[:, :, None] & prefix[:, None, :]
+    if family.name == "molmo2":  # one block: all of an item's image tokens (structure too) both ways
+        image = (batch.inputs["mm_token_type_ids"] == 1) & real
+        extra = image[:, :, None] & image[:, None, :]
     return ((causal & in_window) if sliding else causal) | extra
 
 

@@ -18,9 +18,10 @@ An adapter knows one HF model family and nothing else. It answers five questions
    :meth:`placeholder_mask` says where they go, :meth:`image_layouts` which slots are image patches
    (and where on the image) and which are structure (LLaVA-NeXT's row newlines);
    :meth:`vision_hook_sites` names the vision-side modules whose outputs get hook points.
-   Families that also add visual features to the residual stream after early layers (Qwen3-VL's
-   DeepStack) return them from :meth:`visual_features` and hand them to the language model with
-   :meth:`injection_inputs`.
+   Where HF adds the vectors to the placeholder tokens' embeddings rather than replacing them
+   (Molmo 2), :attr:`visual_prefix_added` says so. Families that also add visual features to the
+   residual stream after early layers (Qwen3-VL's DeepStack) return them from
+   :meth:`visual_features` and hand them to the language model with :meth:`injection_inputs`.
 5. **How does the language model see the sequence?** :meth:`position_ids` (``[batch, pos]``, or
    ``[3, batch, pos]`` for M-RoPE) and :meth:`lm_attention_mask` (the 2-D padding mask, or the
    family's own: Gemma 3's bidirectional image blocks) for the prompt pass, as HF's outer
@@ -145,6 +146,17 @@ class VLMAdapter(ABC):
     #: Whether :meth:`lm_attention_mask` is causal attention plus padding (fused kernels may then
     #: use their causal shortcut, and the norm-based lens's pairs are key <= query).
     plain_causal: ClassVar[bool] = True
+    #: Whether HF *adds* :meth:`visual_prefix`'s vectors to the placeholder tokens' own embeddings
+    #: (Molmo 2) instead of putting them in their place (every other family: False). Either way
+    #: ``hook_visual_prefix`` is the vision side's vectors, and zeroing it removes the image's
+    #: contribution as zeroing HF's image features does: the slots then hold zeros (in place) or
+    #: their token's embedding (added).
+    visual_prefix_added: ClassVar[bool] = False
+    #: ``{per-image input: per-image input it indexes}``: inputs that hold indices (-1: none) into
+    #: another input flattened over all but its last dimension, offset over the batch's earlier
+    #: images (Molmo 2's ``image_token_pooling`` into the ``pixel_values`` patches). Selecting
+    #: items re-bases them onto the selected images. Default: none.
+    image_index_inputs: ClassVar[dict[str, str]] = {}
 
     def __init__(self, hf_model: PreTrainedModel, processor: Any) -> None:
         self.check_config(hf_model.config)
@@ -266,8 +278,9 @@ class VLMAdapter(ABC):
     # 4. The vision side and where it goes
     @abstractmethod
     def visual_prefix(self, inputs: Mapping[str, torch.Tensor]) -> Float[torch.Tensor, "n_slots d_model"]:
-        """The vectors HF places at the placeholder slots, in scatter order (all images, one after
-        another), computed by HF's own functions."""
+        """The vectors HF places at the placeholder slots (or adds to their embeddings, where
+        :attr:`visual_prefix_added`), in scatter order (all images, one after another), computed by
+        HF's own functions."""
 
     @abstractmethod
     def vision_hook_sites(self) -> dict[str, torch.nn.Module]:

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
@@ -67,6 +68,8 @@ class VLMBatch:
     token_inputs: tuple[str, ...] = ("input_ids", "attention_mask")
     #: per-image inputs: rows along dim 0 of each image (the adapter's ``image_input_rows``)
     image_rows: dict[str, list[int]] = field(default_factory=dict)
+    #: per-image inputs holding indices into another's units (the adapter's ``image_index_inputs``)
+    image_indices: dict[str, str] = field(default_factory=dict)
 
     @property
     def input_ids(self) -> Int[torch.Tensor, "batch pos"]:
@@ -162,6 +165,13 @@ class VLMBatch:
             if name in self.image_rows:
                 if images:  # a selection without images is a text-only batch: no empty pixel tensors
                     inputs[name] = _rows_of_images(value, self.image_rows[name], images)
+                    if name in self.image_indices:
+                        indexed = self.image_indices[name]
+                        units = self.image_rows[indexed]
+                        per_row = math.prod(self.inputs[indexed].shape[1:-1])
+                        inputs[name] = _rebased(
+                            inputs[name], [self.image_rows[name][i] for i in images], units, per_row, images
+                        )
             else:
                 inputs[name] = pick(value)
         return replace(
@@ -205,6 +215,22 @@ def _rows_of_images(tensor: torch.Tensor, rows_per_image: list[int], images: lis
     starts = [sum(rows_per_image[:i]) for i in range(len(rows_per_image))]
     index = [r for i in images for r in range(starts[i], starts[i] + rows_per_image[i])]
     return tensor[torch.tensor(index, dtype=torch.long, device=tensor.device)]
+
+
+def _rebased(
+    indices: torch.Tensor, rows: list[int], units: list[int], per_unit: int, images: list[int]
+) -> torch.Tensor:
+    """The selected ``images``' index rows (``rows[k]`` for the k-th of them, in order), re-based from
+    offsets over all images (image i owning ``units[i] * per_unit`` entries of the indexed input) to
+    offsets over the selected ones; -1 stays -1."""
+    sizes = [count * per_unit for count in units]
+    old = [sum(sizes[:i]) for i in range(len(sizes))]
+    pieces, start, new = [], 0, 0
+    for k, i in enumerate(images):
+        block = indices[start : start + rows[k]]
+        pieces.append(torch.where(block >= 0, block - old[i] + new, block))
+        start, new = start + rows[k], new + sizes[i]
+    return torch.cat(pieces)
 
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
@@ -262,6 +288,7 @@ def build_batch(
         image_slots=image_slots,
         token_inputs=tuple(name for name in adapter.token_input_names if name in tensors),
         image_rows=adapter.image_input_rows(tensors) if image_slots else {},
+        image_indices={k: v for k, v in adapter.image_index_inputs.items() if k in tensors and image_slots},
     )
 
 

@@ -7,6 +7,9 @@ activation is HF's. Hook names are TransformerLens's (``blocks.{l}.hook_resid_po
 
 - ``hook_visual_prefix``: ``[n_slots, d_model]``, the vectors placed at the image placeholder
   positions, in their order (``cache["hook_embed"][vlm.adapter.placeholder_mask(batch.input_ids)]``);
+  in a family that adds them to the placeholder tokens' embeddings instead (Molmo 2,
+  ``vlm.adapter.visual_prefix_added``), the vectors added: ``hook_embed`` there is the token's
+  embedding plus them, and zeroing the hook leaves the token's embedding, as in HF;
 - ``vision.blocks.{l}.hook_resid_post``: the vision tower's layer outputs;
 - ``qformer.blocks.{l}.hook_resid_post``: InstructBLIP's Q-Former layer outputs;
 - ``blocks.{l}.mlp.experts.{e}.hook_out``: a mixture-of-experts layer's expert e, its weighted output
@@ -309,7 +312,8 @@ class HookedVLM(TokensMixin, GenerationMixin):
 
         Text tokens go through the language model's embedding; the vision side runs through HF's
         own functions (``vision.*`` hooks), its output through ``hook_visual_prefix``, and is
-        scattered into the image-placeholder positions. ``hook_embed`` sees the result: what the
+        scattered into the image-placeholder positions (added to their token embeddings where the
+        family does that: Molmo 2). ``hook_embed`` sees the result: what the
         residual stream starts from, the visual prefix at image positions (so residual
         decompositions and direct logit attribution are exact there too).
         """
@@ -323,9 +327,10 @@ class HookedVLM(TokensMixin, GenerationMixin):
         embedding = self.bridge.embed
         input_ids = embedding.hook_in(batch.input_ids.to(device))
         placeholders = self.adapter.placeholder_mask(input_ids)
+        added = self.adapter.visual_prefix_added
         # Placeholder ids may lie outside the text vocabulary (HF embeds them as id 0); their
-        # embeddings are replaced by the visual prefix below.
-        embeds = embedding.original_component(input_ids.masked_fill(placeholders, 0))
+        # embeddings are replaced by the visual prefix below (or kept, where it is added to them).
+        embeds = embedding.original_component(input_ids if added else input_ids.masked_fill(placeholders, 0))
         n_slots = int(placeholders.sum())
         if batch.pixel_values is None:
             if n_slots:
@@ -355,7 +360,12 @@ class HookedVLM(TokensMixin, GenerationMixin):
                 "placeholder positions. Give one image per placeholder (vlm.prepare checks this for you)."
             )
         slots = placeholders.unsqueeze(-1)
-        placed = embeds.masked_scatter(slots, prefix.to(embeds.device, embeds.dtype))
+        prefix = prefix.to(embeds.device, embeds.dtype)
+        if added:  # as HF's Molmo 2: the placeholders' own embeddings plus the features
+            at = slots.expand_as(embeds)
+            placed = embeds.masked_scatter(at, embeds[at] + prefix.reshape(-1))
+        else:
+            placed = embeds.masked_scatter(slots, prefix)
         injections = [
             self._injection_points[layer](
                 torch.zeros_like(embeds).masked_scatter(slots, added.to(embeds.device, embeds.dtype))
