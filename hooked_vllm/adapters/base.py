@@ -42,7 +42,7 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -399,6 +399,50 @@ class VLMAdapter(ABC):
         ``blocks.{l}.mlp.experts.{e}.hook_out`` (:mod:`hooked_vllm.model.experts`). Default: none (a
         dense MLP, or an MoE whose experts keep transformer-lens's block-level hooks only)."""
         return {}
+
+    def attention_forward(self) -> Callable[..., Any] | None:
+        """A forward for transformer-lens's attention bridges (``blocks.{l}.attn``, the layers of
+        :attr:`attention_layers`), ``forward(bridge, *args, **kwargs)`` called as the HF attention module
+        is, where transformer-lens keeps HF's attention whole and fires ``hook_pattern`` only after the
+        fact (an edit there would change nothing): the family's attention step by step with the
+        bridge's hook points in TransformerLens's places (Llama 4). Default: None (the bridge's own)."""
+        return None
+
+    def language_hook_sites(self) -> dict[str, torch.nn.Module]:
+        """``{hook name: module}``: language-model modules that transformer-lens's adapter gives no
+        hook point, whose output (first element if a tuple) gets one, named in its grammar
+        (GLM-4.5V's shared expert: ``blocks.{l}.mlp.shared_experts.hook_out``). Default: none."""
+        return {}
+
+    def bridge_settings(self) -> dict[str, Any]:
+        """transformer-lens config fields set on the booted bridge, where the family computes a
+        step differently from the text model transformer-lens's adapter was written for (GLM-4.1V's
+        rotary embedding hands over (cos, sin) already interleaved: ``rotary_interleaved_cos_sin``).
+        Default: none."""
+        return {}
+
+    def lm_extra_inputs(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Keyword inputs of the language model's prompt pass computed from the batch's token inputs,
+        besides the embeddings, mask, positions and injections: Gemma 4's ``per_layer_inputs`` (the
+        token-identity half of its per-layer embeddings, which HF computes from the token ids, not
+        from the embeddings the language model gets). Decoding steps pass token ids, from which the
+        language model computes them itself. Default: none."""
+        return {}
+
+    def per_layer_input_sites(self) -> dict[int, torch.nn.Module]:
+        """``{layer: HF decoder layer}``: layers that take an input of their own besides the residual
+        stream, as the argument ``per_layer_input`` (Gemma 4's per-layer embeddings). It becomes the
+        hook point ``blocks.{l}.hook_per_layer_input``; an edit there is what the layer gets.
+        Default: none."""
+        return {}
+
+    def value_hooks(self) -> dict[int, str]:
+        """``{layer: hook name}`` for each layer of :attr:`attention_layers`: the hook point holding the
+        value vectors its pattern weighs, ``[batch, key, kv_head, d_head]`` (default
+        ``blocks.{l}.attn.hook_v``). The norm-based lens and pruning's saliency read them. Gemma 4
+        normalises values after ``v_proj`` (``attn.v_norm.hook_out``), and its KV-shared layers weigh
+        the values of an earlier layer."""
+        return {layer: f"blocks.{layer}.attn.hook_v" for layer in self.attention_layers}
 
     @property
     def sliding_window(self) -> int | None:

@@ -101,7 +101,8 @@ def expert_routing(vlm: Any, batch: Any, modalities: Sequence[str] = MODALITIES)
         raise ValueError(f"{vlm.adapter.family} has no mixture-of-experts layer (no hook_expert_indices).")
     names = [f"blocks.{layer}.mlp.hook_expert_indices" for layer in layers]
     _, cache = vlm.run_with_cache(batch, names_filter=names)
-    n_experts = int(vlm.adapter.text_config.num_experts)
+    config = vlm.adapter.text_config  # Qwen's num_experts; GLM-4.5V's n_routed_experts, aliased
+    n_experts = int(getattr(config, "num_experts", None) or config.num_local_experts)
     masks = {name: getattr(batch, f"{name}_mask") for name in modalities}
     return count_routing(
         {layer: cache[name] for layer, name in zip(layers, names, strict=True)}, masks, n_experts

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -90,6 +91,7 @@ class HookedVLM(TokensMixin, GenerationMixin):
             dtype=first_param.dtype,
             device=first_param.device,
         )
+        _apply_bridge_settings(self.bridge, self.adapter.bridge_settings())
         self.hook_visual_prefix = HookPoint()
         self._extra_hook_points: dict[str, HookPoint] = {"hook_visual_prefix": self.hook_visual_prefix}
         #: ``blocks.{l}.hook_deepstack``: ``[batch, pos, d_model]`` added to the residual stream after
@@ -102,11 +104,28 @@ class HookedVLM(TokensMixin, GenerationMixin):
             point = HookPoint()
             self._extra_hook_points[name] = point
             module.register_forward_hook(_route_output_through(point), prepend=True)
+        for name, module in self.adapter.language_hook_sites().items():
+            point = self._extra_hook_points.setdefault(name, HookPoint())
+            unwrap_experts(module).register_forward_hook(_route_output_through(point), prepend=True)
+        #: ``blocks.{l}.hook_per_layer_input``: what layer l gets besides the stream (Gemma 4's
+        #: per-layer embeddings)
+        for layer, module in self.adapter.per_layer_input_sites().items():
+            point = self._extra_hook_points.setdefault(f"blocks.{layer}.hook_per_layer_input", HookPoint())
+            unwrap_experts(module).register_forward_pre_hook(
+                _route_argument_through(point, "per_layer_input", 1), with_kwargs=True, prepend=True
+            )
         #: ``blocks.{l}.mlp.experts.{e}.hook_out``: each routed expert's weighted output (MoE layers)
         for layer, experts in self.adapter.routed_experts().items():
             n_experts = int(unwrap_experts(experts).num_experts)
             names = [f"blocks.{layer}.mlp.experts.{e}.hook_out" for e in range(n_experts)]
             install_expert_hooks(experts, [self._extra_hook_points.setdefault(n, HookPoint()) for n in names])
+        #: the family's step-by-step attention where transformer-lens keeps HF's whole (Llama 4); set on
+        #: the bridge instance, so observed_attention's sdpa switch still swaps and restores it
+        attention_forward = self.adapter.attention_forward()
+        if attention_forward is not None:
+            for layer in self.adapter.attention_layers:
+                bridge = self.bridge.blocks[layer].attn
+                object.__setattr__(bridge, "forward", types.MethodType(attention_forward, bridge))
         self._register_hook_points()
         #: run attention as HF sdpa where no step-by-step-only hook needs the bridge's path (opt-in:
         #: see :meth:`forward`)
@@ -388,6 +407,7 @@ class HookedVLM(TokensMixin, GenerationMixin):
             "attention_mask": self.adapter.lm_attention_mask(inputs, embeds, position_ids),
             "position_ids": position_ids,
             **extra,
+            **self.adapter.lm_extra_inputs(inputs),
         }
 
     def forward(
@@ -685,6 +705,32 @@ def _checked_hook(fn: Callable, name: str | Callable, vlm: HookedVLM) -> Callabl
         )
 
     return hook
+
+
+def _route_argument_through(point: HookPoint, name: str, index: int) -> Callable:
+    """A forward pre-hook (``with_kwargs=True``) passing a module's argument ``name`` (keyword, or
+    positional at ``index``) through ``point``."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if isinstance(kwargs.get(name), torch.Tensor):
+            return args, {**kwargs, name: point(kwargs[name])}
+        if len(args) > index and isinstance(args[index], torch.Tensor):
+            return (*args[:index], point(args[index]), *args[index + 1 :]), kwargs
+        return None
+
+    return hook
+
+
+def _apply_bridge_settings(bridge: TransformerBridge, settings: dict[str, Any]) -> None:
+    """Set ``settings`` on the bridge's config and on each component's own copy of it."""
+    if not settings:
+        return
+    kind = type(bridge.cfg)
+    configs = [bridge.cfg]
+    configs += [m.config for m in bridge.modules() if isinstance(getattr(m, "config", None), kind)]
+    for config in configs:
+        for field, value in settings.items():
+            setattr(config, field, value)
 
 
 def _route_output_through(point: HookPoint) -> Callable:
