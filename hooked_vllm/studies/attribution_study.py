@@ -227,6 +227,8 @@ class AttributionStudy(Study):
             {
                 "paired": partner is not None or self.params.pairs == "noise",
                 "partner": None if partner is None else partner.item_id,
+                "answer_token": answer[b],
+                "other_token": int(metric.other[b]),
                 "answer": vlm.tokenizer.decode([answer[b]]),
                 "other": vlm.tokenizer.decode([int(metric.other[b])]),
                 "answer_from": answer_from[b],
