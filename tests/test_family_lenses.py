@@ -10,10 +10,13 @@ from transformers.models.gemma3.modeling_gemma3 import (
     create_masks_for_vision_model,
     get_block_sequence_ids_for_mask,
 )
+from transformers.models.gemma4.modeling_gemma4 import create_masks_for_vision_model as gemma4_masks
+from transformers.models.gemma4.modeling_gemma4 import get_block_sequence_ids_for_mask as gemma4_blocks
 
 from hooked_vllm.adapters.base import no_kv_cache
 from hooked_vllm.analysis import collect, contextualization_from_cache, modality_pairs
 from hooked_vllm.interventions import blocked_edges, knockout, patch_hook, prune, select_image_tokens
+from hooked_vllm.model.layers import attention_w_o
 from tests.conftest import family_images
 from tests.test_analyses import close, naive_norms, naive_pair_mean
 
@@ -38,6 +41,11 @@ def allowed_pairs_naive(family, batch, layer: int | None = None) -> torch.Tensor
     columns = torch.arange(n)
     in_window = (columns[None, :] > columns[:, None] - (getattr(config, "sliding_window", None) or n))[None]
     extra = torch.zeros_like(causal)
+    if family.name.startswith("gemma4"):  # image blocks both ways in the sliding layers only
+        soft = batch.inputs["mm_token_type_ids"] == 1
+        run = torch.cumsum(soft & ~torch.nn.functional.pad(soft, (1, 0))[:, :-1], dim=1)
+        extra = soft[:, :, None] & soft[:, None, :] & (run[:, :, None] == run[:, None, :])
+        return ((causal | extra) & in_window) if sliding else causal
     if family.name == "gemma3":
         soft = batch.inputs["token_type_ids"] == 1
         run = torch.cumsum(soft & ~torch.nn.functional.pad(soft, (1, 0))[:, :-1], dim=1)
@@ -62,8 +70,19 @@ def hf_logits_with_blocked(
     vlm, reference = family.vlm, family.reference
     embeds, injections = vlm._embed_with_injections(batch)  # Qwen3-VL: its DeepStack features too
     extra = vlm.adapter.injection_inputs(injections) if injections else {}
+    extra.update(vlm.adapter.lm_extra_inputs(batch.inputs))  # Gemma 4: the per-layer embeddings' ids
     minimum = torch.finfo(torch.float32).min
-    if family.name == "gemma3":
+    if family.name.startswith("gemma4"):
+        masks = gemma4_masks(
+            config=reference.config.get_text_config(),
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            **no_kv_cache(gemma4_masks),
+            position_ids=batch.position_ids,
+            block_sequence_ids=gemma4_blocks(batch.inputs["mm_token_type_ids"], device=embeds.device),
+        )
+        mask = {name: m.masked_fill(blocked[:, None], minimum) for name, m in masks.items()}
+    elif family.name == "gemma3":
         masks = create_masks_for_vision_model(
             config=reference.config.get_text_config(),
             inputs_embeds=embeds,
@@ -142,8 +161,10 @@ def test_norm_based_attention_matches_naive(new_family, padding_side):
             assert torch.isnan(streamed.attention.image_saliency_from_last[layer]).all()
             continue
         allowed = allowed_pairs_naive(new_family, batch, layer)
-        naive_head, naive_summed = naive_norms(
-            cache["pattern", layer], cache["v", layer], vlm.blocks[layer].attn.W_O
+        naive_head, naive_summed = naive_norms(  # values: Gemma 4's normed, shared ones
+            cache["pattern", layer],
+            cache[vlm.adapter.value_hooks()[layer]],
+            attention_w_o(vlm.blocks[layer].attn),
         )
         weights = cache["pattern", layer].double().mean(1)
         for pair, (queries, keys) in modality_pairs(batch).items():
@@ -250,7 +271,10 @@ def test_patching_everything_reproduces_the_source(new_family):
     # the whole stream, once every visual input has entered it (Qwen3-VL adds DeepStack features
     # after its first layers: a patch before them is partly overwritten by the target's own image)
     name = f"blocks.{max(vlm.adapter.injection_layers, default=0) + 1}.hook_resid_pre"
-    with vlm.hooks(fwd_hooks=[(name, patch_hook(source_cache[name], everything))]):
+    # Gemma 4: the image also enters every layer through its per-layer input (a projection of the
+    # input embeddings): patched too
+    names = [name, *(n for n in source_cache.keys() if n.endswith("hook_per_layer_input"))]
+    with vlm.hooks(fwd_hooks=[(n, patch_hook(source_cache[n], everything)) for n in names]):
         patched = vlm(target)
     assert (patched - source_logits)[everything].abs().max() <= TOL
     assert (vlm(target) - source_logits)[everything].abs().max() > 1e-3

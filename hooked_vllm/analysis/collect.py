@@ -35,6 +35,7 @@ from hooked_vllm.analysis.norm_attention import (
     head_summed_norms_from_gram,
     modality_pairs,
 )
+from hooked_vllm.model.layers import attention_w_o
 from hooked_vllm.model.observed_attention import observed_sdpa_attention, supported
 
 ANALYSES = ("contextualization", "norm_attention", "logit_lens")
@@ -245,7 +246,7 @@ class BatchReducer:
         self._attention[layer] = out
 
     def _w_o(self, layer: int, device: torch.device) -> Float[torch.Tensor, "head d_head d_model"]:
-        return self._blocks[layer].attn.W_O.to(device)
+        return attention_w_o(self._blocks[layer].attn).to(device)
 
     # -- all layers
     def finish(self) -> BatchAnalysis:
@@ -357,13 +358,19 @@ def _to_cpu(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def hook_names(
-    n_layers: int, analyses: tuple[str, ...], attention_layers: tuple[int, ...] | None = None
+    n_layers: int,
+    analyses: tuple[str, ...],
+    attention_layers: tuple[int, ...] | None = None,
+    value_hooks: dict[int, str] | None = None,
 ) -> list[str]:
-    """The hook points :func:`collect` reads (attention: in ``attention_layers``, default all)."""
+    """The hook points :func:`collect` reads (attention: in ``attention_layers``, default all; each
+    layer's values at ``value_hooks[layer]``, default ``blocks.{l}.attn.hook_v``, a hook shared by
+    several layers listed once)."""
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
     if "norm_attention" in analyses:
         for layer in range(n_layers) if attention_layers is None else attention_layers:
-            names += [f"blocks.{layer}.attn.hook_v", f"blocks.{layer}.attn.hook_pattern"]
+            values = (value_hooks or {}).get(layer, f"blocks.{layer}.attn.hook_v")
+            names += [values] * (values not in names) + [f"blocks.{layer}.attn.hook_pattern"]
     return names
 
 
@@ -394,7 +401,7 @@ def collect(
         raise ValueError(f"attention={attention!r} is not one of {ATTENTION_PATHS}.")
     batch = vlm.to_batch(batch)
     reducer = BatchReducer(vlm, batch, analyses, lens_positions, top_k, verbalize_images)
-    feed = _feeder(reducer)
+    feed = _feeder(reducer, vlm.adapter.value_hooks())
 
     def hook_fn(tensor, hook, name):
         feed(name, tensor)
@@ -407,7 +414,9 @@ def collect(
         and vlm.adapter.sliding_window is None
         and (attention == "fused" or (attention == "auto" and supported(vlm)))
     )
-    names = hook_names(vlm.cfg.n_layers, () if fused else analyses, vlm.adapter.attention_layers)
+    names = hook_names(
+        vlm.cfg.n_layers, () if fused else analyses, vlm.adapter.attention_layers, vlm.adapter.value_hooks()
+    )
     hooks = [(name, partial(hook_fn, name=name)) for name in names]
     if not fused:
         vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
@@ -431,21 +440,26 @@ def reduce_cache(
     """The same analysis from a full ``ActivationCache`` of ``batch``."""
     batch = vlm.to_batch(batch)
     reducer = BatchReducer(vlm, batch, analyses, lens_positions, top_k, verbalize_images)
-    feed = _feeder(reducer)
+    value_hooks = vlm.adapter.value_hooks()
+    feed = _feeder(reducer, value_hooks)
     # Residual streams come in layer order, and each layer's values before its pattern.
-    for name in hook_names(vlm.cfg.n_layers, analyses, vlm.adapter.attention_layers):
+    for name in hook_names(vlm.cfg.n_layers, analyses, vlm.adapter.attention_layers, value_hooks):
         feed(name, cache[name])
     return reducer.finish()
 
 
-def _feeder(reducer: BatchReducer):
-    """Routes ``(hook name, activation)`` to the reducer: values wait for their layer's pattern,
+def _feeder(reducer: BatchReducer, value_hooks: dict[int, str]):
+    """Routes ``(hook name, activation)`` to the reducer: values (``value_hooks``: the hook of each
+    layer's values, one hook possibly serving several layers) wait for their layer's pattern,
     residual streams go straight in (in layer order)."""
     values: dict[int, torch.Tensor] = {}
+    readers: dict[str, list[int]] = {}
+    for layer, name in value_hooks.items():
+        readers.setdefault(name, []).append(layer)
 
     def feed(name: str, tensor: torch.Tensor) -> None:
-        if name.endswith("attn.hook_v"):
-            values[_layer_of(name)] = tensor
+        if name in readers:
+            values.update(dict.fromkeys(readers[name], tensor))
         elif name.endswith("attn.hook_pattern"):
             layer = _layer_of(name)
             reducer.on_attention(layer, tensor, values.pop(layer))

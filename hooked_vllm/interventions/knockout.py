@@ -81,8 +81,52 @@ def knockout(vlm, batch, edges: Sequence[tuple[Group, Group]], layers: Iterable[
     batch = vlm.to_batch(batch)
     layers = range(vlm.cfg.n_layers) if layers is None else check_blocks(vlm.cfg.n_layers, layers, "knockout")
     layers = [layer for layer in layers if layer in vlm.adapter.attention_layers]
-    with vlm.hooks(fwd_hooks=knockout_hooks(batch, edges, layers)):
+    blocked = blocked_edges(batch, edges)
+
+    def edit(mask: torch.Tensor) -> torch.Tensor:
+        if mask.shape[-2:] != blocked.shape[-2:]:  # a decoding step: its query is in no group
+            return mask
+        return mask.masked_fill(blocked[:, None].to(mask.device), torch.finfo(mask.dtype).min)
+
+    delegated = delegated_attention_layers(vlm, layers)
+    scored = [layer for layer in layers if layer not in delegated]
+    with vlm.hooks(fwd_hooks=knockout_hooks(batch, edges, scored)), masks_edited(vlm, delegated, edit):
         yield vlm
+
+
+def delegated_attention_layers(vlm, layers: Iterable[int]) -> list[int]:
+    """The ``layers`` whose attention transformer-lens delegates whole to the HF module (Gemma 4's):
+    their ``hook_attn_scores`` fires after the fact, with HF's weights, and an edit there is discarded.
+    Edges are removed from their attention mask instead (:func:`masks_edited`), the same numbers: the
+    mask is added to the scores before the softmax."""
+    # transformer-lens 4.3 marks such blocks (DelegatedAttentionBlockBridge) with this class attribute;
+    # Gemma 3's attention keeps HF's module too but computes the scores itself, through its hooks
+    return [layer for layer in layers if getattr(type(vlm.blocks[layer]), "maintain_native_attention", False)]
+
+
+@contextmanager
+def masks_edited(vlm, layers: Sequence[int], edit: Callable[[torch.Tensor], torch.Tensor]):
+    """Context manager: the additive attention mask (``[batch, 1, query, key]``) HF's attention module
+    of each of ``layers`` gets is replaced by ``edit(mask)`` for every forward inside."""
+
+    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        mask = kwargs.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+            raise RuntimeError(
+                f"{type(module).__name__} got no 4-D additive attention mask to remove edges from "
+                f"(got {type(mask).__name__}); knockout and pruning need eager attention on this model."
+            )
+        return args, {**kwargs, "attention_mask": edit(mask)}
+
+    handles = [
+        vlm.blocks[layer].attn.original_component.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        for layer in layers
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def knockout_sweep(

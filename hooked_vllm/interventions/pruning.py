@@ -32,7 +32,8 @@ from jaxtyping import Bool
 
 from hooked_vllm.analysis.norm_attention import head_summed_norms
 from hooked_vllm.errors import LayerError
-from hooked_vllm.model.layers import check_blocks
+from hooked_vllm.interventions.knockout import delegated_attention_layers, masks_edited
+from hooked_vllm.model.layers import attention_w_o, check_blocks
 
 METHODS = ("norm", "attention", "first", "random")
 
@@ -64,11 +65,11 @@ def select_image_tokens(
                 "or select by 'first' or 'random'."
             )
         source = before[-1] if before else with_pattern[0]
-        names = [f"blocks.{source}.attn.hook_pattern", f"blocks.{source}.attn.hook_v"]
+        names = [f"blocks.{source}.attn.hook_pattern", vlm.adapter.value_hooks()[source]]
         _, cache = vlm.run_with_cache(batch, names_filter=names)
         pattern = cache[names[0]]
         scores = (
-            head_summed_norms(pattern, cache[names[1]], vlm.blocks[source].attn.W_O)
+            head_summed_norms(pattern, cache[names[1]], attention_w_o(vlm.blocks[source].attn))
             if method == "norm"
             else pattern.mean(1)
         )
@@ -123,8 +124,24 @@ def prune(vlm, batch, keep: torch.Tensor, from_layer: int):
     """Context manager: only ``keep``'s image tokens are readable from ``from_layer`` on."""
     check_blocks(vlm.cfg.n_layers, [from_layer], "prune(from_layer=...)")
     batch = vlm.to_batch(batch)
-    hooks = pruning_hooks(batch, keep, from_layer, vlm.cfg.n_layers, vlm.adapter.attention_layers)
-    with vlm.hooks(fwd_hooks=hooks):
+    attention_layers = vlm.adapter.attention_layers
+    # Gemma 4: attention delegated to HF, whose mask loses the pruned keys instead of its scores
+    delegated = delegated_attention_layers(vlm, [layer for layer in attention_layers if layer >= from_layer])
+    scored = tuple(layer for layer in attention_layers if layer not in delegated)
+    pruned = batch.image_mask & ~keep
+    hooks = [
+        (name, hook)
+        for name, hook in pruning_hooks(batch, keep, from_layer, vlm.cfg.n_layers, scored)
+        if int(name.split(".")[1]) not in delegated
+    ]
+
+    def edit(mask: torch.Tensor) -> torch.Tensor:
+        columns = torch.zeros(mask.shape[0], mask.shape[-1], dtype=torch.bool, device=mask.device)
+        n = min(pruned.shape[1], mask.shape[-1])
+        columns[:, :n] = pruned[:, :n].to(mask.device)
+        return mask.masked_fill(columns[:, None, None, :], torch.finfo(mask.dtype).min)
+
+    with vlm.hooks(fwd_hooks=hooks), masks_edited(vlm, delegated, edit):
         yield vlm
 
 

@@ -19,6 +19,10 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
+
+import torch
+from jaxtyping import Float
 
 from hooked_vllm.errors import LayerError
 
@@ -57,3 +61,15 @@ def check_stream_layer(n_layers: int, layer: int, what: str) -> int:
             f"embedding) to {n_layers} (after the last of its {n_layers} blocks)."
         )
     return int(layer)
+
+
+def attention_w_o(attn: Any) -> Float[torch.Tensor, "head d_head d_model"]:
+    """``W_O`` of one block's attention bridge, ``[head, d_head, d_model]``, with that layer's own head
+    size: transformer-lens 4.3 splits the output projection by the config's ``d_head`` and refuses a
+    layer whose heads are wider (Gemma 4's full-attention layers); there the projection's weight
+    (``nn.Linear``, ``[d_model, head * d_head]``) is split into the config's number of heads."""
+    weight = attn.o.weight
+    n_heads = int(attn.config.n_heads)
+    if weight.shape[-1] == n_heads * int(attn.config.d_head):
+        return attn.W_O
+    return weight.T.reshape(n_heads, weight.shape[-1] // n_heads, weight.shape[0])

@@ -43,6 +43,7 @@ from jaxtyping import Float, Int
 from hooked_vllm.analysis.logit_lens import LogitLens
 from hooked_vllm.analysis.norm_attention import head_gram, summed_norms_key_major
 from hooked_vllm.model.images import ImageLike, item_images, load_image, to_rgb
+from hooked_vllm.model.layers import attention_w_o
 from hooked_vllm.model.observed_attention import observed_sdpa_attention, supported
 from hooked_vllm.report.viz import seen_part
 
@@ -196,7 +197,7 @@ def explorer_pass(vlm, batch, top_k: int = 5, attention: str = "auto") -> _Pass:
         device = alpha.device
         at, b = positions.to(device), rows.to(device)
         v = v[b[:, None], at]  # [b, n, kv_head, d_head]: the image keys only
-        gram = head_gram(v, vlm.blocks[layer].attn.W_O.to(device))  # [b, n, h, h]
+        gram = head_gram(v, attention_w_o(vlm.blocks[layer].attn).to(device))  # [b, n, h, h]
         alpha = alpha.float().gather(3, at[:, None, None, :].expand(*alpha.shape[:3], -1))  # [b, h, nq, n]
         f_norm = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt().transpose(1, 2)  # [b, h, n]
         summed = summed_norms_key_major(alpha, gram)  # [b, n, n_queries]: ||sum_h alpha f_h||
@@ -248,8 +249,9 @@ def explorer_pass(vlm, batch, top_k: int = 5, attention: str = "auto") -> _Pass:
         with observed_sdpa_attention(vlm, observe):
             vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
     else:
+        value_hooks = vlm.adapter.value_hooks()  # a hook may hold several layers' values (Gemma 4)
         for layer in vlm.adapter.attention_layers:
-            hooks.append((f"blocks.{layer}.attn.hook_v", partial(keep_values, layer=layer)))
+            hooks.append((value_hooks[layer], partial(keep_values, layer=layer)))
             hooks.append((f"blocks.{layer}.attn.hook_pattern", partial(reduce_pattern, layer=layer)))
         vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
     # every block a row: NaN at layers with no attention pattern (Qwen3.5's linear attention)
