@@ -192,12 +192,15 @@ def test_image_mask_is_exactly_the_image_patch_positions(new_family, padding_sid
 
 # ---------------------------------------------------------------- 4. ablations
 def zeroed_features(method):
-    """``get_image_features`` with every image's ``pooler_output`` zeroed."""
+    """``get_image_features`` with every image's ``pooler_output`` zeroed (Llama 4, which has none,
+    projects ``last_hidden_state``: that one)."""
 
     def wrapped(*args, **kwargs):
         out = method(*args, **kwargs)
         pooled = out.pooler_output
-        if isinstance(pooled, (list, tuple)):
+        if pooled is None:
+            out.last_hidden_state = torch.zeros_like(out.last_hidden_state)
+        elif isinstance(pooled, (list, tuple)):
             out.pooler_output = type(pooled)(torch.zeros_like(p) for p in pooled)
         else:
             out.pooler_output = torch.zeros_like(pooled)

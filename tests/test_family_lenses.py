@@ -38,6 +38,9 @@ def allowed_pairs_naive(family, batch, layer: int | None = None) -> torch.Tensor
     config = family.vlm.adapter.text_config
     kinds = getattr(config, "layer_types", None) or []
     sliding = layer is not None and kinds and kinds[layer] == "sliding_attention"
+    if layer is not None and kinds and kinds[layer] == "chunked_attention":  # Llama 4's RoPE layers
+        chunk = batch.position_ids // config.attention_chunk_size  # chunks of positions, from the first
+        causal = causal & (chunk[:, :, None] == chunk[:, None, :])
     columns = torch.arange(n)
     in_window = (columns[None, :] > columns[:, None] - (getattr(config, "sliding_window", None) or n))[None]
     extra = torch.zeros_like(causal)
@@ -115,6 +118,10 @@ def hf_logits_with_blocked(
         if "linear_attention" in kinds:  # Qwen3.5: HF zeroes the masked positions before these layers
             kept = batch.attention_mask.bool() & (~removed if removed is not None else True)
             mask = {"full_attention": mask, "linear_attention": kept.long()}
+        if "chunked_attention" in kinds:  # Llama 4: its RoPE layers read their own chunk only
+            chunked = allowed_pairs_naive(family, batch, kinds.index("chunked_attention")) & ~blocked
+            chunked = torch.zeros(chunked.shape).masked_fill(~chunked, minimum)[:, None]
+            mask = {"full_attention": mask, "chunked_attention": chunked}
     hidden = reference.model.get_decoder()(
         inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids, **extra
     ).last_hidden_state

@@ -17,14 +17,22 @@ it is: zeroing removes the expert from the MLP term; a vector at a row not route
 The point fires for every expert on every forward (an expert no token chose gives zeros), only while
 some hook sits on one of the layer's points; otherwise HF's own forward runs.
 
+Llama 4's experts (``Llama4TextExperts``) take another layout (:func:`takes_prescaled_tokens`): every
+token once per expert, already multiplied by its router score (a sigmoid of its top-k logit; zero for
+an expert not chosen), all experts in one batched matmul. There the point is expert e's block of
+HF's output, ``[batch * pos, d_model]``: expert e applied to the scaled token where it was chosen,
+zero elsewhere (the expert maps 0 to 0); the block sums them as it sums HF's.
+
 The MLP term of a decomposition (``blocks.{l}.hook_mlp_out``, ``cache.decompose_resid``) is the
 whole block's output: the routed experts' sum plus, in Qwen3.5-MoE, the shared expert scaled by its
 sigmoid gate (``blocks.{l}.mlp.shared_expert.hook_out``, ``blocks.{l}.mlp.shared_expert_gate.hook_out``);
-Qwen3-VL-MoE has no shared expert, so there the experts' sum is the MLP term.
+Qwen3-VL-MoE has no shared expert, so there the experts' sum is the MLP term; in Llama 4 the
+shared expert's output (``blocks.{l}.mlp.shared_expert.hook_out``, ungated) plus the experts' sum.
 """
 
 from __future__ import annotations
 
+import inspect
 import types
 from collections.abc import Sequence
 
@@ -73,9 +81,12 @@ def install_expert_hooks(experts: torch.nn.Module, points: Sequence[HookPoint]) 
         >>> install_expert_hooks(experts, points)  # doctest: +SKIP
     """
     experts = unwrap(experts)
-    check_looped_experts(experts)
     if len(points) != experts.num_experts:
         raise ValueError(f"{len(points)} hook points for {experts.num_experts} experts.")
+    if takes_prescaled_tokens(experts):
+        _install_prescaled_hooks(experts, tuple(points))
+        return
+    check_looped_experts(experts)
     unhooked = experts.forward
     points = tuple(points)
 
@@ -83,6 +94,37 @@ def install_expert_hooks(experts: torch.nn.Module, points: Sequence[HookPoint]) 
         if not any(_has_any_hook(point) for point in points):
             return unhooked(hidden_states, top_k_index, top_k_weights)
         return _hooked_loop(self, points, hidden_states, top_k_index, top_k_weights)
+
+    experts.forward = types.MethodType(forward, experts)
+
+
+def takes_prescaled_tokens(experts: torch.nn.Module) -> bool:
+    """Whether ``experts`` has Llama 4's layout (``Llama4TextExperts``): a forward of the tokens alone,
+    ``[n_experts * tokens, d_model]`` (every token once per expert, already multiplied by its router
+    score: zero where the expert was not chosen), every expert run on its block by one batched matmul
+    (``gate_up_proj [E, d_model, 2 * d_mlp]``, ``down_proj [E, d_mlp, d_model]``), the output in the
+    same blocks."""
+    gate_up = getattr(experts, "gate_up_proj", None)
+    parameters = list(inspect.signature(experts.forward).parameters)
+    return (
+        parameters == ["hidden_states"]
+        and getattr(gate_up, "ndim", None) == 3
+        and gate_up.shape[1] == getattr(experts, "hidden_size", None)
+    )
+
+
+def _install_prescaled_hooks(experts: torch.nn.Module, points: Sequence[HookPoint]) -> None:
+    """Llama 4: HF's forward, then each expert's block of the output (``[tokens, d_model]``: its
+    output on the tokens scaled by their scores, zero at tokens not routed to it, since the expert
+    maps 0 to 0) through its point. The MoE block sums the blocks as it sums HF's, same floats."""
+    unhooked = experts.forward
+
+    def forward(self, hidden_states):
+        output = unhooked(hidden_states)
+        if not any(_has_any_hook(point) for point in points):
+            return output
+        blocks = output.view(self.num_experts, -1, output.shape[-1])
+        return torch.stack([point(blocks[e]) for e, point in enumerate(points)]).view(output.shape)
 
     experts.forward = types.MethodType(forward, experts)
 

@@ -126,6 +126,8 @@ class HookedVLM(TokensMixin, GenerationMixin):
             for layer in self.adapter.attention_layers:
                 bridge = self.bridge.blocks[layer].attn
                 object.__setattr__(bridge, "forward", types.MethodType(attention_forward, bridge))
+                # its hook_attn_scores and hook_pattern are live now (knockout and pruning edit them)
+                object.__setattr__(bridge, "maintain_native_attention", False)
         self._register_hook_points()
         #: run attention as HF sdpa where no step-by-step-only hook needs the bridge's path (opt-in:
         #: see :meth:`forward`)
