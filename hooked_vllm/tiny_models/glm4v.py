@@ -108,8 +108,9 @@ def _text_kwargs(text: TinyTextConfig, tokenizer: PreTrainedTokenizerFast) -> di
 
 
 def _finish(model: PreTrainedModel, seed: int) -> PreTrainedModel:
-    model = finish_init(model, seed, redraw_zeros=True)
-    for module in model.modules():  # GLM-4.5V's router bias (a buffer, zero at init): drawn too
+    # GLM-4.5V's routers drawn wide (std 0.5), so that tokens spread over the experts
+    model = finish_init(model, seed, widen=("mlp.gate.weight",), redraw_zeros=True)
+    for module in model.modules():  # and their correction bias (a buffer, zero at init)
         bias = getattr(module, "e_score_correction_bias", None)
         if isinstance(bias, torch.Tensor):
             bias.normal_(std=0.1)
@@ -211,16 +212,18 @@ def tiny_glm46v(
     directory: str | Path | None = None,
     text: TinyTextConfig = TinyTextConfig(),
     padding_side: str = "left",
+    moe: bool = False,
 ) -> tuple[Glm46VForConditionalGeneration, Glm46VProcessor]:
     """A random GLM-4.6V-architecture model (``Glm46VForConditionalGeneration``: GLM-4.1V's outer model,
-    its language model built from the text config by ``AutoModel``; here GLM-4.1V's dense text model,
-    the config's default) and its processor, with :func:`tiny_glm4v`'s sizes and prompt."""
+    its language model built from the text config by ``AutoModel``) and its processor, with
+    :func:`tiny_glm4v`'s sizes and prompt. The text model is GLM-4.1V's dense one (the config's
+    default), or with ``moe`` :func:`tiny_glm4v_moe`'s mixture of experts."""
     return _build(
         "glm46v",
         Glm46VConfig,
         Glm46VForConditionalGeneration,
         Glm46VProcessor,
-        lambda kwargs: Glm4vTextConfig(**kwargs),
+        _moe_text if moe else lambda kwargs: Glm4vTextConfig(**kwargs),
         seed,
         directory,
         text,
