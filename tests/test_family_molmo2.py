@@ -216,3 +216,17 @@ def test_video_markers_are_refused_and_the_patch_token_is_not_one(new_family):
     ids[0, batch.last_positions[0]] = tokenizer.convert_tokens_to_ids("<|video|>")
     with pytest.raises(BatchFormatError, match="video"):
         vlm({**batch.inputs, "input_ids": ids})
+
+
+@MOLMO2
+def test_text_alone_equals_hf_and_structure_tokens_are_prompt_markers(new_family):
+    """Text without images runs causally, as HF's does (no ``mm_token_type_ids``, no block); image
+    structure tokens written in a dataset's text are refused with the image markers."""
+    vlm = new_family.vlm
+    batch = vlm.to_batch(["a red circle left of the square", "cat"])
+    assert batch.attention_mask.min() == 0 and "mm_token_type_ids" not in batch.inputs
+    theirs = new_family.reference(**batch.inputs, position_ids=batch.position_ids).logits
+    assert max_diff(vlm(batch), theirs, batch.attention_mask.bool()) <= TOL
+    markers = vlm.adapter.prompt_markers
+    for token in ("<|image|>", "<im_patch>", "<|video|>", *STRUCTURE):
+        assert token in markers

@@ -86,6 +86,13 @@ class Molmo2Adapter(VLMAdapter):
         return first + prompt, (start + len(first), end + len(first))
 
     @property
+    def prompt_markers(self) -> tuple[str, ...]:
+        """The image and video markers, and the image structure tokens (``<im_col>``, ``<im_start>``...):
+        written in a dataset's text, HF would put them in the image block."""
+        structure = self.tokenizer.convert_ids_to_tokens(list(self.processor.image_token_ids))
+        return tuple(dict.fromkeys((*super().prompt_markers, *structure)))
+
+    @property
     def video_token_ids(self) -> list[int]:
         """``<|video|>`` and the frame markers (HF's config maps ``video_token_id`` to the image patch)."""
         config = self.hf_model.config
