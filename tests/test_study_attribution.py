@@ -269,3 +269,109 @@ def test_the_study_equals_the_gradient_product_and_real_patching_by_hand(two_mas
         assert by_group.abs().max() > 1e-3 and real_groups.abs().max() > 1e-3, kind
     print(two_masks.name, side, {k: f"{v:.1e}" for k, v in worst.items()})
     assert max(worst.values()) <= TOL, worst
+
+
+# ---------------------------------------------------------------- on the demo: aggregation, pairs, command
+@pytest.fixture(scope="module")
+def demo():
+    from hooked_vllm import HookedVLM
+
+    return HookedVLM.from_pretrained("demo")
+
+
+@pytest.fixture(scope="module")
+def shapes_sample(tmp_path_factory):
+    from hooked_vllm.runs.shapes_dataset import load_shapes
+
+    return load_shapes(tmp_path_factory.mktemp("shapes"), n=10)
+
+
+def test_ranks_average_ties_and_the_correlations_are_pearson_and_spearman():
+    from hooked_vllm.studies.attribution import correlations, ranks
+
+    assert ranks(np.array([10.0, 20.0, 20.0, 5.0])).tolist() == [2.0, 3.5, 3.5, 1.0]
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    y = x**3  # monotone, not linear: Spearman 1, Pearson below 1
+    result = correlations(x, y)
+    assert result["spearman"] == pytest.approx(1.0) and result["pearson"] < 0.99 and result["n"] == 5
+    assert correlations(x, np.ones(5))["pearson"] is None  # a constant side has no correlation
+
+
+def test_on_the_demo_the_aggregates_are_the_rows_pooled_and_z_summed_over_heads_is_attn_out(
+    demo, shapes_sample, tmp_path
+):
+    from hooked_vllm.runs.datasets import DatasetSample
+    from hooked_vllm.studies import AttributionStudy, run_study
+    from hooked_vllm.studies.attribution import ranks
+
+    study = AttributionStudy(kinds=("attn_out", "z"), cells=8)
+    result = run_study(
+        study, demo, DatasetSample("shapes", list(shapes_sample.items)), tmp_path / "run", progress=False
+    )
+    rows, aggregates = result.rows, result.aggregates
+    labels = {item.item_id: item.meta["answer"] for item in shapes_sample.items}
+    paired = [row for row in rows if row["paired"]]
+    assert paired and all(row["answer"] == labels[row["item_id"]] for row in paired)
+    assert all(row["other"] == labels[row["partner"]] != row["answer"] for row in paired)
+    counted = [row for row in paired if row["clean_correct"] and row["corrupt_correct"]]
+    assert aggregates["n_items"] == len(counted) > 0
+    for (
+        row
+    ) in paired:  # the head mix through W_O is the attention's output: the same patch, the same estimate
+        assert np.allclose(row["real:z"], row["real:attn_out"], atol=1e-5)
+        assert np.allclose(row["est:z"], row["est:attn_out"], atol=1e-4, rtol=1e-4)
+    for kind in ("attn_out", "z"):
+        est = np.concatenate([row[f"cell_est:{kind}"] for row in counted])
+        real = np.concatenate([row[f"cell_real:{kind}"] for row in counted])
+        cells = aggregates["kinds"][kind]["cells"]
+        assert cells["n"] == len(est) and cells["pearson"] == pytest.approx(np.corrcoef(est, real)[0, 1])
+        assert cells["spearman"] == pytest.approx(np.corrcoef(ranks(est), ranks(real))[0, 1])
+        mean = np.mean([row[f"est:{kind}"] for row in counted], axis=0)
+        assert np.allclose(np.ravel(aggregates["kinds"][kind]["estimate"]), mean)
+    report = study.write_report(tmp_path / "run", aggregates, "demo")
+    assert "Kramár" in report.read_text() and (tmp_path / "run" / "attribution-z.png").is_file()
+
+
+def test_noise_pairs_compare_the_answer_with_the_noisy_runs_own_prediction(demo, shapes_sample):
+    from hooked_vllm.interventions.metrics import last_logits
+    from hooked_vllm.model.images import load_image
+    from hooked_vllm.studies import AttributionStudy
+    from hooked_vllm.studies.attribution_study import noisy
+
+    items = shapes_sample.items[:4]
+    images = [load_image(item.image_path) for item in items]
+    study = AttributionStudy(pairs="noise", cells=4)
+    study.plan(demo, shapes_sample)
+    with torch.enable_grad():
+        rows = study.item_rows(demo, items, demo.prepare(images, [i.instruction for i in items]))
+    noisy_batch = demo.prepare(
+        [noisy(image, 96, item.item_id) for image, item in zip(images, items)], [i.instruction for i in items]
+    )
+    ranked = last_logits(demo(noisy_batch), noisy_batch)
+    for b, row in enumerate(rows):
+        ranked[b, row["answer_token"]] = -torch.inf
+        assert row["paired"] and row["other_token"] == int(ranked[b].argmax())
+    assert np.array_equal(np.asarray(noisy(images[0], 96, "x")), np.asarray(noisy(images[0], 96, "x")))
+
+
+def test_the_command_runs_resumes_and_refuses_an_unknown_kind(tmp_path, capsys):
+    from hooked_vllm.cli import main
+
+    out = tmp_path / "attribution"
+    args = ["study", "attribution", "--out", str(out), "--num-items", "6", "--cells", "4", "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "hook_resid_pre" in printed and "Pearson" in printed and "Spearman" in printed
+    written = {p.name for p in out.iterdir()}
+    assert {
+        "report.html",
+        "aggregates.json",
+        "attribution-resid_pre.png",
+        "attribution-scatter.png",
+    } <= written
+    assert main(args) == 0 and "resumed: 6 of 6" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:  # argparse's own choices
+        main(["study", "attribution", "--out", str(tmp_path / "x"), "--kinds", "resid_post"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "resid_pre" in error
