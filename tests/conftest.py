@@ -73,6 +73,20 @@ def hf_forward_inputs(family: Family, batch) -> dict:
     return inputs
 
 
+def hf_text_parts(reference) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The untouched HF model's text decoder (its layers and final norm) and its unembedding: under
+    ``model`` for most families, a whole ``*ForCausalLM`` under ``language_model`` for BLIP-2."""
+    if hasattr(reference, "model"):
+        return reference.model.get_decoder(), reference.lm_head
+    return reference.language_model.get_decoder(), reference.language_model.get_output_embeddings()
+
+
+def hf_lm_outputs(output):
+    """The language model's part of an HF output (``hidden_states``, ``attentions``): the output
+    itself, or BLIP-2's ``language_model_outputs``."""
+    return getattr(output, "language_model_outputs", None) or output
+
+
 @pytest.fixture(scope="session")
 def llava(tmp_path_factory) -> Family:
     return Family("llava", tmp_path_factory.mktemp("llava-single"))

@@ -17,13 +17,13 @@ from hooked_vllm.adapters.base import no_kv_cache
 from hooked_vllm.analysis import collect, contextualization_from_cache, modality_pairs
 from hooked_vllm.interventions import blocked_edges, knockout, patch_hook, prune, select_image_tokens
 from hooked_vllm.model.layers import attention_w_o
-from tests.conftest import family_images
+from tests.conftest import family_images, hf_text_parts
 from tests.test_analyses import close, naive_norms, naive_pair_mean
 
 PROMPTS = ["Describe the image.", "What colour is the square in the picture?", "cat"]
 TOL = 1e-5
 #: families whose every image fills the same number of slots (a fixed grid or pooled tokens)
-FIXED_IMAGE_TOKENS = ("gemma3", "paligemma", "paligemma2")
+FIXED_IMAGE_TOKENS = ("gemma3", "paligemma", "paligemma2", "blip2")
 
 
 def allowed_pairs_naive(family, batch, layer: int | None = None) -> torch.Tensor:
@@ -122,10 +122,11 @@ def hf_logits_with_blocked(
             chunked = allowed_pairs_naive(family, batch, kinds.index("chunked_attention")) & ~blocked
             chunked = torch.zeros(chunked.shape).masked_fill(~chunked, minimum)[:, None]
             mask = {"full_attention": mask, "chunked_attention": chunked}
-    hidden = reference.model.get_decoder()(
+    decoder, lm_head = hf_text_parts(reference)
+    hidden = decoder(
         inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids, **extra
     ).last_hidden_state
-    logits = reference.lm_head(hidden)
+    logits = lm_head(hidden)
     cap = getattr(reference.config.get_text_config(), "final_logit_softcapping", None)
     return logits if cap is None else torch.tanh(logits / cap) * cap  # as HF's forward (Gemma 2)
 
