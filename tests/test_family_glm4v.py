@@ -20,10 +20,12 @@ import copy
 
 import pytest
 import torch
+from transformers import Glm46VConfig
 from transformers.models.glm4v import modeling_glm4v
 from transformers.models.glm4v_moe import modeling_glm4v_moe
 
-from hooked_vllm import HookedVLM
+from hooked_vllm import HookedVLM, UnsupportedModelError
+from hooked_vllm.adapters import adapter_class_for
 from hooked_vllm.analysis.routing import expert_routing
 from hooked_vllm.tiny_models.glm4v import (
     GLM_MOE_DENSE,
@@ -460,3 +462,11 @@ def test_glm46v_with_the_moe_text_model_is_served_as_glm45v(tmp_path):
         with zeroed_in_hf(reference.model.language_model.layers[1].mlp.experts.down_proj, 2):
             theirs = reference(**dict(batch.inputs)).logits
         assert (ours - theirs)[real].abs().max() <= TOL
+
+
+def test_glm46v_with_another_text_model_is_refused_in_one_line():
+    """``Glm46VModel`` builds whatever text model its config names; only GLM-V's two are served."""
+    config = Glm46VConfig(text_config={"model_type": "qwen2"})
+    config.architectures = ["Glm46VForConditionalGeneration"]
+    with pytest.raises(UnsupportedModelError, match=r"'qwen2' text model is not supported.*'glm4v_text'"):
+        adapter_class_for(config)
