@@ -43,6 +43,7 @@ def tiny_llama4(
     patch_size: int = 2,
     max_patches: int = 4,
     attention_chunk_size: int = 24,
+    floor_scale: int = 8192,
 ) -> tuple[Llama4ForConditionalGeneration, Llama4Processor]:
     """A random Llama 4-architecture model and its processor.
 
@@ -58,7 +59,7 @@ def tiny_llama4(
     on a canvas of at most ``max_patches`` (4) tiles; with more than one tile a global view (the
     whole image resized to one tile) follows the crops. The test images get 48x24 -> 1x2 tiles +
     global, 24x48 -> 2x1 + global, 40x40 -> 2x2 + global. Temperature tuning of the NoPE layers is
-    on with the real ``floor_scale`` (8192: a scale of 1 below 8191 positions).
+    on with the real ``floor_scale`` (8192: a scale of 1 below 8191 slots; a small one exercises it).
 
     The tokenizer adds BOS; the processor has Llama 4's chat template (its class default).
     """
@@ -98,6 +99,7 @@ def tiny_llama4(
             moe_layers=[1, 2],
             no_rope_layers=[int(layer % 2 == 0) for layer in range(text.n_layers)],
             attention_chunk_size=attention_chunk_size,
+            floor_scale=floor_scale,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
