@@ -9,6 +9,9 @@ An adapter knows one HF model family and nothing else. It answers five questions
    the HF model's decoder and unembedding (no copy). transformer-lens boots its bridge on it, so
    every block, norm and head is the HF module itself (:func:`causal_lm_view` builds one; a text
    config with no ``*ForCausalLM`` of its own, such as Qwen2-VL's, borrows a sibling's class).
+   :meth:`bridge_settings` adjusts transformer-lens's config where the family computes a step
+   differently from the model its adapter was written for; :meth:`language_hook_sites` gives hook
+   points to modules transformer-lens leaves bare (GLM-4.5V's shared expert).
 3. **How do prompts and images become model inputs?** :meth:`format_prompt` (the prompt template,
    returning where the user's instruction sits in it), :meth:`count_image_slots` and :meth:`process`
    (the HF processor call).
