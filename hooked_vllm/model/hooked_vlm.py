@@ -13,7 +13,9 @@ activation is HF's. Hook names are TransformerLens's (``blocks.{l}.hook_resid_po
 - ``vision.blocks.{l}.hook_resid_post``: the vision tower's layer outputs;
 - ``qformer.blocks.{l}.hook_resid_post``: InstructBLIP's Q-Former layer outputs;
 - ``blocks.{l}.mlp.experts.{e}.hook_out``: a mixture-of-experts layer's expert e, its weighted output
-  (:mod:`hooked_vllm.model.experts`).
+  (:mod:`hooked_vllm.model.experts`);
+- the adapter's ``language_hook_sites``: language-model modules transformer-lens leaves without a hook
+  point (GLM-4.5V's ``blocks.{l}.mlp.shared_experts.hook_out`` and ``blocks.{l}.mlp.experts.hook_out``).
 
 Example:
     >>> from hooked_vllm import HookedVLM
