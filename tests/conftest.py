@@ -78,7 +78,11 @@ def hf_text_parts(reference) -> tuple[torch.nn.Module, torch.nn.Module]:
     ``model`` for most families, a whole ``*ForCausalLM`` under ``language_model`` for BLIP-2."""
     if hasattr(reference, "model"):
         return reference.model.get_decoder(), reference.lm_head
-    return reference.language_model.get_decoder(), reference.language_model.get_output_embeddings()
+    language_model = reference.language_model
+    decoder = language_model.get_decoder()
+    if decoder is language_model:  # Llama 4: get_decoder finds no decoder under its own name
+        decoder = language_model.model
+    return decoder, language_model.get_output_embeddings()
 
 
 def hf_lm_outputs(output):

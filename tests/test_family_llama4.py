@@ -18,6 +18,7 @@ from transformers.models.llama4.modeling_llama4 import apply_rotary_emb
 
 from hooked_vllm import HookedVLM
 from hooked_vllm.adapters.base import no_kv_cache
+from hooked_vllm.errors import GenerationArgumentError
 from hooked_vllm.tiny_models.llama4 import tiny_llama4
 from tests.conftest import Family, family_images, hf_forward_inputs
 from tests.test_families import generate_with_step_logits
@@ -352,3 +353,14 @@ def test_temperature_tuning_counts_slots_as_hf_does(tmp_path):
         assert (alone - hf_alone).abs().max() <= TOL
         drift = (batched[i][real[i]] - alone).abs().max()
         assert drift <= TOL if side == "right" else drift > 1e-3, (side, drift)
+
+
+def test_right_padded_generate_with_a_hook_is_refused_naming_the_chunks(llama4):
+    """Chunks count cache slots when decoding, so generation re-pads a right-padded batch to the left;
+    with a hook in effect that is refused, and the message names the chunked layers."""
+    vlm = llama4.vlm
+    assert vlm.adapter.decodes_left_padded
+    right = vlm.prepare(family_images(), PROMPTS, padding_side="right")
+    with vlm.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x)]):
+        with pytest.raises(GenerationArgumentError, match="chunked attention layers.*hooks in effect"):
+            vlm.generate(right, 2, eos_token_id=NEVER)

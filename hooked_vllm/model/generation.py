@@ -295,11 +295,13 @@ class GenerationMixin:
                 if hooked
                 else ("the cache would come back in another layout than the batch's")
             )
-            kind = (
-                "sliding-window attention layers"
-                if self.adapter.sliding_window is not None
-                else "layers that keep a recurrent state"
-            )
+            layer_types = getattr(self.adapter.text_config, "layer_types", None) or ()
+            if self.adapter.sliding_window is not None:
+                kind = "sliding-window attention layers"
+            elif "chunked_attention" in layer_types:  # Llama 4: chunks count cache slots too
+                kind = "chunked attention layers"
+            else:
+                kind = "layers that keep a recurrent state"
             raise GenerationArgumentError(
                 f"This model has {kind}, so generation needs a left-padded "
                 f"batch, and re-padding this right-padded one here is refused: {why}. Build the batch "
