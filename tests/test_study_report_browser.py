@@ -51,3 +51,56 @@ def test_the_knockout_report_opens_offline_with_its_curves_and_theirs_beside_our
         assert windows.count() == len(aggregates["window_starts"]) == 5  # 6 blocks, windows of 2
         view.screenshot(SCREENSHOTS / "study-knockout.png")
         view.assert_clean()
+
+
+@pytest.fixture(scope="module")
+def pruning_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "pruning"
+    assert main(["study", "pruning", "--out", str(out), "--num-items", "8", "--no-progress"]) == 0
+    return out
+
+
+def test_the_pruning_report_shows_the_grid_the_rows_and_theirs_beside_ours(browser, pruning_run):
+    aggregates = json.loads((pruning_run / "aggregates.json").read_text())
+    with open_page(pruning_run / "report.html", browser, viewport=(1100, 900)) as view:
+        page = view.page
+        lines = "() => document.querySelectorAll('svg#{} g[id^=line2d] path').length"
+        # one line per K and criterion, plus the unpruned / no-bias reference line
+        n_layers = len(aggregates["params"]["layers"])
+        assert page.evaluate(lines.format("pruning-accuracy")) >= 2 * n_layers + 1
+        assert page.evaluate(lines.format("pruning-rows")) >= 2 * n_layers + 1
+        assert page.locator("#grid table tbody tr").count() == len(aggregates["settings"]) == 12
+        assert page.locator("#rows table tbody tr").count() == 2 * n_layers
+        assert page.locator("#theirs table tbody tr").count() == 2
+        text = page.inner_text("#theirs")
+        assert "FastV" in text and "FEATHER" in text and "never read a difference as a failure" in text
+        assert "pass" not in page.inner_text("#theirs table").lower()
+        view.screenshot(SCREENSHOTS / "study-pruning.png")
+        view.assert_clean()
+
+
+@pytest.fixture(scope="module")
+def object_ablation_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "object-ablation"
+    args = ["study", "object-ablation", "--out", str(out), "--num-items", "8", "--no-progress"]
+    assert main([*args, "--lens-words", "name", "colour"]) == 0
+    return out
+
+
+def test_the_object_ablation_report_shows_the_bars_the_lens_and_theirs_beside_ours(
+    browser, object_ablation_run
+):
+    aggregates = json.loads((object_ablation_run / "aggregates.json").read_text())
+    with open_page(object_ablation_run / "report.html", browser, viewport=(1100, 900)) as view:
+        page = view.page
+        bars = page.evaluate("() => document.querySelectorAll('svg#ablation-bars g[id^=patch]').length")
+        assert bars >= 2 * (1 + len(aggregates["by_kind"]))  # object and random, per group
+        lines = page.evaluate("() => document.querySelectorAll('svg#lens-curves g[id^=line2d] path').length")
+        assert lines >= 2 * len(aggregates["lens"]) == 4  # object and background, per word
+        assert page.locator("#lens table tbody tr").count() == aggregates["n_layers"] + 1
+        assert page.locator("#ablation table tbody tr").count() == 1 + len(aggregates["by_kind"])
+        assert page.locator("#theirs table tbody tr").count() == 2
+        assert "Neo" in page.inner_text("#theirs") and "never read a difference" in page.inner_text("#theirs")
+        assert "pass" not in page.inner_text("#theirs table").lower()
+        view.screenshot(SCREENSHOTS / "study-object-ablation.png")
+        view.assert_clean()
