@@ -18,6 +18,7 @@ from transformers.models.llama4.modeling_llama4 import apply_rotary_emb
 
 from hooked_vllm import HookedVLM
 from hooked_vllm.adapters.base import no_kv_cache
+from hooked_vllm.analysis.routing import expert_routing
 from hooked_vllm.errors import GenerationArgumentError
 from hooked_vllm.tiny_models.llama4 import tiny_llama4
 from tests.conftest import Family, family_images, hf_forward_inputs
@@ -364,3 +365,35 @@ def test_right_padded_generate_with_a_hook_is_refused_naming_the_chunks(llama4):
     with vlm.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x)]):
         with pytest.raises(GenerationArgumentError, match="chunked attention layers.*hooks in effect"):
             vlm.generate(right, 2, eos_token_id=NEVER)
+
+
+@SIDES
+def test_routing_by_modality_equals_a_hand_count_from_hfs_router(llama4, padding_side):
+    """``expert_routing`` on Llama 4 (no ``hook_expert_indices``: the top k of the router logits) counts,
+    per MoE layer and modality, the experts HF's router gave a nonzero score, position by position."""
+    vlm = llama4.vlm
+    batch = vlm.prepare(family_images(), PROMPTS, padding_side=padding_side)
+    routing = expert_routing(vlm, batch)
+    assert routing.layers == MOE_LAYERS and routing.counts.shape == (len(MOE_LAYERS), 2, E)
+    scores = {}
+    handles = [
+        hf_blocks(llama4)[layer].feed_forward.router.register_forward_hook(
+            lambda module, args, output, layer=layer: scores.__setitem__(layer, output[0])
+        )
+        for layer in MOE_LAYERS
+    ]
+    try:
+        hf_logits(llama4, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    width = batch.input_ids.shape[1]
+    for i, layer in enumerate(MOE_LAYERS):
+        for m, modality in enumerate(routing.modalities):
+            mask = getattr(batch, f"{modality}_mask")
+            counts = [0] * E
+            for item, pos in mask.nonzero().tolist():
+                for expert in (scores[layer][item * width + pos] > 0).nonzero().flatten().tolist():
+                    counts[expert] += 1
+            assert routing.counts[i, m].tolist() == counts
+    assert torch.equal(routing.counts.sum(-1), K * routing.tokens.expand(len(MOE_LAYERS), 2))

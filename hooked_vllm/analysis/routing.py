@@ -1,7 +1,8 @@
 """Which experts each modality's tokens are routed to, per mixture-of-experts layer.
 
 A sparse MoE layer sends every token to its top-k experts (``blocks.{l}.mlp.hook_expert_indices``,
-``[batch * pos, top_k]``). Counting those choices over the image positions and over the text
+``[batch * pos, top_k]``; Llama 4: the top k of the router logits, ``blocks.{l}.mlp.hook_router_scores``).
+Counting those choices over the image positions and over the text
 positions of a batch gives, per layer, each modality's routing histogram over the experts: do image
 tokens use experts text tokens do not?
 
@@ -85,11 +86,19 @@ def count_routing(
 
 
 def moe_layers(vlm: Any) -> tuple[int, ...]:
-    """The language-model layers with a router (``blocks.{l}.mlp.hook_expert_indices``)."""
-    names = vlm.hook_dict
-    return tuple(
-        layer for layer in range(vlm.cfg.n_layers) if f"blocks.{layer}.mlp.hook_expert_indices" in names
-    )
+    """The language-model layers with a router (a :func:`routing_hook`)."""
+    return tuple(layer for layer in range(vlm.cfg.n_layers) if routing_hook(vlm, layer) is not None)
+
+
+def routing_hook(vlm: Any, layer: int) -> str | None:
+    """The hook point that says which experts a layer's tokens chose: ``blocks.{l}.mlp.hook_expert_indices``
+    (``[batch * pos, top_k]``), or, where transformer-lens has only the router's logits
+    (Llama 4: ``blocks.{l}.mlp.hook_router_scores``, ``[batch * pos, n_experts]``, of which HF takes the
+    top ``num_experts_per_tok``), that one; None on a dense layer."""
+    for name in (f"blocks.{layer}.mlp.hook_expert_indices", f"blocks.{layer}.mlp.hook_router_scores"):
+        if name in vlm.hook_dict:
+            return name
+    return None
 
 
 def expert_routing(vlm: Any, batch: Any, modalities: Sequence[str] = MODALITIES) -> ExpertRouting:
@@ -98,12 +107,18 @@ def expert_routing(vlm: Any, batch: Any, modalities: Sequence[str] = MODALITIES)
     no mask, so it is never counted."""
     layers = moe_layers(vlm)
     if not layers:
-        raise ValueError(f"{vlm.adapter.family} has no mixture-of-experts layer (no hook_expert_indices).")
-    names = [f"blocks.{layer}.mlp.hook_expert_indices" for layer in layers]
+        raise ValueError(f"{vlm.adapter.family} has no mixture-of-experts layer (no router hook).")
+    names = [routing_hook(vlm, layer) for layer in layers]
     _, cache = vlm.run_with_cache(batch, names_filter=names)
     config = vlm.adapter.text_config  # Qwen's num_experts; GLM-4.5V's n_routed_experts, aliased
     n_experts = int(getattr(config, "num_experts", None) or config.num_local_experts)
+    indices = {}
+    for layer, name in zip(layers, names, strict=True):
+        if name not in cache:
+            raise ValueError(f"{name} did not fire: this model's router gives no routing to count.")
+        chosen = cache[name]
+        if name.endswith("hook_router_scores"):  # the router's logits: HF's top-k of them
+            chosen = chosen.topk(int(config.num_experts_per_tok), dim=-1).indices
+        indices[layer] = chosen
     masks = {name: getattr(batch, f"{name}_mask") for name in modalities}
-    return count_routing(
-        {layer: cache[name] for layer, name in zip(layers, names, strict=True)}, masks, n_experts
-    )
+    return count_routing(indices, masks, n_experts)
