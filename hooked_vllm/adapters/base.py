@@ -35,6 +35,8 @@ An adapter knows one HF model family and nothing else. It answers five questions
    whether generation must left-pad (sliding windows, layers that keep a recurrent state).
    :meth:`routed_experts` names the layers whose MLP is a sparse mixture of experts, and the HF
    module that loops over their experts (each expert's output gets a hook point; none elsewhere).
+   :meth:`attention_forward` gives the attention bridges a step-by-step forward where
+   transformer-lens keeps HF's attention whole (Llama 4), so that ``hook_pattern`` edits take effect.
 
 Everything else (the bridge, hooks, caching, generation) is family-independent and lives in
 :mod:`hooked_vllm.model`, :mod:`hooked_vllm.model.batch` and :mod:`hooked_vllm.model.generation`.
