@@ -122,6 +122,10 @@ def hf_logits_with_blocked(
             chunked = allowed_pairs_naive(family, batch, kinds.index("chunked_attention")) & ~blocked
             chunked = torch.zeros(chunked.shape).masked_fill(~chunked, minimum)[:, None]
             mask = {"full_attention": mask, "chunked_attention": chunked}
+        if "sliding_attention" in kinds:  # Cohere 2 (Aya Vision): its RoPE layers see a window of keys
+            window = allowed_pairs_naive(family, batch, kinds.index("sliding_attention")) & ~blocked
+            window = torch.zeros(window.shape).masked_fill(~window, minimum)[:, None]
+            mask = {"full_attention": mask, "sliding_attention": window}
     decoder, lm_head = hf_text_parts(reference)
     hidden = decoder(
         inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids, **extra

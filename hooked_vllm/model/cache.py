@@ -70,16 +70,45 @@ class VLMActivationCache(ActivationCache):
             )
         return injected
 
-    def get_full_resid_decomposition(self, layer: int | None = None, *args: Any, **kwargs: Any) -> Any:
+    def get_full_resid_decomposition(
+        self, layer: int | None = None, mlp_input: bool = False, *args: Any, **kwargs: Any
+    ) -> Any:
         """TransformerLens's per-head decomposition; refused where visual features are added to the
-        stream between blocks (it has no term for them): use :meth:`decompose_resid`, which counts them."""
+        stream between blocks (it has no term for them): use :meth:`decompose_resid`, which counts them.
+        In a parallel block ``mlp_input=True`` is the attention's input (see :meth:`decompose_resid`)."""
         last = self.model.cfg.n_layers if layer is None or layer == -1 else layer
         if self._injections_before(last):
             raise NotImplementedError(
                 "get_full_resid_decomposition has no term for the visual features this model adds to the "
                 "residual stream (blocks.{l}.hook_deepstack): use decompose_resid, which counts them."
             )
-        return super().get_full_resid_decomposition(layer, *args, **kwargs)
+        mlp_input = mlp_input and not self._parallel
+        return super().get_full_resid_decomposition(layer, mlp_input, *args, **kwargs)
+
+    @property
+    def _parallel(self) -> bool:
+        """Whether each block runs attention and MLP in parallel on one norm's output (Cohere's), so
+        that there is no ``hook_resid_mid`` and the MLP's input is the block's ``resid_pre``."""
+        return bool(getattr(self.model.cfg, "parallel_attn_mlp", False))
+
+    def accumulated_resid(
+        self,
+        layer: int | None = None,
+        incl_mid: bool = False,
+        apply_ln: bool = False,
+        pos_slice: Any = None,
+        mlp_input: bool = False,
+        return_labels: bool = False,
+    ) -> Any:
+        """TransformerLens's ``accumulated_resid``. In a parallel block (``cfg.parallel_attn_mlp``) the
+        MLP's input is ``resid_pre`` (``mlp_input=True`` gives that), and there is no ``resid_mid``."""
+        if self._parallel and incl_mid:
+            raise ValueError(
+                "This model's blocks run attention and the MLP in parallel on one norm's output "
+                "(cfg.parallel_attn_mlp): there is no resid_mid between them. Use incl_mid=False."
+            )
+        mlp_input = mlp_input and not self._parallel
+        return super().accumulated_resid(layer, incl_mid, apply_ln, pos_slice, mlp_input, return_labels)
 
     def decompose_resid(
         self,
@@ -96,7 +125,10 @@ class VLMActivationCache(ActivationCache):
         A layer whose token mixer has no attention (Qwen3.5's Gated DeltaNet, no ``hook_attn_out``)
         contributes its mixer's output, ``blocks.{l}.linear_attn.hook_out``, as ``"{l}_linear_attn_out"``.
         The MLP term ``"{l}_mlp_out"`` of a mixture-of-experts layer is the whole block's output: the
-        routed experts' sum plus any shared expert."""
+        routed experts' sum plus any shared expert. In a parallel block (``cfg.parallel_attn_mlp``:
+        Cohere's one norm feeding attention and MLP) the MLP reads ``resid_pre`` as attention does, so
+        ``mlp_input=True`` decomposes that same stream (no ``{layer}_attn_out`` term, ``ln1``'s scale)."""
+        mlp_input = mlp_input and not self._parallel
         mixers = {
             f"blocks.{n}.hook_attn_out": f"blocks.{n}.linear_attn.hook_out"
             for n in range(self.model.cfg.n_layers)
@@ -139,6 +171,7 @@ class VLMActivationCache(ActivationCache):
         has_batch_dim: bool = True,
         recompute_ln: bool = False,
     ) -> torch.Tensor:
+        mlp_input = mlp_input and not self._parallel  # a parallel block's MLP reads ln1's output
         scaled = super().apply_ln_to_stack(
             residual_stack, layer, mlp_input, pos_slice, batch_slice, has_batch_dim, recompute_ln
         )
