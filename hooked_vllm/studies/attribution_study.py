@@ -370,6 +370,8 @@ class AttributionStudy(Study):
                 "estimate": est.mean(0).tolist(),  # [layer][group], mean over the pairs
                 "real": real.mean(0).tolist(),
                 "cells": correlations(cells["est"], cells["real"]),
+                # how much of the real change the estimate's size reaches (1: the same size on average)
+                "size_ratio": float(np.abs(cells["est"]).mean() / max(np.abs(cells["real"]).mean(), 1e-30)),
                 "layer_group": correlations(est, real),
                 "cells_by_group": {
                     group: correlations(cells["est"][cells["group"] == g], cells["real"][cells["group"] == g])
@@ -504,6 +506,7 @@ class AttributionStudy(Study):
                         coarse["pearson"],
                         coarse["spearman"],
                         by_group,
+                        result["size_ratio"],
                     ]
                 )
             worst = [
@@ -537,6 +540,7 @@ class AttributionStudy(Study):
                             "block x group: Pearson",
                             "block x group: Spearman",
                             "cells' Pearson per group",
+                            "mean |estimate| / mean |real|",
                         ],
                         rows,
                     ),
