@@ -104,3 +104,37 @@ def test_the_object_ablation_report_shows_the_bars_the_lens_and_theirs_beside_ou
         assert "pass" not in page.inner_text("#theirs table").lower()
         view.screenshot(SCREENSHOTS / "study-object-ablation.png")
         view.assert_clean()
+
+
+@pytest.fixture(scope="module")
+def attribution_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "attribution"
+    args = ["study", "attribution", "--out", str(out), "--num-items", "8", "--cells", "8", "--no-progress"]
+    assert main([*args, "--kinds", "resid_pre", "z"]) == 0
+    return out
+
+
+def test_the_attribution_report_shows_the_maps_the_scatter_and_theirs_beside_ours(browser, attribution_run):
+    aggregates = json.loads((attribution_run / "aggregates.json").read_text())
+    assert list(aggregates["kinds"]) == ["resid_pre", "z"] and aggregates["n_items"] > 0
+    with open_page(attribution_run / "report.html", browser, viewport=(1100, 900)) as view:
+        page = view.page
+        for kind in aggregates["kinds"]:  # the estimate's and real patching's block x group maps
+            maps = f"() => document.querySelectorAll('svg#attribution-heatmap-{kind} image').length"
+            assert page.evaluate(maps) == 3, kind  # the two maps and their colour bar
+        points = "() => document.querySelectorAll('svg#attribution-scatter g[id^=PathCollection]').length"
+        assert page.evaluate(points) >= len(aggregates["kinds"])
+        rows = page.locator("#agreement table tbody tr")
+        assert rows.count() == len(aggregates["kinds"])
+        for i, (kind, result) in enumerate(aggregates["kinds"].items()):
+            cells = rows.nth(i).locator("td")
+            assert cells.nth(0).inner_text() == f"hook_{kind}"
+            assert cells.nth(1).inner_text() == f"{result['cells']['pearson']:.3g}"
+            assert cells.nth(2).inner_text() == f"{result['cells']['spearman']:.3g}"
+        assert page.locator("#theirs table tbody tr").count() == 3
+        text = page.inner_text("#theirs")
+        assert "Nanda" in text and "Syed" in text and "Kramár" in text and "saturation" in text
+        assert "never read a difference as a failure" in text
+        assert "pass" not in page.inner_text("#theirs table").lower()
+        view.screenshot(SCREENSHOTS / "study-attribution.png")
+        view.assert_clean()
