@@ -8,11 +8,11 @@ that folder as a user would: :meth:`HookedVLM.from_pretrained` (what the CLI cal
 (eager, float32) as the reference. Compared: the prompt against the processor's chat template as the
 model card uses it, the tokens against the processor's, image-token counts for several image sizes
 (the real ones, written out), the image mask (structure tokens excluded) and attention mask, logits
-on a padded batch of two (1e-5 on real positions), and the saved tensor names against the real
-checkpoint's weight index. The shared folder sits beside the checkout (``../shared``); without it
-every test here is skipped. Real widths make these models 0.3-2.8 GB in float32: one is built at a
-time (a module-scoped fixture per checkpoint), held twice (ours and HF's: 9.5 GB of memory at most,
-Qwen3-VL's) and freed after its tests; the file takes about 80 s of CPU time.
+on a padded batch of two, left- and right-padded (1e-5 on real positions), and the saved tensor
+names against the real checkpoint's weight index. The shared folder sits beside the checkout
+(``../shared``); without it every test here is skipped. Real widths make these models 0.3-2.8 GB in
+float32: one is built at a time (a module-scoped fixture per checkpoint), held twice (ours and HF's:
+9.5 GB of memory at most, Qwen3-VL's) and freed after its tests; the file takes about 80 s of CPU time.
 """
 
 from __future__ import annotations
@@ -337,16 +337,22 @@ def test_masks_match_the_processor(loaded, padding_side):
 
 
 # ---------------------------------------------------------------- logits
-def test_logits_match_hf_on_a_padded_batch(loaded):
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_logits_match_hf_on_a_padded_batch(loaded, padding_side):
     """Logits of the HookedVLM loaded from the folder equal the HF model's loaded from it (eager,
-    float32), on every real position of a padded batch of two with different images."""
-    batch = loaded.prepare(loaded.checkpoint.batch_sizes, QUESTIONS)
+    float32), on every real position of a padded batch of two with different images, padded on
+    either side (right padding: the shorter item's positions end before the longer's, M-RoPE
+    positions are derived past the padding)."""
+    batch = loaded.prepare(loaded.checkpoint.batch_sizes, QUESTIONS, padding_side)
     real = batch.attention_mask.bool()
+    padded_column = 0 if padding_side == "left" else -1
+    assert not real[:, padded_column].all(), f"the batch must be {padding_side}-padded"
     ours = loaded.vlm(batch)
     expected = hf_logits(loaded, batch)
     assert ours.shape == expected.shape
     diff = (ours - expected)[real].abs().max().item()
-    print(f"{loaded.name}: max |logit diff| {diff:.2e} over {int(real.sum())} real positions")
+    where = f"{loaded.name} ({padding_side})"
+    print(f"{where}: max |logit diff| {diff:.2e} over {int(real.sum())} real positions")
     assert diff <= TOL
     assert expected[real].std() > 0.1  # the logits are not flat: the comparison means something
 
