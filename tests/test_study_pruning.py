@@ -256,3 +256,56 @@ def test_the_command_runs_and_resumes(tmp_path, capsys):
     assert main(args) == 0 and "resumed: 4 of 4" in capsys.readouterr().out
     assert main(["study", "pruning", "--out", str(tmp_path / "x"), "--ratios", "1.5"]) == 2
     assert "between 0 and 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_the_papers_text_criterion_ranks_by_the_attention_every_real_position_gives(llava, side):
+    """``received_from="all"``: the mean over real query rows of HF's head-averaged weights."""
+    vlm, hf = llava.vlm, llava.reference
+    batch = vlm.prepare(family_images(), PROMPTS, padding_side=side)
+    image, last = image_and_last(llava, batch, side)
+    got = {}
+
+    def read(module, args, output) -> None:
+        got["weights"] = output[1]
+
+    handle = hf.model.language_model.layers[0].self_attn.register_forward_hook(read)
+    try:
+        hf(**hf_forward_inputs(llava, batch), use_cache=False)
+    finally:
+        handle.remove()
+    real = batch.attention_mask.float()
+    received = (got["weights"].mean(1) * real[:, :, None]).sum(1) / real.sum(1, keepdim=True)
+    keep = torch.zeros_like(image)
+    for b in range(3):
+        where = image[b].nonzero().flatten()
+        keep[b, where[received[b, where].topk(kept_count(len(where), 0.5)).indices]] = True
+    items = [SimpleNamespace(item_id=f"item-{b}", meta={}) for b in range(3)]
+    study = PruningStudy(
+        layers=(1,), ratios=(0.5,), received_from="all", baseline="none", answer="prediction"
+    )
+    rows = study.item_rows(vlm, items, batch)
+    answer = torch.tensor([row["answer_token"] for row in rows])
+    expected, _ = dropped_run(llava, batch, image & ~keep, 1, last, answer)
+    assert (torch.tensor([row["p:fastv"][0] for row in rows]) - expected).abs().max() <= TOL
+    assert "p:none" not in rows[0] and study.criteria() == ["fastv"]
+
+
+def test_an_items_random_draw_is_its_own_and_row_bins_bin_relative_heights(demo, sample):
+    from hooked_vllm.model.images import load_image
+    from hooked_vllm.studies.pruning import grid_bins
+
+    items = sample.items[:3]
+    batch = demo.prepare([load_image(i.image_path) for i in items], [i.instruction for i in items])
+    alone = demo.prepare([load_image(items[1].image_path)], [items[1].instruction])
+    study = PruningStudy(layers=(2,), ratios=(0.75,))
+    together, single = study.item_rows(demo, items, batch), study.item_rows(demo, items[1:2], alone)
+    assert together[1]["kept_rows:random"] == single[0]["kept_rows:random"]
+    assert together[1]["p:random"] == pytest.approx(single[0]["p:random"], abs=1e-6)
+    assert (
+        together[0]["kept_rows:random"] != together[1]["kept_rows:random"]
+        or together[0]["kept_rows:random"] != together[2]["kept_rows:random"]
+    ), "items draw their own tokens"
+    # the demo's 4 x 4 grid: rows 0-1 in bin 0, rows 2-3 in bin 1 (relative heights 1/8 .. 7/8)
+    assert grid_bins(demo.to_batch(alone), 2)[0] == [2] + [0] * 8 + [1] * 8
+    assert grid_bins(demo.to_batch(alone), None)[0] == [4] + [r for r in range(4) for _ in range(4)]
