@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hooked_vllm.analysis import collect
-from hooked_vllm.analysis.attention_lenses import attention_group_sums
+from hooked_vllm.analysis.attention_lenses import attend_with_group_sums, attention_group_sums
 from hooked_vllm.analysis.norm_attention import head_gram
 from hooked_vllm.model.observed_attention import observed_sdpa_attention
 from tests.conftest import INSTRUCTIONS
@@ -75,6 +75,32 @@ def test_group_sums_match_the_definition(causal, shape):
     # A different mask gives different numbers (the mask is used, not assumed).
     unmasked = attention_group_sums(q, k, gram, groups, scaling=0.25, causal=causal, backend="torch")
     assert relative_error(unmasked[1], expected[1]) > 1e-3
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(kv_heads=4), dict(queries=70, keys=70, kv_heads=1)])
+def test_attention_output_from_the_lenses_softmax_matches_sdpa_and_the_definition(shape):
+    """The collector's CPU path computes each layer's attention output from the lenses' own alpha:
+    equal to torch's sdpa with the same mask (GQA, left padding, a padded key in the middle) on
+    every query that sees a key, zero on those that see none, and the same two reductions."""
+    q, k, gram, groups, key_mask = random_case(**shape)
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(1))
+    expected = reference(q, k, gram, groups, key_mask, scaling=0.25, causal=True)
+    queries = q.shape[2]
+    allowed = key_mask[:, None, None, :] & torch.ones(queries, queries, dtype=torch.bool).tril()
+    rep = q.shape[1] // k.shape[1]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=allowed, scale=0.25
+    ).transpose(1, 2)  # [batch, query, head, d_head]
+    sees_a_key = allowed.any(-1)[:, 0]  # [batch, query]
+    for block in (7, 64):
+        out, norm_rows, alpha_rows = attend_with_group_sums(
+            q, k, v, gram, groups, key_mask, scaling=0.25, padded=True, query_block=block
+        )
+        assert out.dtype == v.dtype and out.shape == sdpa.shape
+        assert (out - sdpa)[sees_a_key].abs().max() <= 1e-5
+        assert out[~sees_a_key].abs().max() == 0 and (~sees_a_key).any()
+        assert relative_error(norm_rows, expected[0]) <= 1e-5
+        assert relative_error(alpha_rows, expected[1]) <= 1e-5
 
 
 def compare_backends(device: str, dtype: torch.dtype = torch.float32) -> float:
@@ -139,6 +165,38 @@ def test_observed_sdpa_forward_keeps_the_logits_and_restores_the_bridge(family, 
     _, cache = vlm.run_with_cache(batch, names_filter="blocks.0.attn.hook_pattern")
     assert cache["blocks.0.attn.hook_pattern"].shape[-1] == n_pos
     assert (vlm(batch) - expected).abs().max() == 0
+
+
+def test_collector_forward_from_the_lenses_softmax_keeps_model_and_lenses(family, images, monkeypatch):
+    """On CPU the fused collector runs each layer's attention itself (no sdpa call): its logit lens
+    at the last layer reads the model's own next-token distribution, and every lens equals the
+    pattern path's (the bridge's step-by-step eager attention), both padding sides."""
+    from hooked_vllm.model import observed_attention
+
+    vlm = family.vlm
+    sdpa_calls = []
+    original = observed_attention.sdpa_attention_forward
+
+    def counted(*args, **kwargs):
+        sdpa_calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(observed_attention, "sdpa_attention_forward", counted)
+    for side in ("left", "right"):
+        batch = vlm.prepare(images, INSTRUCTIONS, padding_side=side)
+        probs = vlm(batch)[torch.arange(len(batch)), batch.last_positions].softmax(-1)
+        fused = collect(vlm, batch, attention="fused")
+        assert sdpa_calls == []
+        pattern = collect(vlm, batch, attention="pattern")
+        top_prob, top_token = probs.max(-1)
+        assert torch.equal(fused.lens.top_tokens[-1][:, 0, 0], top_token)
+        assert (fused.lens.top_probs[-1][:, 0, 0] - top_prob).abs().max() <= 1e-5
+        for got, want in ((fused.lens.kl_to_final, pattern.lens.kl_to_final),):
+            assert (got - want).abs().max() <= 1e-4
+        for name, value in fused.contextualization.pair_sum.items():
+            assert relative_error(value, pattern.contextualization.pair_sum[name]) <= 1e-5
+        for pair, value in fused.attention.norm.items():
+            assert relative_error(value.nan_to_num(), pattern.attention.norm[pair].nan_to_num()) <= 1e-5
 
 
 def test_collector_refuses_an_unknown_attention_path(llava, images):

@@ -16,7 +16,7 @@ Example:
     >>> gram = torch.eye(4).expand(1, 6, 4, 4)  # head Gram of each key (head_gram(v, W_O))
     >>> groups = torch.ones(1, 1, 6)
     >>> norm_rows, alpha_rows = attention_group_sums(q, k, gram, groups, scaling=8**-0.5)
-    >>> alpha_rows.sum(-1)  # every query row of alpha sums to 1; six queries in the group
+    >>> alpha_rows.sum(-1).round()  # every query row of alpha sums to 1; six queries in the group
     tensor([[[6.],
              [6.],
              [6.],
@@ -108,13 +108,64 @@ def _give_up_on_triton(error: Exception) -> None:
     )
 
 
-def _attention_group_sums_torch(q, k, gram, query_groups, key_mask, *, scaling, causal, query_block, padded):
+def attend_with_group_sums(
+    q: Float[torch.Tensor, "batch head query d_head"],
+    k: Float[torch.Tensor, "batch kv_head key d_head"],
+    v: Float[torch.Tensor, "batch kv_head key d_head"],
+    gram: Float[torch.Tensor, "batch key head head"],
+    query_groups: Float[torch.Tensor, "batch group query"],
+    key_mask: Bool[torch.Tensor, "batch key"],
+    *,
+    scaling: float,
+    padded: bool,
+    query_block: int = 64,
+) -> tuple[
+    Float[torch.Tensor, "batch query head d_head"],
+    Float[torch.Tensor, "batch group key"],
+    Float[torch.Tensor, "batch head group key"],
+]:
+    """The layer's causal attention output and :func:`attention_group_sums`'s two reductions from one
+    softmax: each block of query rows is computed once, reduced for the lenses and multiplied by the
+    values (eager attention by query blocks, so the model's own attention call is not needed).
+
+    The output is ``softmax(scaling * q k^T + mask) v`` as HF's eager attention computes it (float32
+    scores and softmax; the product in float32, returned in ``v``'s dtype), laid out as HF's attention
+    functions return it: ``[batch, query, head, d_head]``. A query that sees no key (a left-padding
+    row) gets zeros. PyTorch only: on CUDA the collector keeps the fused sdpa kernel and the Triton
+    reductions instead.
+
+    Example:
+        >>> q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+        >>> gram, groups = torch.eye(4).expand(1, 6, 4, 4), torch.ones(1, 1, 6)
+        >>> out, norm_rows, alpha_rows = attend_with_group_sums(
+        ...     q, k, v, gram, groups, torch.ones(1, 6, dtype=torch.bool), scaling=8**-0.5, padded=False)
+        >>> sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        >>> torch.allclose(out, sdpa.transpose(1, 2), atol=1e-6)
+        True
+    """
+    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1], dtype=torch.float32, device=q.device)
+    norm_rows, alpha_rows = _attention_group_sums_torch(
+        q, k, gram, query_groups, key_mask, scaling=scaling, causal=True, query_block=query_block,
+        padded=padded, v=v, out=out,
+    )  # fmt: skip
+    return out.to(v.dtype), norm_rows, alpha_rows
+
+
+def _attention_group_sums_torch(
+    q, k, gram, query_groups, key_mask, *, scaling, causal, query_block, padded, v=None, out=None
+):
+    """The PyTorch path; with ``v`` and ``out`` it also writes alpha @ v into ``out`` [batch, query,
+    head, d_head] (float32), block by block."""
     batch, n_heads, queries, _ = q.shape
     keys = k.shape[2]
     offset = keys - queries  # query i sits at key position offset + i
     q, k = q.float(), k.float()
     if k.shape[1] != n_heads:
         k = k.repeat_interleave(n_heads // k.shape[1], dim=1)
+    if v is not None:
+        v = v.float()
+        if v.shape[1] != n_heads:
+            v = v.repeat_interleave(n_heads // v.shape[1], dim=1)
     k_t = k.transpose(-1, -2)
     groups_by_head = query_groups.float()[:, None]  # [batch, 1, group, query]
     gram = gram.float()
@@ -137,6 +188,8 @@ def _attention_group_sums_torch(q, k, gram, query_groups, key_mask, *, scaling, 
             alpha.nan_to_num_(0.0)  # rows that see no key (left-padding queries)
         groups = groups_by_head[..., q0:q1]
         alpha_rows[..., :seen] += torch.matmul(groups, alpha)  # [batch, head, group, key]
+        if v is not None:  # the layer's output rows, [batch, query, head, d_head] as HF lays them out
+            out[:, q0:q1] = torch.matmul(alpha, v[:, :, :seen]).transpose(1, 2)
         norms = summed_norms_key_major(alpha, gram[:, :seen])  # [batch, key, query]
         norm_rows[..., :seen] += torch.matmul(groups[:, 0], norms.transpose(1, 2))
     return norm_rows, alpha_rows

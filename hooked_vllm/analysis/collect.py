@@ -25,7 +25,7 @@ from functools import partial
 import torch
 from jaxtyping import Bool, Float, Int
 
-from hooked_vllm.analysis.attention_lenses import attention_group_sums
+from hooked_vllm.analysis.attention_lenses import attend_with_group_sums, attention_group_sums
 from hooked_vllm.analysis.contextualization import ContextualizationSums, layer_sums, stack_layer_sums
 from hooked_vllm.analysis.logit_lens import LensResult, LogitLens, gather_positions
 from hooked_vllm.analysis.norm_attention import (
@@ -35,6 +35,7 @@ from hooked_vllm.analysis.norm_attention import (
     head_summed_norms_from_gram,
     modality_pairs,
 )
+from hooked_vllm.kernels import attention_lenses as kernel
 from hooked_vllm.model.layers import attention_w_o
 from hooked_vllm.model.observed_attention import observed_sdpa_attention, supported
 
@@ -98,6 +99,9 @@ class BatchReducer:
         self.image, self.text = batch.image_mask, batch.text_mask
         self.key_mask = batch.attention_mask.bool()
         self.padded = not bool(self.key_mask.all())  # once a batch: a device sync
+        #: on the fused path without a GPU kernel, compute each layer's attention output from the
+        #: lenses' own softmax (eager attention; not in training mode, where HF applies dropout)
+        self.attend_here = not any(block.training for block in vlm.blocks)
         #: alpha is zero above the diagonal (the family's mask is causal plus padding)
         self.causal = vlm.adapter.plain_causal
         # Each block's query mask is one of a few groups ("text<-image" reads text queries): keep
@@ -196,14 +200,22 @@ class BatchReducer:
         k: Float[torch.Tensor, "batch kv_head key d_head"],
         v: Float[torch.Tensor, "batch kv_head key d_head"],
         scaling: float,
-    ) -> None:
+    ) -> Float[torch.Tensor, "batch query head d_head"] | None:
         """Post-RoPE queries and keys and the values of ``layer`` (the fused path): the same
-        reductions, with alpha recomputed block by block and never stored whole."""
+        reductions, with alpha computed block by block and never stored whole. Without a GPU kernel
+        the layer's attention output comes from the same softmax (returned, so the model skips its
+        own sdpa call); on CUDA the model keeps sdpa and the Triton kernel recomputes alpha."""
         if "norm_attention" not in self.analyses:
-            return
+            return None
         device = q.device
         gram = head_gram(v.transpose(1, 2), self._w_o(layer, device))
         here = self._at(device)
+        if self.attend_here and not kernel.can_run(q):
+            output, norm_rows, alpha_rows = attend_with_group_sums(
+                q, k, v, gram, here["query_matrix"], here["key_mask"], scaling=scaling, padded=self.padded
+            )
+            self._summarise(layer, norm_rows, alpha_rows, gram)
+            return output
         norm_rows, alpha_rows = attention_group_sums(
             q,
             k,
@@ -215,6 +227,7 @@ class BatchReducer:
             padded=self.padded,
         )
         self._summarise(layer, norm_rows, alpha_rows, gram)
+        return None
 
     def _summarise(
         self,

@@ -1,4 +1,5 @@
-"""Run the language model's attention as HF's fused sdpa, optionally handing q, k, v to a callback.
+"""Run the language model's attention as HF's fused sdpa, optionally handing q, k, v to a callback
+(which may compute the attention output itself instead).
 
 transformer-lens' attention bridge recomputes attention step by step so that ``hook_pattern`` can
 fire: a [batch, head, query, key] pattern in float32 for every layer, and an eager matmul-softmax-matmul
@@ -32,15 +33,19 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from hooked_vllm.model.tl import HookPoint
 
 ATTENTION_NAME = "hooked_vllm_observed_sdpa"
-#: (layer, q [batch, head, query, d_head], k [batch, kv_head, key, d_head], v like k, scaling)
-Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+#: (layer, q [batch, head, query, d_head], k [batch, kv_head, key, d_head], v like k, scaling) ->
+#: None (the layer then runs HF sdpa) or the layer's attention output [batch, query, head, d_head],
+#: computed by the observer itself (the collector's CPU path, which needs alpha anyway)
+Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor | None]
 #: Bridge settings that change what the step-by-step attention computes.
 _STEP_BY_STEP_SETTINGS = ("use_split_qkv_input", "use_attn_in", "use_attn_result")
 
 
 def _observed_sdpa(module: torch.nn.Module, query, key, value, attention_mask, **kwargs):
     observer, layer, causal_only = module._hooked_vllm_observer
-    observer(layer, query, key, value, kwargs.get("scaling") or module.scaling)
+    output = observer(layer, query, key, value, kwargs.get("scaling") or module.scaling)
+    if output is not None:  # the observer computed the attention itself
+        return output, None
     if causal_only:  # no padding: the fused causal kernel, exactly the same softmax
         attention_mask = None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -115,7 +120,7 @@ def observed_sdpa_attention(
 
     def observe(layer, q, k, v, scaling):
         reported.add(layer)
-        observer(layer, q, k, v, scaling)
+        return observer(layer, q, k, v, scaling)
 
     saved = []
     try:
