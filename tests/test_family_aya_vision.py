@@ -186,3 +186,21 @@ def test_prompt_placeholder_need_not_be_a_token(new_family):
     batch = vlm.prepare(family_images()[:1], ["<image> then the words"])
     assert vlm.tokenizer.decode(batch.input_ids[0][batch.text_mask[0]]).strip() == "then the words"
     assert batch.image_mask.sum() == 3 * PER_TILE
+
+
+@AYA
+@SIDES
+def test_several_images_in_one_prompt_and_none_in_another(new_family, padding_side):
+    """Each image its own ``<|START_OF_IMG|>`` block and tiles; a text-only item has none; selecting
+    items takes their images' tile rows of ``pixel_values`` along."""
+    vlm, reference = new_family.vlm, new_family.reference
+    a, b, c = family_images()
+    batch = vlm.prepare([[a, b], [], c], ["two", "none at all", "one"], padding_side=padding_side)
+    assert [[len(slots) for slots in item] for item in batch.image_slots] == [[48, 48], [], [80]]
+    real = batch.attention_mask.bool()
+    logits = vlm(batch)
+    assert max_diff(logits, reference(**hf_forward_inputs(new_family, batch)).logits, real) <= TOL
+    sub = batch.select([2, 0])
+    pixels = batch.inputs["pixel_values"]
+    assert torch.equal(sub.inputs["pixel_values"], torch.cat([pixels[6:], pixels[:6]]))
+    assert max_diff(vlm(sub), logits[[2, 0]], sub.attention_mask.bool()) <= TOL

@@ -172,3 +172,20 @@ def test_mistral_text_model_layer_by_layer_parity(mistral_text, padding_side):
     (last,) = outputs
     last = last[0] if isinstance(last, tuple) else last
     assert max_diff(cache[f"blocks.{vlm.cfg.n_layers - 1}.hook_resid_post"], last, real) <= TOL
+
+
+@MISTRAL3
+@SIDES
+def test_several_images_in_one_prompt_and_none_in_another(new_family, padding_side):
+    """Each image keeps its own grid (``image_sizes`` one row per image); a text-only item has none;
+    selecting items takes their images' rows along."""
+    vlm, reference = new_family.vlm, new_family.reference
+    a, b, c = family_images()
+    batch = vlm.prepare([[a, b], [], c], ["two", "none at all", "one"], padding_side=padding_side)
+    assert [[len(slots) for slots in item] for item in batch.image_slots] == [[18, 18], [], [25]]
+    real = batch.attention_mask.bool()
+    logits = vlm(batch)
+    assert max_diff(logits, reference(**hf_forward_inputs(new_family, batch)).logits, real) <= TOL
+    sub = batch.select([2, 0])
+    assert sub.inputs["image_sizes"].tolist() == batch.inputs["image_sizes"][[2, 0, 1]].tolist()
+    assert max_diff(vlm(sub), logits[[2, 0]], sub.attention_mask.bool()) <= TOL
