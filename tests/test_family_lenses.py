@@ -115,9 +115,10 @@ def hf_logits_with_blocked(
         allowed = allowed_pairs_naive(family, batch) & ~blocked
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, minimum)[:, None]
         kinds = getattr(reference.config.get_text_config(), "layer_types", None) or ()
-        if "linear_attention" in kinds:  # Qwen3.5: HF zeroes the masked positions before these layers
+        mixers = [kind for kind in ("linear_attention", "conv") if kind in kinds]
+        if mixers:  # Qwen3.5, LFM2: HF zeroes the masked positions before these layers
             kept = batch.attention_mask.bool() & (~removed if removed is not None else True)
-            mask = {"full_attention": mask, "linear_attention": kept.long()}
+            mask = {"full_attention": mask, **{kind: kept.long() for kind in mixers}}
         if "chunked_attention" in kinds:  # Llama 4: its RoPE layers read their own chunk only
             chunked = allowed_pairs_naive(family, batch, kinds.index("chunked_attention")) & ~blocked
             chunked = torch.zeros(chunked.shape).masked_fill(~chunked, minimum)[:, None]

@@ -389,6 +389,11 @@ class VLMAdapter(ABC):
             return tuple(range(n_layers))
         return tuple(layer for layer in range(n_layers) if kinds[layer] not in NO_PATTERN_LAYER_TYPES)
 
+    #: The bridge's name of the token mixer of the layers with no attention pattern
+    #: (``blocks.{l}.<name>``, whose ``hook_in`` pruning zeroes and whose ``hook_out`` is the layer's
+    #: term in ``decompose_resid``): Qwen3.5's Gated DeltaNet ``linear_attn``, LFM2's ``conv``.
+    mixer_without_pattern: ClassVar[str] = "linear_attn"
+
     @property
     def decodes_left_padded(self) -> bool:
         """Whether generation must run on a left-padded batch: sliding windows count cache slots,

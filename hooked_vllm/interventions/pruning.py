@@ -6,11 +6,12 @@ dtype's minimum for every query). Every other position then computes exactly wha
 pruned tokens were dropped from the sequence, so fidelity numbers are those of dropping; the compute
 a drop would save is reported analytically (token-layers removed from the linear layers).
 
-In layers with no attention pattern (Qwen3.5's linear attention) pruned tokens are removed as HF
-removes padding there: their input to the layer's token mixer is zeroed
-(``blocks.{l}.linear_attn.hook_in``), so nothing of them enters the convolution or the recurrent
-state. That is not quite a drop: the convolution still sees a zero in their slot and the state
-decays at their step, but no information of a pruned token reaches another position.
+In layers with no attention pattern (Qwen3.5's linear attention, LFM2's short convolution) pruned
+tokens are removed as HF removes padding there: their input to the layer's token mixer is zeroed
+(``blocks.{l}.linear_attn.hook_in``, ``blocks.{l}.conv.hook_in``), so nothing of them enters the
+convolution or the recurrent state. That is not quite a drop: the convolution still sees a zero in
+their slot and the state decays at their step, but no information of a pruned token reaches another
+position.
 
 ``select_image_tokens`` by ``norm`` or ``attention`` reads the last layer with an attention pattern
 before the pruning starts.
@@ -92,10 +93,12 @@ def pruning_hooks(
     from_layer: int,
     n_layers: int,
     attention_layers: tuple[int, ...] | None = None,
+    mixer: str = "linear_attn",
 ) -> list:
     """Hooks removing the pruned image tokens as keys in layers ``from_layer..n_layers-1`` (the
     ``attention_layers`` among them; default all), and zeroing their input to the others' token
-    mixer (linear attention), for the prompt forward and every cached decoding step."""
+    mixer (``blocks.{l}.<mixer>``: linear attention, a convolution), for the prompt forward and every
+    cached decoding step."""
     pruned = batch.image_mask & ~keep  # [batch, prompt]
     if attention_layers is None:
         attention_layers = tuple(range(n_layers))
@@ -114,7 +117,7 @@ def pruning_hooks(
     return [
         (f"blocks.{layer}.attn.hook_attn_scores", hook)
         if layer in attention_layers
-        else (f"blocks.{layer}.linear_attn.hook_in", zero_pruned)
+        else (f"blocks.{layer}.{mixer}.hook_in", zero_pruned)
         for layer in range(from_layer, n_layers)
     ]
 
@@ -131,7 +134,9 @@ def prune(vlm, batch, keep: torch.Tensor, from_layer: int):
     pruned = batch.image_mask & ~keep
     hooks = [
         (name, hook)
-        for name, hook in pruning_hooks(batch, keep, from_layer, vlm.cfg.n_layers, scored)
+        for name, hook in pruning_hooks(
+            batch, keep, from_layer, vlm.cfg.n_layers, scored, vlm.adapter.mixer_without_pattern
+        )
         if int(name.split(".")[1]) not in delegated
     ]
 

@@ -49,11 +49,18 @@ class VLMActivationCache(ActivationCache):
     blocks (Qwen3-VL's DeepStack, ``blocks.{l}.hook_deepstack``) as terms of their own."""
 
     def __init__(
-        self, cache_dict: dict, model: Any, has_batch_dim: bool = True, injection_layers: tuple[int, ...] = ()
+        self,
+        cache_dict: dict,
+        model: Any,
+        has_batch_dim: bool = True,
+        injection_layers: tuple[int, ...] = (),
+        mixer: str = "linear_attn",
     ) -> None:
         super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
         #: layers after which the family adds visual features to the stream (Qwen3-VL's DeepStack)
         self.injection_layers = tuple(injection_layers)
+        #: the token mixer of layers with no attention pattern (``adapter.mixer_without_pattern``)
+        self.mixer = mixer
 
     def _injections_before(self, layer: int) -> list[int]:
         """The injection layers whose features are in the stream at ``resid_pre`` of ``layer``; each
@@ -123,17 +130,18 @@ class VLMActivationCache(ActivationCache):
         """TransformerLens's ``decompose_resid``; with ``mode="all"`` an injection after block l is
         the term ``"{l}_deepstack"`` (after ``"{l}_mlp_out"``), so the terms still sum to the stream.
         A layer whose token mixer has no attention (Qwen3.5's Gated DeltaNet, no ``hook_attn_out``)
-        contributes its mixer's output, ``blocks.{l}.linear_attn.hook_out``, as ``"{l}_linear_attn_out"``.
+        contributes its mixer's output, ``blocks.{l}.linear_attn.hook_out``, as ``"{l}_linear_attn_out"``
+        (LFM2's short convolution: ``blocks.{l}.conv.hook_out``, ``"{l}_conv_out"``).
         The MLP term ``"{l}_mlp_out"`` of a mixture-of-experts layer is the whole block's output: the
         routed experts' sum plus any shared expert. In a parallel block (``cfg.parallel_attn_mlp``:
         Cohere's one norm feeding attention and MLP) the MLP reads ``resid_pre`` as attention does, so
         ``mlp_input=True`` decomposes that same stream (no ``{layer}_attn_out`` term, ``ln1``'s scale)."""
         mlp_input = mlp_input and not self._parallel
         mixers = {
-            f"blocks.{n}.hook_attn_out": f"blocks.{n}.linear_attn.hook_out"
+            f"blocks.{n}.hook_attn_out": f"blocks.{n}.{self.mixer}.hook_out"
             for n in range(self.model.cfg.n_layers)
             if f"blocks.{n}.hook_attn_out" not in self.cache_dict
-            and f"blocks.{n}.linear_attn.hook_out" in self.cache_dict
+            and f"blocks.{n}.{self.mixer}.hook_out" in self.cache_dict
         }
         self.cache_dict.update({attn: self.cache_dict[linear] for attn, linear in mixers.items()})
         try:
@@ -145,7 +153,8 @@ class VLMActivationCache(ActivationCache):
                 del self.cache_dict[attn]
         renamed = {f"{attn.split('.')[1]}_attn_out" for attn in mixers}
         labels = [
-            label.replace("_attn_out", "_linear_attn_out") if label in renamed else label for label in labels
+            label.replace("_attn_out", f"_{self.mixer}_out") if label in renamed else label
+            for label in labels
         ]
         last = self.model.cfg.n_layers if layer is None or layer == -1 else layer
         injected = self._injections_before(last) if mode == "all" else []
@@ -201,6 +210,7 @@ class GenerationRecorder:
         points: dict[str, Any],
         device: str | torch.device | None = None,
         injection_layers: tuple[int, ...] = (),
+        mixer: str = "linear_attn",
     ) -> None:
         """``points``: ``{name: HookPoint}`` to record (aliases of one point are recorded once)."""
         self.names: dict[int, list[str]] = {}
@@ -211,6 +221,7 @@ class GenerationRecorder:
         self.steps: dict[int, list[torch.Tensor]] = {key: [] for key in self.points}
         self.device = device
         self.injection_layers = tuple(injection_layers)
+        self.mixer = mixer
 
     def hooks(self) -> list[tuple[str, Any]]:
         def recorder(key: int) -> Any:
@@ -239,4 +250,6 @@ class GenerationRecorder:
                 joined[name] = torch.cat(tensors, dim=1)
             for alias in self.names[key][1:]:
                 joined[alias] = joined[name]
-        return VLMActivationCache(joined, bridge, has_batch_dim=True, injection_layers=self.injection_layers)
+        return VLMActivationCache(
+            joined, bridge, has_batch_dim=True, injection_layers=self.injection_layers, mixer=self.mixer
+        )

@@ -204,7 +204,9 @@ class GenerationMixin:
             return self._generated_output(output, tokens, prompt, single=isinstance(batch, str))
         predicate = self._names_predicate(names_filter)
         points = {name: point for name, point in self.hook_dict.items() if predicate(name)}
-        recorder = GenerationRecorder(points, cache_device, self.adapter.injection_layers)
+        recorder = GenerationRecorder(
+            points, cache_device, self.adapter.injection_layers, mixer=self.adapter.mixer_without_pattern
+        )
         with self.hooks(fwd_hooks=recorder.hooks()), _kv_cache_kwarg_for_bridge(self.blocks):
             tokens = self._generate(laid_out, max_new_tokens, decoding, prompt)
         result = self._generated_output(output, tokens, prompt, single=isinstance(batch, str))

@@ -641,6 +641,7 @@ class HookedVLM(TokensMixin, GenerationMixin):
             self.bridge,
             has_batch_dim=not remove_batch_dim,
             injection_layers=self.adapter.injection_layers,
+            mixer=self.adapter.mixer_without_pattern,
         )
 
 
