@@ -10,6 +10,7 @@ through its hook against the same edit inside HF, and the temperature tuning of 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from hooked_vllm import HookedVLM
 from hooked_vllm.adapters.base import no_kv_cache
 from hooked_vllm.analysis.routing import expert_routing
 from hooked_vllm.errors import GenerationArgumentError
+from hooked_vllm.interventions import knockout
 from hooked_vllm.tiny_models.llama4 import tiny_llama4
 from tests.conftest import Family, family_images, hf_forward_inputs
 from tests.test_families import generate_with_step_logits
@@ -397,3 +399,28 @@ def test_routing_by_modality_equals_a_hand_count_from_hfs_router(llama4, padding
                     counts[expert] += 1
             assert routing.counts[i, m].tolist() == counts
     assert torch.equal(routing.counts.sum(-1), K * routing.tokens.expand(len(MOE_LAYERS), 2))
+
+
+def test_knockout_that_empties_a_chunk_warns(llama4):
+    """``("image", "image")`` blocked: the first image slots of a chunk that starts inside the image have
+    no key left on the chunked layers (11, 11 and 13 per item here). HF's softmax, given that mask,
+    spreads them over every position, padding included: the most-padded item alone then differs
+    from its batched self. Knockout says so, naming the layers; edges that leave every query a key
+    (image -> text) stay silent."""
+    vlm = llama4.vlm
+    batch = vlm.prepare(family_images(), PROMPTS)
+    with pytest.warns(RuntimeWarning, match="35 real query position") as record:
+        with knockout(vlm, batch, edges=[("image", "image")]):
+            batched = vlm(batch)
+    assert {str(w.message).split(" at ")[1].split(":")[0] for w in record} == {
+        f"blocks.{layer}.attn.hook_attn_scores" for layer in CHUNKED_LAYERS
+    }
+    i = int(batch.attention_mask.sum(-1).argmin())
+    alone_batch = vlm.prepare(family_images()[i : i + 1], PROMPTS[i : i + 1])
+    with pytest.warns(RuntimeWarning), knockout(vlm, alone_batch, edges=[("image", "image")]):
+        alone = vlm(alone_batch)[0]
+    assert (batched[i][batch.attention_mask[i].bool()] - alone).abs().max() > 1e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with knockout(vlm, batch, edges=[("image", "text")]):
+            vlm(batch)

@@ -19,11 +19,12 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Float
 
 from hooked_vllm.errors import LayerError
 from hooked_vllm.model.layers import check_blocks
@@ -65,11 +66,14 @@ def knockout_hooks(
     generated tokens, in no group) pass unchanged.
     """
     blocked = blocked_edges(batch, edges)
+    real = batch.attention_mask.bool()
 
     def hook(scores: torch.Tensor, hook) -> torch.Tensor:
         if scores.shape[-2:] != blocked.shape[-2:]:
             return scores
-        return scores.masked_fill(blocked[:, None].to(scores.device), torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(blocked[:, None].to(scores.device), torch.finfo(scores.dtype).min)
+        warn_if_queries_emptied(scores, real, hook.name)
+        return scores
 
     return [(f"blocks.{layer}.attn.hook_attn_scores", hook) for layer in layers]
 
@@ -82,16 +86,39 @@ def knockout(vlm, batch, edges: Sequence[tuple[Group, Group]], layers: Iterable[
     layers = range(vlm.cfg.n_layers) if layers is None else check_blocks(vlm.cfg.n_layers, layers, "knockout")
     layers = [layer for layer in layers if layer in vlm.adapter.attention_layers]
     blocked = blocked_edges(batch, edges)
+    real = batch.attention_mask.bool()
 
     def edit(mask: torch.Tensor) -> torch.Tensor:
         if mask.shape[-2:] != blocked.shape[-2:]:  # a decoding step: its query is in no group
             return mask
-        return mask.masked_fill(blocked[:, None].to(mask.device), torch.finfo(mask.dtype).min)
+        mask = mask.masked_fill(blocked[:, None].to(mask.device), torch.finfo(mask.dtype).min)
+        warn_if_queries_emptied(mask, real, "an attention mask")
+        return mask
 
     delegated = delegated_attention_layers(vlm, layers)
     scored = [layer for layer in layers if layer not in delegated]
     with vlm.hooks(fwd_hooks=knockout_hooks(batch, edges, scored)), masks_edited(vlm, delegated, edit):
         yield vlm
+
+
+def warn_if_queries_emptied(
+    scores: Float[torch.Tensor, "batch head query key"], real: Bool[torch.Tensor, "batch pos"], where: str
+) -> None:
+    """Warn when the blocked edges leave a real query no key at all (every score at the dtype's
+    minimum): the softmax then spreads it evenly over *every* position, padding and later tokens
+    included, as HF's does given that mask, so what flows on from there depends on the batch. It
+    happens where a layer lets a query read few keys: Llama 4's chunks, sliding windows (Gemma 3),
+    an image at the very start (InstructBLIP), with ``("image", "image")`` blocked."""
+    emptied = (scores < torch.finfo(scores.dtype).min / 2).all(-1) & real[:, None, :].to(scores.device)
+    if emptied.any():
+        rows = int(emptied.any(1).sum())
+        warnings.warn(
+            f"Knockout leaves {rows} real query position(s) with no key to read at {where}: their attention "
+            "becomes an even average over every position (padding and later tokens included), which "
+            "depends on the batch. Block fewer edges there, or leave those positions out of the reading.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def delegated_attention_layers(vlm, layers: Iterable[int]) -> list[int]:
