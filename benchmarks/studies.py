@@ -5,8 +5,11 @@
 On the demo model and the shapes task: the study's per-item function over every batch (as
 ``run_study`` times it), against the same number of plain ``vlm(batch)`` forwards on the same
 batches (knockout: one clean forward plus one per edge type and window; pruning: one clean plus one
-per K, R and criterion; object-ablation: one clean plus two ablated), round-robin, best of
-``--repeats``. Also the study's plan over the sample (object-ablation's mean image token: the vision
+per K, R and criterion; object-ablation: one clean plus two ablated; attribution: one clean, one
+corrupted forward (its backward counted in the study's time, not as a forward), and per hook kind
+one per (block, position group) and per drawn cell), round-robin, best of ``--repeats``. For
+attribution also the estimate alone (clean forward, corrupted forward and backward) against two plain
+forwards. Also the study's plan over the sample (object-ablation's mean image token: the vision
 side only), the whole ``run_study`` call (plan, store, aggregation) and the report.
 """
 
@@ -22,7 +25,9 @@ import torch
 from hooked_vllm import HookedVLM
 from hooked_vllm.model.images import load_image
 from hooked_vllm.runs.shapes_dataset import load_shapes
-from hooked_vllm.studies import KnockoutStudy, ObjectAblationStudy, PruningStudy, run_study
+from hooked_vllm.studies import AttributionStudy, KnockoutStudy, ObjectAblationStudy, PruningStudy, run_study
+from hooked_vllm.studies.attribution import clean_run, gradient_run, hook_names
+from hooked_vllm.studies.attribution_study import LogitDifference, position_groups
 from hooked_vllm.studies.knockout import knockout_windows
 
 
@@ -45,8 +50,11 @@ def main() -> None:
         batch = vlm.prepare([load_image(i.image_path) for i in items], [i.instruction for i in items])
         batches.append((items, batch))
     for name in args.studies:
-        study, n_forwards, what = STUDIES[name](vlm)
+        setup = STUDIES[name]
+        study, n_forwards, what = setup(vlm, batches[0][1]) if name == "attribution" else setup(vlm)
         measure(name, study, n_forwards, what, vlm, batches, sample, folder, args)
+        if name == "attribution":
+            measure_estimate(vlm, batches, args)
 
 
 def knockout_setup(vlm):
@@ -66,7 +74,56 @@ def object_ablation_setup(vlm):
     return study, 3, "1 clean (the logit lens read on the way) + object-ablated + random-ablated"
 
 
-STUDIES = {"knockout": knockout_setup, "pruning": pruning_setup, "object-ablation": object_ablation_setup}
+def attribution_setup(vlm, batch):
+    study = AttributionStudy()
+    groups = position_groups(batch, study.params.groups)  # [group, batch, pos]: the drawn cells per item
+    per_group = max(1, study.params.cells // len(groups))
+    n_cells = int((torch.clamp(groups.sum(-1) * vlm.cfg.n_layers, max=per_group)).sum(0).max())
+    n = 2 + len(study.params.kinds) * (vlm.cfg.n_layers * len(groups) + n_cells)
+    what = "1 clean + 1 corrupted (+ its backward) + kinds x (blocks x groups + drawn cells)"
+    return study, n, what
+
+
+def measure_estimate(vlm, batches, args) -> None:
+    """Attribution's estimate alone (every block's resid_pre, every position) against 2 plain forwards."""
+    names = hook_names(vlm, "resid_pre")
+
+    def estimate() -> float:
+        began = time.perf_counter()
+        for _, batch in batches:  # the batch as clean and as corrupted: the time does not depend on values
+            _, clean_acts = clean_run(vlm, batch, names)
+            metric = LogitDifference(
+                batch, torch.zeros(len(batch), dtype=torch.long), -torch.ones(len(batch), dtype=torch.long)
+            )
+            gradient_run(vlm, batch, names, metric)
+        return time.perf_counter() - began
+
+    def plain() -> float:
+        began = time.perf_counter()
+        for _, batch in batches:
+            vlm(batch), vlm(batch)
+        return time.perf_counter() - began
+
+    estimate(), plain()  # warm-up
+    times = {"estimate": [], "plain": []}
+    for _ in range(args.repeats):  # round-robin
+        times["estimate"].append(estimate())
+        times["plain"].append(plain())
+    best = {key: min(values) for key, values in times.items()}
+    n_positions = max(batch.input_ids.shape[1] for _, batch in batches)
+    print(
+        f"  the estimate alone: {best['estimate']:.3f} s vs 2 plain forwards {best['plain']:.3f} s: "
+        f"{best['estimate'] / best['plain']:.3f}x; exhaustive patching of the same cells: "
+        f"{vlm.cfg.n_layers} x {n_positions} = {vlm.cfg.n_layers * n_positions} forwards a batch"
+    )
+
+
+STUDIES = {
+    "knockout": knockout_setup,
+    "pruning": pruning_setup,
+    "object-ablation": object_ablation_setup,
+    "attribution": attribution_setup,
+}
 
 
 def measure(name, study, n_forwards, what, vlm, batches, sample, folder, args) -> None:
