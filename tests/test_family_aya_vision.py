@@ -11,6 +11,8 @@ import copy
 import pytest
 import torch
 
+from hooked_vllm import HookedVLM
+from hooked_vllm.tiny_models.aya_vision import tiny_aya_vision
 from tests.conftest import family_images, hf_forward_inputs
 
 PROMPTS = ["Describe the image.", "What colour is the square in the picture?", "cat"]
@@ -204,3 +206,23 @@ def test_several_images_in_one_prompt_and_none_in_another(new_family, padding_si
     pixels = batch.inputs["pixel_values"]
     assert torch.equal(sub.inputs["pixel_values"], torch.cat([pixels[6:], pixels[:6]]))
     assert max_diff(vlm(sub), logits[[2, 0]], sub.attention_mask.bool()) <= TOL
+
+
+def test_compatibility_mode_keeps_the_log_probs_and_folds_no_logit_scale(tmp_path):
+    """TransformerLens's weight processing (fold_ln into the parallel block's attention and MLP, centre
+    the writing weights and the unembedding) keeps HF Aya Vision's log-probs: transformer-lens's
+    ``cohere`` adapter folds ``cfg.logit_scale`` into ``W_U`` there, 1 on our view (HF's head has none)."""
+    hf_model, processor = tiny_aya_vision(directory=tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    for name, parameter in hf_model.named_parameters():  # norm weights away from one: fold_ln matters
+        if "norm" in name and parameter.dim() == 1 and "language_model" in name:
+            parameter.data = 0.5 + torch.rand(parameter.shape, generator=generator)
+    reference = copy.deepcopy(hf_model)
+    vlm = HookedVLM.from_hf(hf_model, processor)
+    batch = vlm.prepare(family_images(), PROMPTS, padding_side="right")
+    real = batch.attention_mask.bool()
+    expected = reference(**batch.inputs, position_ids=batch.position_ids).logits.log_softmax(-1)[real]
+    torch.testing.assert_close(vlm(batch).log_softmax(-1)[real], expected, rtol=1e-5, atol=1e-5)
+    vlm.enable_compatibility_mode(disable_warnings=True)
+    torch.testing.assert_close(vlm(batch).log_softmax(-1)[real], expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(vlm.ln_final.w, torch.ones_like(vlm.ln_final.w))
