@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hooked_vllm import HookedVLM
+from hooked_vllm.analysis import contextualization_from_cache
 from hooked_vllm.tiny_models.aya_vision import tiny_aya_vision
 from tests.conftest import family_images, hf_forward_inputs
 
@@ -152,6 +153,8 @@ def test_decompositions_of_a_parallel_block(new_family):
         assert max_diff(heads.sum(0), stream, real) <= TOL
     with pytest.raises(ValueError, match="parallel.*no resid_mid"):
         cache.accumulated_resid(incl_mid=True)
+    with pytest.raises(ValueError, match="no blocks.0.hook_resid_mid .*parallel.*hook='resid_post'"):
+        contextualization_from_cache(cache, batch.image_mask, batch.text_mask, hook="resid_mid")
     # the logit lens at the last layer is the logits (no logit scale: see below)
     lens = cache.accumulated_resid(apply_ln=True)[-1] @ vlm.W_U
     assert max_diff(lens, logits, real) <= TOL

@@ -179,7 +179,20 @@ def contextualization_from_cache(
     ``include_embedding`` the embedding (``blocks.0.hook_resid_pre``) is layer 0.
     """
     n_layers = cache.model.cfg.n_layers
-    layers = [cache[f"blocks.{layer}.hook_{hook}"] for layer in range(n_layers)]
+    names = [f"blocks.{layer}.hook_{hook}" for layer in range(n_layers)]
+    available = set(cache.keys())
+    missing = [name for name in names if name not in available]
+    if missing:
+        why = (
+            " (this model's blocks run attention and the MLP in parallel: there is no resid_mid)"
+            if hook == "resid_mid" and getattr(cache.model.cfg, "parallel_attn_mlp", False)
+            else ""
+        )
+        raise ValueError(
+            f"The cache has no {missing[0]}{why}: cache the stream with names_filter covering "
+            f"hook_{hook}, or pass hook='resid_post' or 'resid_pre'."
+        )
+    layers = [cache[name] for name in names]
     if include_embedding:
         layers = [cache["blocks.0.hook_resid_pre"], *layers]
     return contextualization_sums(layers, image, text)
