@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from transformers import Llama4ForConditionalGeneration
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama4.modeling_llama4 import apply_rotary_emb
 
@@ -424,3 +425,27 @@ def test_knockout_that_empties_a_chunk_warns(llama4):
         warnings.simplefilter("error")
         with knockout(vlm, batch, edges=[("image", "text")]):
             vlm(batch)
+
+
+def test_bfloat16_model_takes_the_processors_pixels_and_equals_hf(tmp_path, monkeypatch):
+    """Llama 4 is run in bfloat16: loaded so (``from_pretrained(..., dtype=torch.bfloat16)``), the
+    processor's bfloat16 pixels go in as they are, the vision RoPE table stays complex, and the logits
+    are HF's (loaded the same way) bit for bit, both padding sides."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf_model, processor = tiny_llama4(directory=tmp_path / "build")
+    hf_model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    vlm = HookedVLM.from_pretrained(str(tmp_path / "model"), dtype=torch.bfloat16)
+    reference = Llama4ForConditionalGeneration.from_pretrained(
+        tmp_path / "model", dtype=torch.bfloat16, attn_implementation="eager"
+    )
+    assert vlm.hf_model.vision_model.rotary_embedding.freqs_ci.is_complex()
+    family = Family.__new__(Family)
+    family.name, family.reference, family.vlm = "llama4", reference, vlm
+    for side in ("left", "right"):
+        batch = vlm.prepare(family_images(), PROMPTS, padding_side=side)
+        assert batch.inputs["pixel_values"].dtype == torch.bfloat16
+        real = batch.attention_mask.bool()
+        logits = vlm(batch)
+        assert logits.dtype == torch.bfloat16
+        assert torch.equal(logits[real], hf_logits(family, batch)[real])
