@@ -46,10 +46,12 @@ def tiny_blip2(
     """A random BLIP-2-architecture model (ViT, Q-Former, projection, OPT) and its processor.
 
     OPT as in ``Salesforce/blip2-opt-*``: learned absolute positions (offset 2), pre-norm LayerNorm
-    blocks with biases, ReLU MLP, the head tied to the token embedding; 4 heads of 16 dims (OPT has
-    no grouped KV heads). BOS ``<s>``. The processor writes ``num_query_tokens`` ``<image>`` slots
-    before the tokenized (already padded) text, and is round-tripped through ``save_pretrained``.
-    All-zero parameters (biases) are re-drawn.
+    blocks with biases, ReLU MLP; 4 heads of 16 dims (OPT has no grouped KV heads). The head is
+    untied from the token embedding (the real models tie them; tied, this random model's greedy
+    decoding repeats its last token, so generation tests would compare one token over and over).
+    BOS ``<s>``. The processor writes ``num_query_tokens`` ``<image>`` slots before the tokenized
+    (already padded) text, and is round-tripped through ``save_pretrained``. All-zero parameters
+    (biases) are re-drawn; the patch embedding and the Q-Former's cross-attention widened (``WIDEN``).
     """
     directory = Path(directory) if directory is not None else default_dir("blip2")
     tokenizer = train_tokenizer(directory / "tokenizer", padding_side=padding_side)
@@ -67,7 +69,7 @@ def tiny_blip2(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
     )
     config = Blip2Config(
         vision_config=Blip2VisionConfig(
