@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from hooked_vllm.errors import HookedVLMError
 from hooked_vllm.studies.attribution import activation_patching, attribution_patching
 from tests.conftest import INSTRUCTIONS, Family, family_images, hf_forward_inputs, random_images
 
@@ -341,6 +342,8 @@ def test_noise_pairs_compare_the_answer_with_the_noisy_runs_own_prediction(demo,
     items = shapes_sample.items[:4]
     images = [load_image(item.image_path) for item in items]
     study = AttributionStudy(pairs="noise", cells=4)
+    with pytest.raises(HookedVLMError, match=r"call study.plan\(vlm, sample\) before item_rows"):
+        study.item_rows(demo, items, demo.prepare(images, [i.instruction for i in items]))
     study.plan(demo, shapes_sample)
     with torch.enable_grad():
         rows = study.item_rows(demo, items, demo.prepare(images, [i.instruction for i in items]))

@@ -178,14 +178,19 @@ class AttributionStudy(Study):
     def corrupt_batch(self, vlm, items, clean):
         """The corrupted batch (the same instructions; each partner's image resized to its item's, or
         the item's image with noise) and each item's partner (``None``: unpaired, its own image)."""
+        if not hasattr(self, "partners"):
+            raise HookedVLMError(
+                "attribution study: call study.plan(vlm, sample) before item_rows (run_study does): "
+                "the pairs are found over the whole sample."
+            )
         images, partners = [], []
         for item in items:
-            image = load_image(item.image_path, max_pixels=getattr(self, "max_pixels", None))
+            image = load_image(item.image_path, max_pixels=self.max_pixels)
             partner = self.partners.get(item.item_id) if self.params.pairs == "swap" else None
             if self.params.pairs == "noise":
                 image = noisy(image, self.params.noise, item.item_id)
             elif partner is not None:
-                other = load_image(partner.image_path, max_pixels=getattr(self, "max_pixels", None))
+                other = load_image(partner.image_path, max_pixels=self.max_pixels)
                 image = other if other.size == image.size else other.resize(image.size, Image.BICUBIC)
             images.append(image)
             partners.append(partner)
