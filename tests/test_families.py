@@ -48,6 +48,13 @@ def layer_output(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+def active_stream(family, hidden):
+    """The stream ``hook_resid_pre``/``hook_resid_post`` hold: HF's hidden state itself, or of Gemma 3n's
+    AltUp stack (``[streams, batch, pos, d_model]``) the active stream."""
+    config = family.reference.config.get_text_config()
+    return hidden[config.altup_active_idx] if getattr(config, "altup_num_inputs", None) else hidden
+
+
 def hf_run(family, batch, **kwargs):
     """The HF model's output on ``batch`` and each decoder layer's output (its residual stream)."""
     residuals = []
@@ -89,16 +96,19 @@ def test_layer_by_layer_parity_with_hf(new_family, padding_side):
     assert max_diff(logits, out.logits, real) <= TOL
     out = hf_lm_outputs(out)
     # the stream starts from HF's input embeddings, visual prefix scattered in
-    assert max_diff(cache["blocks.0.hook_resid_pre"], out.hidden_states[0], real) <= TOL
+    embedded = active_stream(new_family, out.hidden_states[0])
+    assert max_diff(cache["blocks.0.hook_resid_pre"], embedded, real) <= TOL
     # HF returns the patterns of the layers that have one (Qwen3.5: not its linear-attention layers)
     attention_layers = vlm.adapter.attention_layers
     assert len(residuals) == vlm.cfg.n_layers and len(out.attentions) == len(attention_layers)
     pair = real[:, None, :, None] & real[:, None, None, :]
     for layer in range(vlm.cfg.n_layers):
         resid = cache[f"blocks.{layer}.hook_resid_post"]
-        assert max_diff(resid, residuals[layer], real) <= TOL, f"resid_post layer {layer}"
+        hf_resid = active_stream(new_family, residuals[layer])
+        assert max_diff(resid, hf_resid, real) <= TOL, f"resid_post layer {layer}"
         if layer - 1 not in vlm.adapter.injection_layers:  # HF records DeepStack's before its addition
-            assert max_diff(cache[f"blocks.{layer}.hook_resid_pre"], out.hidden_states[layer], real) <= TOL
+            hf_resid = active_stream(new_family, out.hidden_states[layer])
+            assert max_diff(cache[f"blocks.{layer}.hook_resid_pre"], hf_resid, real) <= TOL
         assert (f"blocks.{layer}.attn.hook_pattern" in cache) == (layer in attention_layers)
     for layer, hf_pattern in zip(attention_layers, out.attentions, strict=True):
         pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
@@ -235,7 +245,9 @@ def test_resid_ablation_at_image_positions_equals_hf(new_family, padding_side):
         return x.masked_fill(image[..., None].to(x.device), 0.0)
 
     def hf_hook(module, args, output):
-        hidden = layer_output(output).masked_fill(image[..., None], 0.0)
+        hidden = layer_output(output).clone()
+        stream = active_stream(new_family, hidden)  # Gemma 3n: its active AltUp stream only
+        stream.masked_fill_(image[..., None], 0.0)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     ours = vlm.run_with_hooks(batch, fwd_hooks=[("blocks.1.hook_resid_post", ours_hook)])
@@ -312,16 +324,20 @@ def test_gemma3_right_padded_generate_with_a_hook_is_refused(new_family):
 def test_selected_items_equal_their_batched_selves(new_family, padding_side):
     vlm = new_family.vlm
     batch = prepared(new_family, padding_side)
-    batched = vlm(batch)
-    for i in range(len(batch)):
-        for sub in (batch[i], batch.select([i])):
-            real = sub.attention_mask[0].bool()
-            assert torch.equal(real, batch.attention_mask[i].bool())
-            assert max_diff(vlm(sub)[0][real], batched[i][real], slice(None)) <= TOL
-    # several items, out of order: per-image (per-patch for Qwen) inputs must follow
-    sub = batch.select([2, 0])
-    real = sub.attention_mask.bool()
-    assert max_diff(vlm(sub), batched[[2, 0]], real) <= TOL
+    # oneDNN picks its convolution algorithm by batch size: Gemma 3n's MobileNetV5 gives an image
+    # features ~4e-6 apart in a batch of 1 and of 3 (HF's own tower alike); torch's native
+    # convolutions do not depend on the batch, and this test is about our batching
+    with torch.backends.mkldnn.flags(enabled=False):
+        batched = vlm(batch)
+        for i in range(len(batch)):
+            for sub in (batch[i], batch.select([i])):
+                real = sub.attention_mask[0].bool()
+                assert torch.equal(real, batch.attention_mask[i].bool())
+                assert max_diff(vlm(sub)[0][real], batched[i][real], slice(None)) <= TOL
+        # several items, out of order: per-image (per-patch for Qwen) inputs must follow
+        sub = batch.select([2, 0])
+        real = sub.attention_mask.bool()
+        assert max_diff(vlm(sub), batched[[2, 0]], real) <= TOL
 
 
 # ---------------------------------------------------------------- 7. loading and the CLI

@@ -23,7 +23,7 @@ from tests.test_analyses import close, naive_norms, naive_pair_mean
 PROMPTS = ["Describe the image.", "What colour is the square in the picture?", "cat"]
 TOL = 1e-5
 #: families whose every image fills the same number of slots (a fixed grid or pooled tokens)
-FIXED_IMAGE_TOKENS = ("gemma3", "paligemma", "paligemma2", "blip2")
+FIXED_IMAGE_TOKENS = ("gemma3", "gemma3n", "paligemma", "paligemma2", "blip2")
 
 
 def allowed_pairs_naive(family, batch, layer: int | None = None) -> torch.Tensor:
@@ -287,7 +287,14 @@ def test_patching_everything_reproduces_the_source(new_family):
     # Gemma 4: the image also enters every layer through its per-layer input (a projection of the
     # input embeddings): patched too
     names = [name, *(n for n in source_cache.keys() if n.endswith("hook_per_layer_input"))]
-    with vlm.hooks(fwd_hooks=[(n, patch_hook(source_cache[n], everything)) for n in names]):
+    hooks = [(n, patch_hook(source_cache[n], everything)) for n in names]
+    if getattr(vlm.adapter.text_config, "altup_num_inputs", None):  # Gemma 3n: all four AltUp streams
+        stack = source_cache[name.replace("hook_resid_pre", "hook_in")]  # [streams, batch, pos, d_model]
+        hooks[0] = (
+            name.replace("hook_resid_pre", "hook_in"),
+            lambda x, hook: torch.where(everything[..., None], stack, x),
+        )
+    with vlm.hooks(fwd_hooks=hooks):
         patched = vlm(target)
     assert (patched - source_logits)[everything].abs().max() <= TOL
     assert (vlm(target) - source_logits)[everything].abs().max() > 1e-3

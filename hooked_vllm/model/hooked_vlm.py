@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -113,8 +114,11 @@ class HookedVLM(TokensMixin, GenerationMixin):
         #: per-layer embeddings)
         for layer, module in self.adapter.per_layer_input_sites().items():
             point = self._extra_hook_points.setdefault(f"blocks.{layer}.hook_per_layer_input", HookPoint())
-            unwrap_experts(module).register_forward_pre_hook(
-                _route_argument_through(point, "per_layer_input", 1), with_kwargs=True, prepend=True
+            layer_module = unwrap_experts(module)
+            # its position among the arguments: Gemma 4's layers take it second, Gemma 3n's third
+            index = list(inspect.signature(layer_module.forward).parameters).index("per_layer_input")
+            layer_module.register_forward_pre_hook(
+                _route_argument_through(point, "per_layer_input", index), with_kwargs=True, prepend=True
             )
         #: ``blocks.{l}.mlp.experts.{e}.hook_out``: each routed expert's weighted output (MoE layers)
         for layer, experts in self.adapter.routed_experts().items():
@@ -642,6 +646,8 @@ class HookedVLM(TokensMixin, GenerationMixin):
             has_batch_dim=not remove_batch_dim,
             injection_layers=self.adapter.injection_layers,
             mixer=self.adapter.mixer_without_pattern,
+            stream_terms=self.adapter.stream_terms(),
+            stream_scales=self.adapter.stream_scales(),
         )
 
 
