@@ -37,6 +37,9 @@ An adapter knows one HF model family and nothing else. It answers five questions
    module that loops over their experts (each expert's output gets a hook point; none elsewhere).
    :meth:`attention_forward` gives the attention bridges a step-by-step forward where
    transformer-lens keeps HF's attention whole (Llama 4), so that ``hook_pattern`` edits take effect.
+   Where a layer adds more to the residual stream than its attention and MLP outputs, or scales the
+   whole stream at its end (Gemma 4's per-layer inputs and ``layer_scalar``), :meth:`stream_terms`
+   and :meth:`stream_scales` say so, and the residual decompositions count them.
 
 Everything else (the bridge, hooks, caching, generation) is family-independent and lives in
 :mod:`hooked_vllm.model`, :mod:`hooked_vllm.model.batch` and :mod:`hooked_vllm.model.generation`.
@@ -444,6 +447,21 @@ class VLMAdapter(ABC):
         stream, as the argument ``per_layer_input`` (Gemma 4's per-layer embeddings). It becomes the
         hook point ``blocks.{l}.hook_per_layer_input``; an edit there is what the layer gets.
         Default: none."""
+        return {}
+
+    def stream_terms(self) -> dict[int, dict[str, str]]:
+        """``{layer: {label: hook name}}``: vectors a layer adds to the residual stream besides its
+        attention and MLP outputs (before any :meth:`stream_scales` scale), each the output of a hook
+        point: Gemma 4's per-layer-input branch, ``{"per_layer_input":
+        "blocks.{l}.post_per_layer_input_norm.hook_out"}``. The residual decompositions count each as
+        the term ``"{layer}_{label}"`` (after ``"{layer}_mlp_out"``). Default: none."""
+        return {}
+
+    def stream_scales(self) -> dict[int, Float[torch.Tensor, "*d_model"]]:
+        """``{layer: scale}``: layers whose last step multiplies the whole residual stream by ``scale``
+        (a scalar or ``[d_model]``), after every term they add: Gemma 4's ``layer_scalar``. The
+        residual decompositions multiply each term by the scales of the layers it passes through, so
+        the terms still sum to the stream. Default: none."""
         return {}
 
     def value_hooks(self) -> dict[int, str]:

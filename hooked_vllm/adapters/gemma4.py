@@ -14,7 +14,12 @@ k x k into soft tokens -> norm + projection (``embed_vision``) -> the Gemma 4 la
   * p_l)`` to its output, p_l = (a projection of the input embeddings + an embedding of the token id)
   / sqrt(2). HF embeds the token ids with the image placeholders replaced by the pad token
   (:meth:`Gemma4Adapter.lm_extra_inputs`); the projection sees the image features. p_l is the hook
-  point ``blocks.{l}.hook_per_layer_input`` (``[batch, pos, d_per_layer]``).
+  point ``blocks.{l}.hook_per_layer_input`` (``[batch, pos, d_per_layer]``); the vector added,
+  ``blocks.{l}.post_per_layer_input_norm.hook_out``, is the decompositions' term
+  ``"{l}_per_layer_input"`` (:meth:`Gemma4Adapter.stream_terms`).
+- Every layer ends by multiplying the whole stream by its ``layer_scalar``
+  (:meth:`Gemma4Adapter.stream_scales`): a term added at layer l reaches the final stream times the
+  scalars of layers l and after.
 - KV sharing (E2B/E4B): the last ``num_kv_shared_layers`` layers compute no keys or values; each
   attends with those of the last earlier layer of its type. The value vectors a layer weighs
   (``v_norm``'s output: HF RMS-normalises values) are :meth:`Gemma4Adapter.value_hooks`.
@@ -150,6 +155,23 @@ class Gemma4Adapter(VLMAdapter):
         if not self.text_config.hidden_size_per_layer_input:
             return {}
         return dict(enumerate(self.hf_model.model.language_model.layers))
+
+    def stream_terms(self) -> dict[int, dict[str, str]]:
+        """Each layer's per-layer-input branch, ``post_per_layer_input_norm``'s output, added after the
+        MLP: the term ``"{l}_per_layer_input"`` of the residual decompositions."""
+        if not self.text_config.hidden_size_per_layer_input:
+            return {}
+        layers = range(len(self.hf_model.model.language_model.layers))
+        return {
+            layer: {"per_layer_input": f"blocks.{layer}.post_per_layer_input_norm.hook_out"}
+            for layer in layers
+        }
+
+    def stream_scales(self) -> dict[int, Float[torch.Tensor, "1"]]:
+        """Each layer's ``layer_scalar``: HF multiplies the whole stream by it at the layer's end."""
+        return {
+            layer: block.layer_scalar for layer, block in enumerate(self.hf_model.model.language_model.layers)
+        }
 
     def value_hooks(self) -> dict[int, str]:
         """The values each layer weighs: ``v_norm``'s output (HF RMS-normalises them after

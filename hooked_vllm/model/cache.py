@@ -9,6 +9,14 @@ logit difference on the demo model) on the HF weights HookedVLM runs by default.
 norm's weight is applied too when the stack targets the unembedding, so ``stack @ W_U`` is the exact
 contribution to the logits in both modes (after folding the weight is all ones: nothing changes).
 
+Where a family adds more to the stream than attention and MLP outputs, or scales the whole stream
+at the end of each layer (Gemma 4's per-layer inputs and ``layer_scalar``: the adapter's
+``stream_terms`` and ``stream_scales``), ``decompose_resid`` counts those terms and
+``decompose_resid`` and ``stack_head_results`` scale each term by the layers it passes through, so
+the terms still sum to the stream; post-sublayer norms (Gemma 2-4, GLM-4.1V's ``ln1_post``) are
+applied to each head by their cached scale. TransformerLens's per-neuron decompositions cannot be
+made exact there and are refused in one line.
+
 Example:
     >>> logits, cache = vlm.run_with_cache(batch)  # doctest: +SKIP
     >>> stack = cache.decompose_resid(layer=-1)[:, :, -1]  # doctest: +SKIP
@@ -18,29 +26,43 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from jaxtyping import Float
 
+from hooked_vllm.model.layers import attention_w_o
 from hooked_vllm.model.tl import ActivationCache, Slice
 
 NORMALIZED = ("LN", "LNPre", "RMS", "RMSPre")
 
 
-def final_norm_weight(bridge: Any) -> Float[torch.Tensor, " d_model"] | None:
-    """The elementwise scale the final norm applies after normalising, or None if it has none.
-
-    Gemma-style RMSNorms scale by ``1 + weight`` (their weight is stored as an offset from one).
-    """
-    norm = getattr(bridge, "ln_final", None)
-    module = getattr(norm, "original_component", norm)
+def norm_gain(module: torch.nn.Module) -> Float[torch.Tensor, " d_model"] | None:
+    """The elementwise gain a norm module multiplies by after normalising, or None if it has no weight:
+    ``weight`` (Llama, Gemma 4, GLM, LayerNorm) or ``1 + weight`` (Gemma 1-3, Qwen3.5: the weight
+    stored as an offset from one), whichever the module computes. Told apart by running it on
+    ``x = 16 * (1, -1, 1, -1, ...)`` and ``-x`` (mean 0, RMS 16: half their outputs' difference is the
+    gain times the signs, any bias cancelling)."""
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
         return None
-    if "gemma" in type(module).__name__.lower():
-        return 1.0 + weight
-    return weight
+    signs = torch.ones(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    signs[1::2] = -1
+    if weight.shape[0] % 2:
+        signs[-1] = 0  # keeps the mean 0; that channel is not compared
+    with torch.no_grad():
+        probe = 16 * signs[None]
+        measured = ((module(probe) - module(-probe)) / 2 * signs)[0].float()
+        candidates = (weight, 1.0 + weight)
+        errors = [((measured - c.float()) * signs.abs()).abs().max() for c in candidates]
+    return candidates[int(errors[1] < errors[0])]
+
+
+def final_norm_weight(bridge: Any) -> Float[torch.Tensor, " d_model"] | None:
+    """The elementwise gain the final norm applies after normalising (:func:`norm_gain`), or None."""
+    norm = getattr(bridge, "ln_final", None)
+    return None if norm is None else norm_gain(getattr(norm, "original_component", norm))
 
 
 class VLMActivationCache(ActivationCache):
@@ -55,8 +77,15 @@ class VLMActivationCache(ActivationCache):
         has_batch_dim: bool = True,
         injection_layers: tuple[int, ...] = (),
         mixer: str = "linear_attn",
+        stream_terms: Mapping[int, Mapping[str, str]] | None = None,
+        stream_scales: Mapping[int, torch.Tensor] | None = None,
     ) -> None:
         super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
+        #: ``{layer: {label: hook name}}``: what layers add to the stream besides attention and MLP
+        #: (the adapter's ``stream_terms``: Gemma 4's per-layer inputs)
+        self.stream_terms = {int(k): dict(v) for k, v in (stream_terms or {}).items()}
+        #: ``{layer: scale}``: the whole stream multiplied at the layer's end (Gemma 4's ``layer_scalar``)
+        self.stream_scales = dict(stream_scales or {})
         #: layers after which the family adds visual features to the stream (Qwen3-VL's DeepStack)
         self.injection_layers = tuple(injection_layers)
         #: the token mixer of layers with no attention pattern (``adapter.mixer_without_pattern``)
@@ -77,6 +106,180 @@ class VLMActivationCache(ActivationCache):
             )
         return injected
 
+    def _terms_before(self, layer: int) -> list[tuple[int, str, str]]:
+        """``(layer, label, hook name)`` of the stream terms added in the layers before ``layer``; each
+        must be cached, or a decomposition would silently miss it."""
+        terms = [
+            (n, label, hook)
+            for n in sorted(self.stream_terms)
+            if n < layer
+            for label, hook in self.stream_terms[n].items()
+        ]
+        missing = [hook for _, _, hook in terms if hook not in self.cache_dict]
+        if missing:
+            raise ValueError(
+                f"{missing[0]} is not in the cache, but it is added to the residual stream there: the "
+                "decomposition would not sum to the stream. Cache it too (names_filter)."
+            )
+        return terms
+
+    @staticmethod
+    def _term_start(label: str) -> int:
+        """The first layer whose stream scale a term multiplies: 0 for the embeddings, l for a term
+        added inside block l, l + 1 for a DeepStack injection (added after block l)."""
+        head = label.split("_")[0]
+        if not head.isdigit():
+            return 0
+        return int(head) + 1 if label.endswith("_deepstack") else int(head)
+
+    def _stream_factor(self, start: int, stop: int) -> torch.Tensor | float:
+        """The product of the stream scales of layers ``start`` to ``stop - 1``: what a term added in
+        layer ``start`` is multiplied by before the stream that layer ``stop`` reads."""
+        factor: torch.Tensor | float = 1.0
+        for n in range(start, stop):
+            if n in self.stream_scales:
+                factor = factor * self.stream_scales[n].detach()
+        return factor
+
+    @staticmethod
+    def _on(factor: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+        return factor.to(like.device, like.dtype) if isinstance(factor, torch.Tensor) else factor
+
+    def _stream(self, layer: int) -> torch.Tensor:
+        """The residual stream that block ``layer`` reads (``n_layers``: the final one)."""
+        n_layers = self.model.cfg.n_layers
+        return self[
+            f"blocks.{layer}.hook_resid_pre" if layer < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
+        ]
+
+    def _norm_scale(self, prefix: str, stream: str | None = None) -> torch.Tensor:
+        """``[..., pos, 1]``: what the RMS norm ``prefix`` (``ln_final``, ``blocks.{l}.ln1_post``)
+        divided its input by, ``{prefix}.hook_scale`` where transformer-lens gives one, else measured
+        from its cached input (``{prefix}.hook_in``, or ``stream``) and the module itself:
+        ``sum(gain * x^2) / sum(x * norm(x))``, which is the norm's ``sqrt(mean(x^2) + eps)``."""
+        if f"{prefix}.hook_scale" in self.cache_dict:
+            return self.cache_dict[f"{prefix}.hook_scale"]
+        source = next((name for name in (f"{prefix}.hook_in", stream) if name in self.cache_dict), None)
+        if source is None:
+            raise ValueError(
+                f"{prefix}.hook_in is not in the cache, and this model's norm there has no hook_scale: "
+                f"the decomposition needs the stream that norm reads. Cache {prefix}.hook_in (names_filter)."
+            )
+        module = self.model
+        for part in prefix.split("."):
+            module = module[int(part)] if part.isdigit() else getattr(module, part)
+        module = getattr(module, "original_component", module)
+        x = self.cache_dict[source]
+        gain = norm_gain(module)
+        with torch.no_grad():
+            normed = module(x.to(module.weight.dtype) if gain is not None else x).to(x.dtype)
+        gain = 1.0 if gain is None else gain.detach().to(x.device, x.dtype)
+        numerator = (gain * x * x).sum(-1, keepdim=True)
+        denominator = (x * normed).sum(-1, keepdim=True)
+        return torch.where(denominator == 0, torch.ones_like(denominator), numerator / denominator)
+
+    def _get_cached_ln_scale(
+        self, layer: int | None, mlp_input: bool, pos_slice: Slice, batch_slice: Any = None
+    ) -> Any:
+        """transformer-lens's cached norm scale; measured (:meth:`_norm_scale`) where the bridge's norm
+        has no ``hook_scale`` (Gemma 4's norms are bare modules in transformer-lens 4.3)."""
+        n_layers = self.model.cfg.n_layers
+        if layer is None or layer == n_layers:
+            prefix, stream = "ln_final", f"blocks.{n_layers - 1}.hook_resid_post"
+        else:
+            prefix = f"blocks.{layer}.ln{2 if mlp_input else 1}"
+            stream = f"blocks.{layer}.hook_resid_{'mid' if mlp_input else 'pre'}"
+        if f"{prefix}.hook_scale" in self.cache_dict or self.model.cfg.normalization_type not in (
+            "RMS",
+            "RMSPre",
+        ):
+            return super()._get_cached_ln_scale(layer, mlp_input, pos_slice, batch_slice)
+        scale = pos_slice.apply(self._norm_scale(prefix, stream), dim=-2)
+        if batch_slice is not None and self.has_batch_dim:
+            scale = batch_slice.apply(scale)
+        return scale
+
+    def _not_per_neuron(self) -> str | None:
+        """Why TransformerLens's per-head and per-neuron terms (``W_O``, ``W_out`` products) are not
+        this model's contributions to the stream, or None."""
+        if self.stream_scales or self.stream_terms:
+            return (
+                "scales the residual stream at the end of its layers or adds terms beside attention and MLP"
+            )
+        norms = [
+            f"blocks.{n}.{name}"
+            for n, block in enumerate(self.model.blocks)
+            for name in ("ln1_post", "ln2_post")
+            if getattr(block, name, None) is not None
+        ]
+        if norms:
+            return f"normalises its sublayers' outputs ({norms[0]}, ...)"
+        return None
+
+    def stack_neuron_results(self, layer: int, *args: Any, **kwargs: Any) -> Any:
+        """TransformerLens's per-neuron stack; refused where neurons' ``W_out`` products are not what
+        reaches the stream (post-sublayer norms, stream scales): use :meth:`decompose_resid`."""
+        why = self._not_per_neuron()
+        if why is not None:
+            raise NotImplementedError(
+                f"stack_neuron_results: this model {why}, so a neuron's W_out product is not its "
+                "contribution to the residual stream: use decompose_resid (each layer's MLP term)."
+            )
+        return super().stack_neuron_results(layer, *args, **kwargs)
+
+    def stack_head_results(
+        self,
+        layer: int = -1,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        pos_slice: Any = None,
+        apply_ln: bool = False,
+    ) -> Any:
+        """TransformerLens's ``stack_head_results``: head ``L{l}H{h}``'s contribution to the stream
+        that block ``layer`` reads, ``z @ W_O`` of that head (each layer's own head size, where
+        transformer-lens refuses Gemma 4's wider full-attention heads). Where a norm follows the
+        attention (``ln1_post``: Gemma 2-4, GLM-4.1V) each head's result goes through it as the sum
+        did (its gain over the norm's scale on the sum), and where layers scale the whole stream
+        (Gemma 4) each head is multiplied by the scales of its layer and the later ones before
+        ``layer``, so the heads sum to the attention terms :meth:`decompose_resid` gives."""
+        post = {
+            n for n, block in enumerate(self.model.blocks) if getattr(block, "ln1_post", None) is not None
+        }
+        if not post and not self.stream_scales:
+            return super().stack_head_results(layer, return_labels, incl_remainder, pos_slice, apply_ln)
+        slicer = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+        last = self.model.cfg.n_layers if layer is None or layer == -1 else layer
+        parts, labels = [], []
+        for n in range(last):
+            heads = slicer.apply(self._head_results(n), dim=-3)  # [..., pos, head, d_model]
+            if n in post:
+                gain = norm_gain(self.model.blocks[n].ln1_post.original_component)
+                scale = slicer.apply(self._norm_scale(f"blocks.{n}.ln1_post"), dim=-2)[..., None, :]
+                heads = heads / scale.to(heads.dtype)
+                heads = heads if gain is None else heads * gain.detach().to(heads.device, heads.dtype)
+            parts.append(heads * self._on(self._stream_factor(n, last), heads))
+            labels.extend(f"L{n}H{h}" for h in range(heads.shape[-2]))
+        stream = slicer.apply(self._stream(last), dim=-2)
+        components = (
+            torch.cat(parts, dim=-2).movedim(-2, 0) if parts else stream.new_zeros((0, *stream.shape))
+        )
+        if incl_remainder:
+            components = torch.cat([components, (stream - components.sum(0))[None]])
+            labels.append("remainder")
+        if apply_ln:
+            components = self.apply_ln_to_stack(components, last, pos_slice=slicer)
+        return (components, labels) if return_labels else components
+
+    def _head_results(self, layer: int) -> Float[torch.Tensor, "... pos head d_model"]:
+        """Each head's ``z @ W_O`` at ``layer``: the cached ``attn.hook_result`` if there is one, else
+        from the cached ``hook_z`` and the layer's own ``W_O``."""
+        cached = self.cache_dict.get(f"blocks.{layer}.attn.hook_result")
+        if isinstance(cached, torch.Tensor) and cached.dim() == (4 if self.has_batch_dim else 3):
+            return cached
+        z = self[f"blocks.{layer}.attn.hook_z"]
+        w_o = attention_w_o(self.model.blocks[layer].attn).detach().to(z.device, z.dtype)
+        return torch.einsum("...hd,hdm->...hm", z, w_o)
+
     def get_full_resid_decomposition(
         self, layer: int | None = None, mlp_input: bool = False, *args: Any, **kwargs: Any
     ) -> Any:
@@ -88,6 +291,12 @@ class VLMActivationCache(ActivationCache):
             raise NotImplementedError(
                 "get_full_resid_decomposition has no term for the visual features this model adds to the "
                 "residual stream (blocks.{l}.hook_deepstack): use decompose_resid, which counts them."
+            )
+        why = self._not_per_neuron()
+        if why is not None:
+            raise NotImplementedError(
+                f"get_full_resid_decomposition: this model {why}, which its W_O and W_out products do not "
+                "count (they would not sum to the stream): use decompose_resid and stack_head_results."
             )
         mlp_input = mlp_input and not self._parallel
         return super().get_full_resid_decomposition(layer, mlp_input, *args, **kwargs)
@@ -135,7 +344,11 @@ class VLMActivationCache(ActivationCache):
         The MLP term ``"{l}_mlp_out"`` of a mixture-of-experts layer is the whole block's output: the
         routed experts' sum plus any shared expert. In a parallel block (``cfg.parallel_attn_mlp``:
         Cohere's one norm feeding attention and MLP) the MLP reads ``resid_pre`` as attention does, so
-        ``mlp_input=True`` decomposes that same stream (no ``{layer}_attn_out`` term, ``ln1``'s scale)."""
+        ``mlp_input=True`` decomposes that same stream (no ``{layer}_attn_out`` term, ``ln1``'s scale).
+        What a layer adds besides (the adapter's ``stream_terms``: Gemma 4's per-layer inputs) is the
+        term ``"{l}_{label}"`` (``"{l}_per_layer_input"``) with ``mode="all"``; where layers scale the
+        whole stream at their end (``stream_scales``: Gemma 4's ``layer_scalar``), every term is
+        multiplied by the scales of the layers it passes through before ``layer``."""
         mlp_input = mlp_input and not self._parallel
         mixers = {
             f"blocks.{n}.hook_attn_out": f"blocks.{n}.{self.mixer}.hook_out"
@@ -158,14 +371,23 @@ class VLMActivationCache(ActivationCache):
         ]
         last = self.model.cfg.n_layers if layer is None or layer == -1 else layer
         injected = self._injections_before(last) if mode == "all" else []
-        if injected:
+        terms = self._terms_before(last) if mode == "all" else []
+        if injected or terms:
             slicer = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
             parts, names = list(components), list(labels)
-            for n in injected:
-                at = names.index(f"{n}_mlp_out") + 1 if f"{n}_mlp_out" in names else len(names)
-                parts.insert(at, slicer.apply(self[f"blocks.{n}.hook_deepstack"], dim=-2))
-                names.insert(at, f"{n}_deepstack")
+            added = [(n, f"{n}_{label}", hook) for n, label, hook in terms]
+            added += [(n, f"{n}_deepstack", f"blocks.{n}.hook_deepstack") for n in injected]
+            for n, name, hook in sorted(added, key=lambda term: term[0]):  # a layer's terms, then DeepStack
+                mine = [i for i, label in enumerate(names) if label.split("_")[0] == str(n)]
+                at = mine[-1] + 1 if mine else len(names)
+                parts.insert(at, slicer.apply(self[hook], dim=-2))
+                names.insert(at, name)
             components, labels = torch.stack(parts), names
+        if self.stream_scales:
+            factors = [self._stream_factor(self._term_start(label), last) for label in labels]
+            components = torch.stack(
+                [part * self._on(factor, part) for part, factor in zip(components, factors)]
+            )
         if apply_ln:
             components = self.apply_ln_to_stack(components, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (components, labels) if return_labels else components
@@ -210,9 +432,13 @@ class GenerationRecorder:
         points: dict[str, Any],
         device: str | torch.device | None = None,
         injection_layers: tuple[int, ...] = (),
+        *,
+        stream_terms: Mapping[int, Mapping[str, str]] | None = None,
+        stream_scales: Mapping[int, torch.Tensor] | None = None,
         mixer: str = "linear_attn",
     ) -> None:
-        """``points``: ``{name: HookPoint}`` to record (aliases of one point are recorded once)."""
+        """``points``: ``{name: HookPoint}`` to record (aliases of one point are recorded once); the
+        rest is handed to the :class:`VLMActivationCache` (the adapter's stream layout)."""
         self.names: dict[int, list[str]] = {}
         self.points: dict[int, Any] = {}
         for name, point in points.items():
@@ -221,6 +447,7 @@ class GenerationRecorder:
         self.steps: dict[int, list[torch.Tensor]] = {key: [] for key in self.points}
         self.device = device
         self.injection_layers = tuple(injection_layers)
+        self.stream_terms, self.stream_scales = stream_terms, stream_scales
         self.mixer = mixer
 
     def hooks(self) -> list[tuple[str, Any]]:
@@ -251,5 +478,11 @@ class GenerationRecorder:
             for alias in self.names[key][1:]:
                 joined[alias] = joined[name]
         return VLMActivationCache(
-            joined, bridge, has_batch_dim=True, injection_layers=self.injection_layers, mixer=self.mixer
+            joined,
+            bridge,
+            has_batch_dim=True,
+            injection_layers=self.injection_layers,
+            mixer=self.mixer,
+            stream_terms=self.stream_terms,
+            stream_scales=self.stream_scales,
         )

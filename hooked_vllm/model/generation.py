@@ -205,7 +205,12 @@ class GenerationMixin:
         predicate = self._names_predicate(names_filter)
         points = {name: point for name, point in self.hook_dict.items() if predicate(name)}
         recorder = GenerationRecorder(
-            points, cache_device, self.adapter.injection_layers, mixer=self.adapter.mixer_without_pattern
+            points,
+            cache_device,
+            self.adapter.injection_layers,
+            stream_terms=self.adapter.stream_terms(),
+            stream_scales=self.adapter.stream_scales(),
+            mixer=self.adapter.mixer_without_pattern,
         )
         with self.hooks(fwd_hooks=recorder.hooks()), _kv_cache_kwarg_for_bridge(self.blocks):
             tokens = self._generate(laid_out, max_new_tokens, decoding, prompt)
