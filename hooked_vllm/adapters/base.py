@@ -457,6 +457,11 @@ class VLMAdapter(ABC):
         the term ``"{layer}_{label}"`` (after ``"{layer}_mlp_out"``). Default: none."""
         return {}
 
+    #: Whether each layer's output stream is the stream it read plus its terms (times its
+    #: :meth:`stream_scales` scale). False where layers mix several streams (Gemma 3n's AltUp): the
+    #: residual decompositions are then refused, their terms could not sum to the stream.
+    additive_stream: ClassVar[bool] = True
+
     def stream_scales(self) -> dict[int, Float[torch.Tensor, "*d_model"]]:
         """``{layer: scale}``: layers whose last step multiplies the whole residual stream by ``scale``
         (a scalar or ``[d_model]``), after every term they add: Gemma 4's ``layer_scalar``. The

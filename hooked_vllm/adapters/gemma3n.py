@@ -112,6 +112,7 @@ class Gemma3nAdapter(Gemma3Adapter):
     images_per_prompt = True
     token_input_names = ("input_ids", "attention_mask", "token_type_ids")
     plain_causal = True
+    additive_stream = False  # AltUp mixes four streams: no decomposition sums to the active one
 
     @classmethod
     def check_config(cls, config: PretrainedConfig) -> None:

@@ -79,8 +79,11 @@ class VLMActivationCache(ActivationCache):
         mixer: str = "linear_attn",
         stream_terms: Mapping[int, Mapping[str, str]] | None = None,
         stream_scales: Mapping[int, torch.Tensor] | None = None,
+        additive_stream: bool = True,
     ) -> None:
         super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
+        #: whether each layer's output is its input stream plus its terms (the adapter's ``additive_stream``)
+        self.additive_stream = additive_stream
         #: ``{layer: {label: hook name}}``: what layers add to the stream besides attention and MLP
         #: (the adapter's ``stream_terms``: Gemma 4's per-layer inputs)
         self.stream_terms = {int(k): dict(v) for k, v in (stream_terms or {}).items()}
@@ -105,6 +108,15 @@ class VLMActivationCache(ActivationCache):
                 "stream there: the decomposition would not sum to the stream. Cache it too (names_filter)."
             )
         return injected
+
+    def _check_additive(self, method: str) -> None:
+        """Refuse a decomposition where layers mix several streams (the adapter's ``additive_stream``)."""
+        if not self.additive_stream:
+            raise NotImplementedError(
+                f"{method}: this model's layers mix several residual streams (Gemma 3n's AltUp), so no sum "
+                "of layer outputs is its stream: read the stream itself (cache['resid_post', l], "
+                "accumulated_resid) or patch it (run_with_hooks)."
+            )
 
     def _terms_before(self, layer: int) -> list[tuple[int, str, str]]:
         """``(layer, label, hook name)`` of the stream terms added in the layers before ``layer``; each
@@ -219,6 +231,7 @@ class VLMActivationCache(ActivationCache):
     def stack_neuron_results(self, layer: int, *args: Any, **kwargs: Any) -> Any:
         """TransformerLens's per-neuron stack; refused where neurons' ``W_out`` products are not what
         reaches the stream (post-sublayer norms, stream scales): use :meth:`decompose_resid`."""
+        self._check_additive("stack_neuron_results")
         why = self._not_per_neuron()
         if why is not None:
             raise NotImplementedError(
@@ -242,6 +255,7 @@ class VLMActivationCache(ActivationCache):
         did (its gain over the norm's scale on the sum), and where layers scale the whole stream
         (Gemma 4) each head is multiplied by the scales of its layer and the later ones before
         ``layer``, so the heads sum to the attention terms :meth:`decompose_resid` gives."""
+        self._check_additive("stack_head_results")
         post = {
             n for n, block in enumerate(self.model.blocks) if getattr(block, "ln1_post", None) is not None
         }
@@ -286,6 +300,7 @@ class VLMActivationCache(ActivationCache):
         """TransformerLens's per-head decomposition; refused where visual features are added to the
         stream between blocks (it has no term for them): use :meth:`decompose_resid`, which counts them.
         In a parallel block ``mlp_input=True`` is the attention's input (see :meth:`decompose_resid`)."""
+        self._check_additive("get_full_resid_decomposition")
         last = self.model.cfg.n_layers if layer is None or layer == -1 else layer
         if self._injections_before(last):
             raise NotImplementedError(
@@ -349,6 +364,7 @@ class VLMActivationCache(ActivationCache):
         term ``"{l}_{label}"`` (``"{l}_per_layer_input"``) with ``mode="all"``; where layers scale the
         whole stream at their end (``stream_scales``: Gemma 4's ``layer_scalar``), every term is
         multiplied by the scales of the layers it passes through before ``layer``."""
+        self._check_additive("decompose_resid")
         mlp_input = mlp_input and not self._parallel
         mixers = {
             f"blocks.{n}.hook_attn_out": f"blocks.{n}.{self.mixer}.hook_out"
@@ -435,6 +451,7 @@ class GenerationRecorder:
         *,
         stream_terms: Mapping[int, Mapping[str, str]] | None = None,
         stream_scales: Mapping[int, torch.Tensor] | None = None,
+        additive_stream: bool = True,
         mixer: str = "linear_attn",
     ) -> None:
         """``points``: ``{name: HookPoint}`` to record (aliases of one point are recorded once); the
@@ -448,6 +465,7 @@ class GenerationRecorder:
         self.device = device
         self.injection_layers = tuple(injection_layers)
         self.stream_terms, self.stream_scales = stream_terms, stream_scales
+        self.additive_stream = additive_stream
         self.mixer = mixer
 
     def hooks(self) -> list[tuple[str, Any]]:
@@ -485,4 +503,5 @@ class GenerationRecorder:
             mixer=self.mixer,
             stream_terms=self.stream_terms,
             stream_scales=self.stream_scales,
+            additive_stream=self.additive_stream,
         )

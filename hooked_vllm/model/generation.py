@@ -210,6 +210,7 @@ class GenerationMixin:
             self.adapter.injection_layers,
             stream_terms=self.adapter.stream_terms(),
             stream_scales=self.adapter.stream_scales(),
+            additive_stream=self.adapter.additive_stream,
             mixer=self.adapter.mixer_without_pattern,
         )
         with self.hooks(fwd_hooks=recorder.hooks()), _kv_cache_kwarg_for_bridge(self.blocks):

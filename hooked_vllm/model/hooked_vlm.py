@@ -648,6 +648,7 @@ class HookedVLM(TokensMixin, GenerationMixin):
             mixer=self.adapter.mixer_without_pattern,
             stream_terms=self.adapter.stream_terms(),
             stream_scales=self.adapter.stream_scales(),
+            additive_stream=self.adapter.additive_stream,
         )
 
 
