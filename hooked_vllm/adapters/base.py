@@ -462,6 +462,19 @@ class VLMAdapter(ABC):
     #: residual decompositions are then refused, their terms could not sum to the stream.
     additive_stream: ClassVar[bool] = True
 
+    def lens_hooks(self) -> list[str]:
+        """The hook points the logit lens decodes, ``n_layers + 1`` of them: the embedding's, then each
+        layer's output, each read through :meth:`lens_input`. Default: ``blocks.0.hook_resid_pre`` and
+        ``blocks.{l}.hook_resid_post`` (the final norm reads the residual stream). Gemma 3n's final
+        norm reads the average of its four AltUp streams: ``blocks.0.hook_in``, ``blocks.{l}.hook_out``."""
+        n_layers = int(self.text_config.num_hidden_layers)
+        return ["blocks.0.hook_resid_pre", *(f"blocks.{layer}.hook_resid_post" for layer in range(n_layers))]
+
+    def lens_input(self, activation: torch.Tensor) -> Float[torch.Tensor, "... d_model"]:
+        """What the final norm would read, from an activation of one of :meth:`lens_hooks` (default:
+        the activation itself; Gemma 3n: HF's readout of the four streams, ``[4, ..., d]`` in)."""
+        return activation
+
     def stream_scales(self) -> dict[int, Float[torch.Tensor, "*d_model"]]:
         """``{layer: scale}``: layers whose last step multiplies the whole residual stream by ``scale``
         (a scalar or ``[d_model]``), after every term they add: Gemma 4's ``layer_scalar``. The
