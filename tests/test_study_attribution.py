@@ -266,6 +266,18 @@ def test_the_study_equals_the_gradient_product_and_real_patching_by_hand(two_mas
                     worst.get(f"cell real:{kind}", 0.0),
                     abs(row[f"cell_real:{kind}"][j] - float(patch(layer, where)[b])),
                 )
+        if kind == "z":  # per head, every real position
+            by_head = torch.einsum("lbph,bp->blh", products, real.float())
+            ours = torch.tensor([row["est_head:z"] for row in rows]).reshape(by_head.shape)
+            worst["est_head:z"] = float((ours - by_head).abs().max())
+            heads = []
+            for layer in range(n_layers):
+                for head in range(n_heads):
+                    where = torch.zeros(products.shape[1:], dtype=torch.bool)
+                    where[:, :, head] = real
+                    heads.append(patch(layer, where))
+            ours = torch.tensor([row["real_head:z"] for row in rows])
+            worst["real_head:z"] = float((ours - torch.stack(heads, 1)).abs().max())
         assert len(rows[0][f"cell_est:{kind}"]) == 4  # 1 per group, 4 groups
         assert by_group.abs().max() > 1e-3 and real_groups.abs().max() > 1e-3, kind
     print(two_masks.name, side, {k: f"{v:.1e}" for k, v in worst.items()})

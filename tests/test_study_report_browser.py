@@ -122,6 +122,8 @@ def test_the_attribution_report_shows_the_maps_the_scatter_and_theirs_beside_our
         for kind in aggregates["kinds"]:  # the estimate's and real patching's block x group maps
             maps = f"() => document.querySelectorAll('svg#attribution-heatmap-{kind} image').length"
             assert page.evaluate(maps) == 3, kind  # the two maps and their colour bar
+        heads = "() => document.querySelectorAll('svg#attribution-heads-z image').length"
+        assert page.evaluate(heads) == 3  # z: the block x head maps
         points = "() => document.querySelectorAll('svg#attribution-scatter g[id^=PathCollection]').length"
         assert page.evaluate(points) >= len(aggregates["kinds"])
         rows = page.locator("#agreement table tbody tr")

@@ -18,7 +18,8 @@ position:
   the layer x group cells, pooled over the items.
 
 Cost per batch: 1 clean forward, 1 corrupted forward + backward, then per kind ``n_layers x
-n_groups + cells`` patched forwards (the estimate alone replaces ``n_layers x n_positions`` forwards
+n_groups + cells`` patched forwards (``z``: also ``n_layers x n_heads``, each head patched at every
+real position, for the block x head map) (the estimate alone replaces ``n_layers x n_positions`` forwards
 of exhaustive patching per kind).
 
 Example:
@@ -276,7 +277,26 @@ class AttributionStudy(Study):
                 row[f"cell_group:{kind}"] = [c[3] for c in cells[b]]
                 row[f"cell_est:{kind}"] = [c[4] for c in cells[b]]
                 row[f"cell_real:{kind}"] = [float(cell_real[j, b]) for j in range(len(cells[b]))]
+            if kind == "z":
+                self.head_rows(vlm, rows, clean, corrupt, clean_acts, metric, base, estimate, names[kind])
         return rows
+
+    def head_rows(self, vlm, rows, clean, corrupt, clean_acts, metric, base, estimate, names) -> None:
+        """``z`` per head: the estimate summed over every real position, and real patching of one
+        head at every real position (one forward per block and head), as ``[layer x head]`` lists."""
+        real = clean.attention_mask.bool().cpu()
+        n_heads = estimate.shape[-1]
+        head_estimate = torch.einsum("lbph,bp->blh", estimate, real.float())
+        patches = []
+        for name in names:
+            for head in range(n_heads):
+                where = torch.zeros(estimate.shape[1:], dtype=torch.bool)
+                where[:, :, head] = real
+                patches.append({name: where})
+        head_real = patch_effects(vlm, clean_acts, corrupt, metric, patches, base)  # [layer*head, batch]
+        for b, row in enumerate(rows):
+            row["est_head:z"] = head_estimate[b].flatten().tolist()
+            row["real_head:z"] = head_real[:, b].tolist()
 
     def draw_cells(self, items, groups: torch.Tensor, estimate: torch.Tensor, kind: str) -> list[list]:
         """Per item, ``(layer, position, head, group, estimate)`` of the cells patched for real:
@@ -389,21 +409,35 @@ class AttributionStudy(Study):
                     "group": cells["group"].astype(int).tolist(),
                 },
             }
+            if kind == "z":  # per head, every real position patched
+                est_head = np.array([row["est_head:z"] for row in counted]).reshape(
+                    len(counted), n_layers, -1
+                )
+                real_head = np.array([row["real_head:z"] for row in counted]).reshape(est_head.shape)
+                out["kinds"][kind]["heads"] = {
+                    "estimate": est_head.mean(0).tolist(),  # [layer][head]
+                    "real": real_head.mean(0).tolist(),
+                    "correlation": correlations(est_head, real_head),
+                }
         return out
 
     # ------------------------------------------------------------------ report
-    def heatmaps(self, aggregates: dict, kind: str):
+    def heatmaps(self, aggregates: dict, kind: str, heads: bool = False):
+        """The estimate's and real patching's maps side by side: block x position group, or (``z``,
+        ``heads``) block x head with every real position patched."""
         from matplotlib.figure import Figure
 
-        maps = [np.array(aggregates["kinds"][kind][key], dtype=float) for key in ("estimate", "real")]
+        result = aggregates["kinds"][kind]["heads"] if heads else aggregates["kinds"][kind]
+        maps = [np.array(result[key], dtype=float) for key in ("estimate", "real")]
+        columns = [str(h) for h in range(maps[0].shape[1])] if heads else aggregates["groups"]
         limit = max(float(np.nanmax(np.abs(m))) for m in maps) or 1.0
         fig = Figure(figsize=(7.5, 0.45 * aggregates["n_layers"] + 1.8))
         axes = fig.subplots(1, 2, sharey=True)
         for ax, values, title in zip(axes, maps, ("attribution estimate", "real activation patching")):
             image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", origin="lower")
-            ax.set_xticks(range(len(aggregates["groups"])), aggregates["groups"])
+            ax.set_xticks(range(len(columns)), columns)
             ax.set_title(f"{title}\n(hook_{kind}, mean over {aggregates['n_items']} pairs)", fontsize=9)
-            ax.set_xlabel("positions patched")
+            ax.set_xlabel("head (every real position patched)" if heads else "positions patched")
         axes[0].set_ylabel("block")
         axes[0].set_yticks(range(aggregates["n_layers"]))
         fig.colorbar(image, ax=list(axes), label="change of the logit difference")
@@ -495,6 +529,24 @@ class AttributionStudy(Study):
                     id=f"heatmap-{kind}",
                 )
             )
+            if "heads" in aggregates["kinds"][kind]:
+                fig = self.heatmaps(aggregates, kind, heads=True)
+                save_png(fig, out_dir / f"attribution-{kind}-heads.png")
+                corr = aggregates["kinds"][kind]["heads"]["correlation"]
+                sections.append(
+                    section(
+                        f"hook_{kind}: block x head",
+                        figure(
+                            fig,
+                            "Mean over the pairs of the change of the metric when one head's clean output "
+                            "(at every real position) is patched into the corrupted run: estimated (left) "
+                            f"and real (right); over every pair's block x head cells, Pearson "
+                            f"{fmt(corr['pearson'])}, Spearman {fmt(corr['spearman'])} ({corr['n']}).",
+                            f"attribution-heads-{kind}",
+                        ),
+                        id=f"heads-{kind}",
+                    )
+                )
         if aggregates["kinds"]:
             fig = self.scatter(aggregates)
             save_png(fig, out_dir / "attribution-scatter.png")
