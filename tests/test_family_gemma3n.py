@@ -7,7 +7,7 @@ tests/test_family_lenses.py, runs on ``gemma3n`` as on every family).
   forward does (``hook_embed`` is HF's ``inputs_embeds`` bit for bit, ``<end_of_image>`` included);
 - AltUp: ``blocks.{l}.hook_in``/``hook_out`` are HF's four streams, an edit of the streams is the same
   edit inside HF, and HF's readout (streams 1-3 projected back, rescaled, averaged) is what the logits
-  read, not the active stream;
+  read, not the active stream; the logit lens decodes that readout at every layer;
 - per-layer inputs: an edit of ``blocks.{l}.hook_per_layer_input`` is the same edit inside HF;
 - attention: ``hook_pattern`` edits take effect (a head's pattern zeroed == HF with that head's
   ``o_proj`` columns zeroed); a KV-shared layer's pattern is its queries against its source layer's keys;
@@ -23,6 +23,7 @@ import torch
 
 from hooked_vllm import HookedVLM, UnsupportedModelError
 from hooked_vllm.adapters.gemma3n import altup_readout
+from hooked_vllm.analysis import LogitLens, collect, lens_stack_from_cache, resid_stack_from_cache
 from hooked_vllm.tiny_models.gemma3n import tiny_gemma3n
 from tests.conftest import Family, family_images, hf_forward_inputs
 
@@ -151,6 +152,48 @@ def test_editing_the_streams_is_the_same_edit_inside_hf(gemma3n, padding_side):
     theirs, _ = hf_run(gemma3n, batch, hooks={text_model(gemma3n).layers[1]: lambda m, a, out: edit(out)})
     assert real_max(ours, theirs, batch) <= TOL
     assert real_max(ours, vlm(batch), batch) > 1e-3
+
+
+def naive_readout(family, stack):
+    """HF's end of ``Gemma3nTextModel.forward`` written out: streams 1-3 through the unembedding
+    projections, each rescaled to stream 0's RMS, the four averaged."""
+    model = text_model(family)
+    rms = stack[0].pow(2).mean(-1, keepdim=True).sqrt()
+    parts = [stack[0]]
+    for i, projection in enumerate(model.altup_unembed_projections, start=1):
+        projected = stack[i] @ projection.weight.T
+        parts.append(projected * rms / projected.pow(2).mean(-1, keepdim=True).clamp(min=1e-5).sqrt())
+    return sum(parts) / len(parts)
+
+
+@SIDES
+def test_the_logit_lens_reads_hfs_readout_of_the_four_streams(gemma3n, padding_side):
+    """Every layer's lens decodes HF's readout of that layer's four streams (at the last layer: the
+    model's logits); the lens of the active stream alone is refused."""
+    vlm = gemma3n.vlm
+    batch = vlm.prepare(family_images(), PROMPTS, padding_side=padding_side)
+    lens = LogitLens.from_vlm(vlm)
+    assert lens.hook_names == ("blocks.0.hook_in", *(f"blocks.{n}.hook_out" for n in range(vlm.cfg.n_layers)))
+    hf_logits, stacks = hf_run(gemma3n, batch)
+    logits, cache = vlm.run_with_cache(batch)
+    positions = torch.stack([batch.last_positions, batch.last_positions - 1], dim=1)
+    stack = lens_stack_from_cache(lens, cache, positions)
+    hf_stacks = [stacks[0][0]] + [out for _, out in stacks]
+    rows = torch.arange(len(batch))[:, None]
+    for layer, hf_stack in enumerate(hf_stacks):
+        expected = naive_readout(gemma3n, hf_stack)[rows, positions]
+        assert (stack[layer] - expected).abs().max() <= TOL, layer
+    final = lens.logits(stack[-1])
+    assert (final - hf_logits[rows, positions]).abs().max() <= TOL
+    streamed = collect(vlm, batch, lens_positions=positions, verbalize_images=True)
+    assert torch.equal(streamed.lens.final_token, hf_logits[rows, positions].argmax(-1))
+    assert streamed.lens.kl_to_final[-1].abs().max() <= 1e-6
+    summarized = lens.summarize(stack)
+    assert torch.allclose(streamed.lens.final_prob, summarized.final_prob, atol=1e-6)
+    with pytest.raises(ValueError, match="lens_stack_from_cache"):
+        resid_stack_from_cache(cache, positions)
+    with pytest.raises(ValueError, match="resid_post"):
+        lens.lens_input(cache[f"blocks.{vlm.cfg.n_layers - 1}.hook_resid_post"])
 
 
 # ---------------------------------------------------------------- per-layer inputs and attention

@@ -163,7 +163,7 @@ def test_norm_based_attention_matches_naive(new_family, padding_side):
     vlm = new_family.vlm
     batch = vlm.prepare(family_images(), PROMPTS, padding_side=padding_side)
     streamed = collect(vlm, batch, verbalize_images=True)
-    _, cache = vlm.run_with_cache(batch)
+    logits, cache = vlm.run_with_cache(batch)
     counts = batch.image_mask.sum(-1).tolist()
     for layer in range(vlm.cfg.n_layers):
         if layer not in vlm.adapter.attention_layers:  # Qwen3.5's linear attention: no pattern, no lens
@@ -191,9 +191,10 @@ def test_norm_based_attention_matches_naive(new_family, padding_side):
             saliency = streamed.attention.image_saliency_from_last[layer, b]
             assert close(saliency[:n], from_last[b][batch.image_mask[b]], rel=1e-4)
             assert torch.isnan(saliency[n:]).all()
-    # The top logit-lens token of each of an item's image positions; -1 past its own.
-    resid = cache[f"blocks.{vlm.cfg.n_layers - 1}.hook_resid_post"]
-    top1 = vlm.unembed(vlm.ln_final(resid)).argmax(-1)
+    # The top logit-lens token of each of an item's image positions; -1 past its own. At the last
+    # layer the lens decodes what the final norm reads: the model's own logits (Gemma 3n: the
+    # average of its four streams, not resid_post)
+    top1 = logits.argmax(-1)
     for b, n in enumerate(counts):
         assert torch.equal(streamed.image_verbalization[-1, b, :n], top1[b][batch.image_mask[b]])
         assert (streamed.image_verbalization[-1, b, n:] == -1).all()

@@ -194,6 +194,24 @@ class Gemma3nAdapter(Gemma3Adapter):
     def per_layer_input_sites(self) -> dict[int, torch.nn.Module]:
         return dict(enumerate(self.hf_model.model.language_model.layers))
 
+    def lens_hooks(self) -> list[str]:
+        """All four streams at each layer boundary: ``blocks.0.hook_in``, then ``blocks.{l}.hook_out``."""
+        n_layers = int(self.text_config.num_hidden_layers)
+        return ["blocks.0.hook_in", *(f"blocks.{layer}.hook_out" for layer in range(n_layers))]
+
+    def lens_input(
+        self, activation: Float[torch.Tensor, "n_streams *batch d_model"]
+    ) -> Float[torch.Tensor, "*batch d_model"]:
+        """HF's readout of a stack of the four streams (:func:`altup_readout`)."""
+        n_streams = int(self.text_config.altup_num_inputs)
+        if activation.dim() < 2 or activation.shape[0] != n_streams:
+            raise ValueError(
+                f"Gemma 3n's logit lens reads all {n_streams} AltUp streams, [{n_streams}, ..., d_model] "
+                f"(blocks.{{l}}.hook_out); got shape {tuple(activation.shape)}. Pass the stack, not "
+                "resid_post."
+            )
+        return altup_readout(self.hf_model.model.language_model, activation)
+
     def value_hooks(self) -> dict[int, str]:
         """The values each layer weighs: ``v_norm``'s output, that of the layer it shares them with
         for the KV-shared layers."""

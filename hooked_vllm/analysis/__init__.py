@@ -8,7 +8,13 @@ from hooked_vllm.analysis.contextualization import (
     cross_input_baseline,
     pair_mean_cosine,
 )
-from hooked_vllm.analysis.logit_lens import LensResult, LogitLens, resid_stack_from_cache, verbalize
+from hooked_vllm.analysis.logit_lens import (
+    LensResult,
+    LogitLens,
+    lens_stack_from_cache,
+    resid_stack_from_cache,
+    verbalize,
+)
 from hooked_vllm.analysis.norm_attention import (
     block_mean,
     head_gram,
@@ -42,6 +48,7 @@ __all__ = [
     "observed_sdpa_attention",
     "pair_mean_cosine",
     "reduce_cache",
+    "lens_stack_from_cache",
     "resid_stack_from_cache",
     "saliency_received",
     "transformed_values",

@@ -132,6 +132,13 @@ class BatchReducer:
         self.n_image_tokens = counts.tolist()
         self.has_images = int(counts.max()) > 0
         self.lens = LogitLens.from_vlm(vlm) if "logit_lens" in analyses else None
+        #: whether the lens decodes the residual stream hooks as they come (all but Gemma 3n)
+        resid_names = tuple(hook_names(vlm.cfg.n_layers, ()))
+        self.lens_reads_resid = self.lens is None or (
+            self.lens.read is None and self.lens.hook_names == resid_names
+        )
+        #: the lens's own hook points where it reads others than the residual stream's
+        self.lens_hooks = () if self.lens_reads_resid else self.lens.hook_names
         self.lens_positions = lens_positions if lens_positions is not None else batch.last_positions[:, None]
         self.top_k = top_k
         self.verbalize_images = verbalize_images and self.has_images
@@ -169,12 +176,19 @@ class BatchReducer:
         if "contextualization" in self.analyses:
             sums = layer_sums(hidden, here["image"], here["text"])
             self._resid.append(tuple(_detached(part) for part in sums))
-        if self.lens is not None:
-            self._lens_resid.append(gather_positions(hidden, here["lens_positions"]).detach())
-            if self.verbalize_images:
-                image_hidden = gather_positions(hidden, here["image_positions"])
-                top1 = self.lens.logits(image_hidden).argmax(-1)
-                self._image_top1.append(top1.masked_fill(~here["image_valid"], -1))
+        if self.lens is not None and self.lens_reads_resid:
+            self.on_lens(hidden)
+
+    def on_lens(self, activation: torch.Tensor) -> None:
+        """The next of the lens's hook points (the residual stream, the embedding first; Gemma 3n: its
+        four streams), decoded from what the final norm would read there."""
+        hidden = self.lens.lens_input(activation)
+        here = self._at(hidden.device)
+        self._lens_resid.append(gather_positions(hidden, here["lens_positions"]).detach())
+        if self.verbalize_images:
+            image_hidden = gather_positions(hidden, here["image_positions"])
+            top1 = self.lens.logits(image_hidden).argmax(-1)
+            self._image_top1.append(top1.masked_fill(~here["image_valid"], -1))
 
     def on_attention(
         self,
@@ -414,7 +428,7 @@ def collect(
         raise ValueError(f"attention={attention!r} is not one of {ATTENTION_PATHS}.")
     batch = vlm.to_batch(batch)
     reducer = BatchReducer(vlm, batch, analyses, lens_positions, top_k, verbalize_images)
-    feed = _feeder(reducer, vlm.adapter.value_hooks())
+    feed = _feeder(reducer, vlm.adapter.value_hooks(), reducer.lens_hooks)
 
     def hook_fn(tensor, hook, name):
         feed(name, tensor)
@@ -430,6 +444,7 @@ def collect(
     names = hook_names(
         vlm.cfg.n_layers, () if fused else analyses, vlm.adapter.attention_layers, vlm.adapter.value_hooks()
     )
+    names += list(reducer.lens_hooks)
     hooks = [(name, partial(hook_fn, name=name)) for name in names]
     if not fused:
         vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
@@ -454,24 +469,28 @@ def reduce_cache(
     batch = vlm.to_batch(batch)
     reducer = BatchReducer(vlm, batch, analyses, lens_positions, top_k, verbalize_images)
     value_hooks = vlm.adapter.value_hooks()
-    feed = _feeder(reducer, value_hooks)
+    feed = _feeder(reducer, value_hooks, reducer.lens_hooks)
     # Residual streams come in layer order, and each layer's values before its pattern.
-    for name in hook_names(vlm.cfg.n_layers, analyses, vlm.adapter.attention_layers, value_hooks):
+    names = hook_names(vlm.cfg.n_layers, analyses, vlm.adapter.attention_layers, value_hooks)
+    for name in names + list(reducer.lens_hooks):
         feed(name, cache[name])
     return reducer.finish()
 
 
-def _feeder(reducer: BatchReducer, value_hooks: dict[int, str]):
+def _feeder(reducer: BatchReducer, value_hooks: dict[int, str], lens_hooks: tuple[str, ...] = ()):
     """Routes ``(hook name, activation)`` to the reducer: values (``value_hooks``: the hook of each
     layer's values, one hook possibly serving several layers) wait for their layer's pattern,
-    residual streams go straight in (in layer order)."""
+    residual streams go straight in (in layer order), as do the lens's own hooks (``lens_hooks``,
+    where it reads others: Gemma 3n's four streams)."""
     values: dict[int, torch.Tensor] = {}
     readers: dict[str, list[int]] = {}
     for layer, name in value_hooks.items():
         readers.setdefault(name, []).append(layer)
 
     def feed(name: str, tensor: torch.Tensor) -> None:
-        if name in readers:
+        if name in lens_hooks:
+            reducer.on_lens(tensor)
+        elif name in readers:
             values.update(dict.fromkeys(readers[name], tensor))
         elif name.endswith("attn.hook_pattern"):
             layer = _layer_of(name)

@@ -13,10 +13,13 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
+
+from hooked_vllm.adapters.base import VLMAdapter
 
 
 @dataclass
@@ -40,16 +43,29 @@ class LogitLens:
     b_U: Float[torch.Tensor, " d_vocab"] | None = None
     #: the head's final soft cap, ``cap * tanh(logits / cap)`` (Gemma 2 backbones: PaliGemma 2)
     softcap: float | None = None
+    #: the hook points it decodes, the embedding's first, then each layer's output (the adapter's
+    #: ``lens_hooks``: ``resid_pre`` 0 and each ``resid_post``; Gemma 3n: its four streams)
+    hook_names: tuple[str, ...] = ()
+    #: what the final norm reads, from one of those activations (the adapter's ``lens_input``;
+    #: None: the activation itself)
+    read: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def from_vlm(cls, vlm) -> LogitLens:
         """The lens of a :class:`~hooked_vllm.HookedVLM` (the HF norm module itself, un-hooked,
-        and the text config's ``final_logit_softcapping``)."""
+        the text config's ``final_logit_softcapping``, and the hook points the final norm reads)."""
         ln_final = vlm.bridge.ln_final
         norm = getattr(ln_final, "original_component", ln_final)
         b_U = getattr(vlm.bridge.unembed, "b_U", None)
         softcap = getattr(vlm.adapter.text_config, "final_logit_softcapping", None)
-        return cls(norm=norm, W_U=vlm.W_U, b_U=b_U, softcap=softcap)
+        names = tuple(vlm.adapter.lens_hooks())
+        default = type(vlm.adapter).lens_input is VLMAdapter.lens_input
+        read = None if default else vlm.adapter.lens_input
+        return cls(norm=norm, W_U=vlm.W_U, b_U=b_U, softcap=softcap, hook_names=names, read=read)
+
+    def lens_input(self, activation: torch.Tensor) -> Float[torch.Tensor, "... d_model"]:
+        """What the final norm reads, from an activation of one of :attr:`hook_names`."""
+        return activation if self.read is None else self.read(activation)
 
     def logits(self, resid: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
         """Decode residual vectors to logits (in the model's dtype, as its own head does)."""
@@ -98,12 +114,37 @@ def verbalize(
 def resid_stack_from_cache(
     cache, positions: Int[torch.Tensor, "batch n"], *, include_embedding: bool = True
 ) -> Float[torch.Tensor, "layer batch n d_model"]:
-    """Residual stream at ``positions`` (per item) for every layer, from an ``ActivationCache``."""
+    """Residual stream at ``positions`` (per item) for every layer, from an ``ActivationCache``.
+    Refused where the final norm does not read it (Gemma 3n's AltUp streams): use
+    :func:`lens_stack_from_cache` for the lens."""
+    if not getattr(cache, "additive_stream", True):
+        raise ValueError(
+            "This model carries several residual streams (Gemma 3n's AltUp) and its final norm reads "
+            "their average, not resid_post: use lens_stack_from_cache(LogitLens.from_vlm(vlm), cache, "
+            "positions) for the logit lens."
+        )
     n_layers = cache.model.cfg.n_layers
     names = (["blocks.0.hook_resid_pre"] if include_embedding else []) + [
         f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)
     ]
     return torch.stack([gather_positions(cache[name], positions) for name in names])
+
+
+def lens_stack_from_cache(
+    lens: LogitLens, cache, positions: Int[torch.Tensor, "batch n"], *, include_embedding: bool = True
+) -> Float[torch.Tensor, "layer batch n d_model"]:
+    """What the final norm would read at ``positions`` (per item) after the embedding and every layer,
+    from an ``ActivationCache`` holding ``lens.hook_names``: the residual stream, or Gemma 3n's
+    readout of its four streams. ``lens.summarize`` decodes it; its last layer gives the logits.
+
+    Example:
+        >>> lens = LogitLens.from_vlm(vlm)  # doctest: +SKIP
+        >>> _, cache = vlm.run_with_cache(batch, names_filter=list(lens.hook_names))  # doctest: +SKIP
+        >>> stack = lens_stack_from_cache(lens, cache, batch.last_positions[:, None])  # doctest: +SKIP
+        >>> result = lens.summarize(stack)  # doctest: +SKIP
+    """
+    names = lens.hook_names if include_embedding else lens.hook_names[1:]
+    return torch.stack([gather_positions(lens.lens_input(cache[name]), positions) for name in names])
 
 
 def gather_positions(

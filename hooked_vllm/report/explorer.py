@@ -228,7 +228,8 @@ def explorer_pass(vlm, batch, top_k: int = 5, attention: str = "auto") -> _Pass:
         scores = scores.masked_fill(~allowed.to(q.device)[:, None], float("-inf"))
         reduce(layer, scores.softmax(-1).nan_to_num(0.0), v.transpose(1, 2))
 
-    def read_lens(resid, hook):
+    def read_lens(activation, hook):
+        resid = lens.lens_input(activation)  # what the final norm would read (Gemma 3n: its 4 streams')
         device = resid.device
         patches = resid[rows.to(device)[:, None], positions.to(device)]  # [b, n, d]
         grid.append(lens.logits(patches).argmax(-1).masked_fill(~valid.to(device), -1).cpu())
@@ -243,8 +244,7 @@ def explorer_pass(vlm, batch, top_k: int = 5, attention: str = "auto") -> _Pass:
         and vlm.adapter.sliding_window is None
         and supported(vlm)
     )
-    hooks = [("blocks.0.hook_resid_pre", read_lens)]
-    hooks += [(f"blocks.{layer}.hook_resid_post", read_lens) for layer in range(vlm.cfg.n_layers)]
+    hooks = [(name, read_lens) for name in lens.hook_names]  # the embedding, then every layer
     if fused:
         with observed_sdpa_attention(vlm, observe):
             vlm.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)

@@ -206,12 +206,12 @@ class ObjectAblationStudy(Study):
         output) the logit lens's top-k tokens at every image position ``[n_image_positions, k]``."""
         lens = LogitLens.from_vlm(vlm)
         image = batch.image_mask
-        names = ["blocks.0.hook_resid_pre"]
-        names += [f"blocks.{layer}.hook_resid_post" for layer in range(vlm.cfg.n_layers)]
+        names = list(lens.hook_names)  # the embedding, then every block's output
         tops: dict[str, torch.Tensor] = {}
 
         def capture(name: str):
-            def hook(resid: torch.Tensor, hook) -> None:
+            def hook(activation: torch.Tensor, hook) -> None:
+                resid = lens.lens_input(activation)  # what the final norm would read there
                 vectors = resid[image.to(resid.device)]
                 tops[name] = torch.cat(
                     [
