@@ -192,6 +192,9 @@ def test_the_logit_lens_reads_hfs_readout_of_the_four_streams(gemma3n, padding_s
     assert torch.allclose(streamed.lens.final_prob, summarized.final_prob, atol=1e-6)
     with pytest.raises(ValueError, match="lens_stack_from_cache"):
         resid_stack_from_cache(cache, positions)
+    with pytest.raises(NotImplementedError, match="lens_stack_from_cache"):
+        cache.accumulated_resid(apply_ln=True)
+    assert torch.equal(cache.accumulated_resid()[-1], cache[f"blocks.{vlm.cfg.n_layers - 1}.hook_resid_post"])
     with pytest.raises(ValueError, match="resid_post"):
         lens.lens_input(cache[f"blocks.{vlm.cfg.n_layers - 1}.hook_resid_post"])
 

@@ -338,6 +338,12 @@ class VLMActivationCache(ActivationCache):
                 "This model's blocks run attention and the MLP in parallel on one norm's output "
                 "(cfg.parallel_attn_mlp): there is no resid_mid between them. Use incl_mid=False."
             )
+        if apply_ln and not self.additive_stream:
+            raise NotImplementedError(
+                "accumulated_resid(apply_ln=True): this model's final norm reads the average of its several "
+                "residual streams (Gemma 3n's AltUp), not resid_post: for the logit lens use "
+                "lens_stack_from_cache(LogitLens.from_vlm(vlm), cache, positions)."
+            )
         mlp_input = mlp_input and not self._parallel
         return super().accumulated_resid(layer, incl_mid, apply_ln, pos_slice, mlp_input, return_labels)
 
