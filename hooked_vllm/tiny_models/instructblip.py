@@ -21,6 +21,16 @@ from hooked_vllm.tiny_models.common import (
     train_tokenizer,
 )
 
+#: re-drawn with std 0.5 (as BLIP-2's ``WIDEN``): at HF's init the ViT's weights have std 1e-10 and the
+#: Q-Former's cross-attention std 0.02, so every image gave the same visual prefix (measured: two
+#: images 4e-8 apart, last-position logits 2e-6 apart) and image tests passed trivially
+WIDEN = (
+    "patch_embedding.weight",
+    "crossattention.attention.key.weight",
+    "crossattention.attention.value.weight",
+    "crossattention.output.dense.weight",
+)
+
 
 def tiny_instructblip(
     *,
@@ -36,7 +46,8 @@ def tiny_instructblip(
 
     The processor is round-tripped through ``save_pretrained``/``from_pretrained``, which is how
     real checkpoints deliver it (building it directly mishandles the image token in this
-    transformers version).
+    transformers version). The patch embedding and the Q-Former's cross-attention are widened
+    (``WIDEN``) so that the visual prefix depends on the image.
     """
     directory = Path(directory) if directory is not None else default_dir("instructblip")
     tokenizer = train_tokenizer(directory / "tokenizer", padding_side=padding_side)
@@ -70,7 +81,7 @@ def tiny_instructblip(
     )
     config.architectures = ["InstructBlipForConditionalGeneration"]
     config._attn_implementation = "eager"
-    model = finish_init(InstructBlipForConditionalGeneration(config), seed)
+    model = finish_init(InstructBlipForConditionalGeneration(config), seed, widen=WIDEN)
     torch.nn.init.normal_(model.query_tokens, std=0.5)
     image_processor = BlipImageProcessor(
         size={"height": image_size, "width": image_size},
