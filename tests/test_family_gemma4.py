@@ -19,12 +19,16 @@ import torch
 from transformers.models.gemma4.image_processing_gemma4 import get_aspect_ratio_preserving_size
 
 from tests.conftest import FAMILY_IMAGE_SIZES, Family, family_images, hf_forward_inputs
-from tests.test_families import generate_with_step_logits
+from tests.moe_checks import (
+    assert_generate_with_zeroed_hook_equals_hf_edit,
+    assert_zeroed_hook_equals_hf_edit,
+    summed_in_order,
+    zeroed_in_hf,
+)
 
 PROMPTS = ["Describe the image.", "What colour is the square in the picture?", "cat"]
 SIDES = pytest.mark.parametrize("padding_side", ["left", "right"])
 TOL = 1e-5
-NEVER = -1
 
 
 @pytest.fixture(scope="module")
@@ -190,17 +194,7 @@ def test_value_hooks_weighted_by_the_pattern_give_hfs_attention_output(which, re
 # ---------------------------------------------------------------- mixture of experts
 def zero_expert_in_hf(family, layer, expert):
     """A context: HF's expert ``expert`` of ``layer`` outputs zeros (its down projection zeroed)."""
-    experts = hf_layers(family)[layer].experts
-
-    class Zeroed:
-        def __enter__(self):
-            self.saved = experts.down_proj.data[expert].clone()
-            experts.down_proj.data[expert] = 0
-
-        def __exit__(self, *exc):
-            experts.down_proj.data[expert] = self.saved
-
-    return Zeroed()
+    return zeroed_in_hf(hf_layers(family)[layer].experts.down_proj, expert)
 
 
 def test_expert_hooks_sum_to_the_experts_output_and_the_mlp_term_holds_both_branches(moe):
@@ -211,10 +205,7 @@ def test_expert_hooks_sum_to_the_experts_output_and_the_mlp_term_holds_both_bran
     n_experts = vlm.adapter.text_config.num_experts
     for layer in range(vlm.cfg.n_layers):
         parts = [cache[f"blocks.{layer}.mlp.experts.{e}.hook_out"] for e in range(n_experts)]
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
-        assert torch.equal(total, cache[f"blocks.{layer}.experts.hook_out"])
+        assert torch.equal(summed_in_order(parts), cache[f"blocks.{layer}.experts.hook_out"])
         # each routed row gets exactly top_k experts' contributions
         routed = torch.stack([p.abs().amax(-1) > 0 for p in parts]).sum(0)
         assert (routed == vlm.adapter.text_config.top_k_experts).all()
@@ -229,27 +220,11 @@ def test_expert_hooks_sum_to_the_experts_output_and_the_mlp_term_holds_both_bran
 
 @pytest.mark.parametrize("expert", [0, 3])
 def test_an_expert_zeroed_through_its_hook_is_the_same_edit_inside_hf(moe, expert):
-    vlm = moe.vlm
-    batch = vlm.prepare(family_images(), PROMPTS)
+    batch = moe.vlm.prepare(family_images(), PROMPTS)
     layer = 1
-    zero = [(f"blocks.{layer}.mlp.experts.{expert}.hook_out", lambda x, hook: torch.zeros_like(x))]
-    ours = vlm.run_with_hooks(batch, fwd_hooks=zero)
-    with zero_expert_in_hf(moe, layer, expert):
-        theirs = hf_logits(moe, batch)
-    assert real_max(ours, theirs, batch) <= TOL
-    assert real_max(ours, vlm(batch), batch) > 1e-4, "the expert must matter"
+    name = f"blocks.{layer}.mlp.experts.{expert}.hook_out"
+    edit = zero_expert_in_hf(moe, layer, expert)
+    assert_zeroed_hook_equals_hf_edit(moe, batch, name, edit, hf_logits, min_change=1e-4)
     # greedy generation with the expert zeroed at every step, every step's logits
-    n = 4
-    with vlm.hooks(fwd_hooks=zero):
-        tokens, logits = generate_with_step_logits(vlm, batch, n)
-    with zero_expert_in_hf(moe, layer, expert):
-        hf = moe.reference.generate(
-            **batch.inputs,
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=NEVER,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-    assert torch.equal(tokens, hf.sequences[:, batch.input_ids.shape[1] :])
-    assert (logits - torch.stack(hf.logits, dim=1)).abs().max() <= TOL
+    edit = zero_expert_in_hf(moe, layer, expert)
+    assert_generate_with_zeroed_hook_equals_hf_edit(moe, batch, name, edit, n=4, must_change=False)

@@ -36,13 +36,21 @@ from hooked_vllm.tiny_models.glm4v import (
     tiny_glm46v,
 )
 from tests.conftest import Family, family_images
-from tests.test_families import generate_with_step_logits
-from tests.test_family_qwen3_5_moe import routed_rows
+from tests.moe_checks import (
+    TOL,
+    ZERO,
+    assert_generate_with_zeroed_hook_equals_hf_edit,
+    assert_mlp_terms_sum_to_the_stream,
+    assert_router_hooks_equal_hf,
+    assert_zeroed_hook_equals_hf_edit,
+    hf_module_outputs,
+    routed_expert_outputs,
+    summed_in_order,
+    zeroed_in_hf,
+)
 
 PROMPTS = ["Describe the image.", "What colour is the square in the picture?", "cat"]
 SIDES = pytest.mark.parametrize("padding_side", ["left", "right"])
-NEVER = -1
-TOL = 1e-5
 E, K = GLM_MOE_EXPERTS, GLM_MOE_TOP_K
 MOE_LAYERS = (1, 2)
 
@@ -85,7 +93,7 @@ def hf_hooks(hooks):
 
 def recorder(store, key):
     def hook(module, args, output):
-        store[key] = output[0] if isinstance(output, tuple) and not key.startswith("gate") else output
+        store[key] = output[0] if isinstance(output, tuple) else output
 
     return hook
 
@@ -299,22 +307,16 @@ def test_router_hooks_equal_hfs_router_and_a_hand_reference(moe, padding_side):
     vlm = moe.vlm
     batch = vlm.prepare(family_images(), PROMPTS, padding_side=padding_side)
     real = batch.attention_mask.bool().reshape(-1)
-    routers = {}
-    hooks = [(hf_blocks(moe)[layer].mlp.gate, recorder(routers, f"gate{layer}")) for layer in MOE_LAYERS]
-    with hf_hooks(hooks):
-        hf_logits(moe, batch)
-    _, cache = vlm.run_with_cache(batch, names_filter=lambda n: ".mlp.gate." in n or "hook_expert" in n)
+    gates = {layer: hf_blocks(moe)[layer].mlp.gate for layer in MOE_LAYERS}
+    routers = hf_module_outputs(gates, lambda: hf_logits(moe, batch))
+    assert tuple(routers) == MOE_LAYERS
+    cache = assert_router_hooks_equal_hf(vlm, batch, routers, E)
     text_config = vlm.adapter.text_config
     grouping_mattered = False
     for layer in MOE_LAYERS:
-        logits, weights, indices = routers[f"gate{layer}"]
         ours = cache[f"blocks.{layer}.mlp.gate.hook_out"]
-        assert ours.shape == (real.numel(), E)
-        assert (ours - logits)[real].abs().max() <= TOL
         our_indices = cache[f"blocks.{layer}.mlp.hook_expert_indices"]
-        assert torch.equal(our_indices[real], indices[real])
         scattered = cache[f"blocks.{layer}.mlp.hook_expert_weights"]  # [tokens, n_experts]
-        assert (scattered.gather(-1, indices) - weights)[real].abs().max() <= TOL
         bias = hf_blocks(moe)[layer].mlp.gate.e_score_correction_bias
         assert bias.abs().max() > 0, "the correction bias is drawn, so that it matters"
         hand_indices, hand_weights = grouped_sigmoid_routing(
@@ -346,49 +348,23 @@ def test_expert_and_shared_expert_outputs_make_the_mlp_term(moe, padding_side):
     shape = (*batch.input_ids.shape, vlm.cfg.d_model)
     for layer in MOE_LAYERS:
         indices = cache[f"blocks.{layer}.mlp.hook_expert_indices"]
-        total = torch.zeros(shape[0] * shape[1], shape[2])
-        for expert in range(E):
-            out = cache[f"blocks.{layer}.mlp.experts.{expert}.hook_out"]
-            routed = routed_rows(indices, expert)
-            assert not out[~routed].any()
-            assert (out[routed].abs().amax(-1) > 0).all()
-            total = total + out
+        total = summed_in_order(routed_expert_outputs(vlm, cache, batch, layer, E, indices))
         routed_sum = cache[f"blocks.{layer}.mlp.experts.hook_out"]
         assert torch.equal(total, routed_sum)
         shared_out = cache[f"blocks.{layer}.mlp.shared_experts.hook_out"]
         assert (shared_out - shared[f"s{layer}"])[real].abs().max() <= TOL
         assert torch.equal(routed_sum.reshape(shape) + shared_out, cache[f"blocks.{layer}.hook_mlp_out"])
-    parts, labels = cache.decompose_resid(return_labels=True)
+    labels = assert_mlp_terms_sum_to_the_stream(vlm, cache, batch, tol=1e-4)
     assert labels == ["embed"] + [
         f"{n}_{kind}_out" for n in range(vlm.cfg.n_layers) for kind in ("attn", "mlp")
     ]
-    final = cache[f"blocks.{vlm.cfg.n_layers - 1}.hook_resid_post"]
-    assert (parts.sum(0) - final)[real].abs().max() <= 1e-4
-
-
-@contextlib.contextmanager
-def zeroed_in_hf(weight, index=None):
-    """HF's own edit: ``weight`` (or its slice ``index``) set to zero, restored on exit."""
-    saved = weight.detach().clone()
-    with torch.no_grad():
-        (weight if index is None else weight[index]).zero_()
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            weight.copy_(saved)
-
-
-ZERO = lambda x, hook: torch.zeros_like(x)  # noqa: E731
 
 
 @SIDES
 @pytest.mark.parametrize(("layer", "expert"), [(1, 0), (2, 5), (2, None)])
 def test_zeroing_an_expert_through_its_hook_equals_the_edit_inside_hf(moe, padding_side, layer, expert):
     """A routed expert (its down projection zeroed in HF) or, for ``None``, the shared expert."""
-    vlm = moe.vlm
-    batch = vlm.prepare(family_images(), PROMPTS, padding_side=padding_side)
-    real = batch.attention_mask.bool()
+    batch = moe.vlm.prepare(family_images(), PROMPTS, padding_side=padding_side)
     mlp = hf_blocks(moe)[layer].mlp
     if expert is None:
         name, edit = (
@@ -400,31 +376,13 @@ def test_zeroing_an_expert_through_its_hook_equals_the_edit_inside_hf(moe, paddi
             f"blocks.{layer}.mlp.experts.{expert}.hook_out",
             zeroed_in_hf(mlp.experts.down_proj, expert),
         )
-    ours = vlm.run_with_hooks(batch, fwd_hooks=[(name, ZERO)])
-    with edit:
-        theirs = hf_logits(moe, batch)
-    assert (ours - theirs)[real].abs().max() <= TOL
-    assert (ours - vlm(batch))[real].abs().max() > 1e-3, "the ablation must change something"
+    assert_zeroed_hook_equals_hf_edit(moe, batch, name, edit, hf_logits)
 
 
 def test_generate_with_an_expert_zeroed_equals_hf_generate_with_the_edit(moe):
-    vlm, n = moe.vlm, 5
-    batch = vlm.prepare(family_images(), PROMPTS, padding_side="left")
-    with vlm.hooks(fwd_hooks=[("blocks.2.mlp.experts.3.hook_out", ZERO)]):
-        ours, our_logits = generate_with_step_logits(vlm, batch, n)
-    with zeroed_in_hf(hf_blocks(moe)[2].mlp.experts.down_proj, 3):
-        theirs = moe.reference.generate(
-            **batch.inputs,
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=NEVER,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-    assert torch.equal(ours, theirs.sequences[:, batch.input_ids.shape[1] :])
-    assert (our_logits - torch.stack(theirs.logits, dim=1)).abs().max() <= TOL
-    _, clean_logits = generate_with_step_logits(vlm, batch, n)
-    assert (our_logits - clean_logits).abs().max() > 1e-3, "the ablation must change the logits"
+    batch = moe.vlm.prepare(family_images(), PROMPTS, padding_side="left")
+    edit = zeroed_in_hf(hf_blocks(moe)[2].mlp.experts.down_proj, 3)
+    assert_generate_with_zeroed_hook_equals_hf_edit(moe, batch, "blocks.2.mlp.experts.3.hook_out", edit)
 
 
 def test_routing_by_modality_counts_the_grouped_sigmoid_choices(moe):

@@ -25,12 +25,20 @@ from hooked_vllm.errors import GenerationArgumentError
 from hooked_vllm.interventions import knockout
 from hooked_vllm.tiny_models.llama4 import tiny_llama4
 from tests.conftest import Family, family_images, hf_forward_inputs
-from tests.test_families import generate_with_step_logits
+from tests.moe_checks import (
+    NEVER,
+    TOL,
+    assert_expert_hook_points,
+    assert_generate_with_zeroed_hook_equals_hf_edit,
+    assert_mlp_terms_sum_to_the_stream,
+    assert_zeroed_hook_equals_hf_edit,
+    hf_module_outputs,
+    routed_expert_outputs,
+    zeroed_in_hf,
+)
 
 PROMPTS = ["Describe the image.", "What colour is the square in the picture?", "cat"]
 SIDES = pytest.mark.parametrize("padding_side", ["left", "right"])
-NEVER = -1
-TOL = 1e-5
 E, K = 4, 2  # experts, experts per token (tiny_llama4)
 MOE_LAYERS, DENSE_LAYERS = (1, 2), (0, 3)
 CHUNKED_LAYERS, FULL_LAYERS = (0, 2), (1, 3)  # RoPE + chunks, NoPE + everything before
@@ -211,19 +219,13 @@ def test_attention_hooks_are_live_and_hold_hfs_scores(llama4):
 # ---------------------------------------------------------------- mixture of experts
 def zero_expert_in_hf(family, layer, expert):
     """HF's own edit: expert ``expert``'s down projection at ``layer`` set to zero, undone on exit."""
-    weight = hf_blocks(family)[layer].feed_forward.experts.down_proj
-    saved = weight.detach().clone()
+    return zeroed_in_hf(hf_blocks(family)[layer].feed_forward.experts.down_proj, expert)
 
-    class Zeroed:
-        def __enter__(self):
-            with torch.no_grad():
-                weight[expert].zero_()
 
-        def __exit__(self, *exc):
-            with torch.no_grad():
-                weight.copy_(saved)
-
-    return Zeroed()
+def hf_routers(family, batch):
+    """``{layer: (scores, logits)}`` as HF's router modules of the MoE layers return them."""
+    routers = {layer: hf_blocks(family)[layer].feed_forward.router for layer in MOE_LAYERS}
+    return hf_module_outputs(routers, lambda: hf_logits(family, batch))
 
 
 def test_moe_and_dense_layers_have_their_hook_points(llama4):
@@ -235,8 +237,7 @@ def test_moe_and_dense_layers_have_their_hook_points(llama4):
         assert f"blocks.{layer}.hook_mlp_out" in names
         for suffix in ("mlp.hook_router_scores", "mlp.router.hook_out", "mlp.shared_expert.hook_out"):
             assert (f"blocks.{layer}.{suffix}" in names) == moe, (layer, suffix)
-        for expert in range(E):
-            assert (f"blocks.{layer}.mlp.experts.{expert}.hook_out" in names) == moe
+        assert_expert_hook_points(names, layer, E, present=moe)
         assert (f"blocks.{layer}.mlp.dense_out.hook_out" in names) == (not moe)
 
 
@@ -247,18 +248,7 @@ def test_router_hooks_equal_hfs_router(llama4, padding_side):
     vlm = llama4.vlm
     batch = vlm.prepare(family_images(), PROMPTS, padding_side=padding_side)
     real = batch.attention_mask.bool().reshape(-1)
-    routers = {}
-    handles = [
-        hf_blocks(llama4)[layer].feed_forward.router.register_forward_hook(
-            lambda module, args, output, layer=layer: routers.__setitem__(layer, output)
-        )
-        for layer in MOE_LAYERS
-    ]
-    try:
-        hf_logits(llama4, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    routers = hf_routers(llama4, batch)
     _, cache = vlm.run_with_cache(batch, names_filter=lambda n: ".mlp.router." in n or "router_scores" in n)
     for layer, (scores, logits) in routers.items():
         ours = cache[f"blocks.{layer}.mlp.hook_router_scores"]
@@ -279,59 +269,29 @@ def test_expert_outputs_and_the_shared_expert_sum_to_the_mlp_term(llama4, paddin
     shape = (*batch.input_ids.shape, vlm.cfg.d_model)
     for layer in MOE_LAYERS:
         chosen = cache[f"blocks.{layer}.mlp.hook_router_scores"].topk(K, dim=-1).indices
-        outputs = [cache[f"blocks.{layer}.mlp.experts.{e}.hook_out"] for e in range(E)]
-        for expert, out in enumerate(outputs):
-            routed = (chosen == expert).any(-1)
-            assert out.shape == (shape[0] * shape[1], shape[2])
-            assert not out[~routed].any() and (out[routed].abs().amax(-1) > 0).all()
+        outputs = routed_expert_outputs(vlm, cache, batch, layer, E, chosen)
         total = cache[f"blocks.{layer}.mlp.shared_expert.hook_out"].clone()
         total.add_(torch.stack(outputs).sum(0))  # as HF adds them
         assert torch.equal(total.reshape(shape), cache[f"blocks.{layer}.hook_mlp_out"])
-    components, labels = cache.decompose_resid(return_labels=True)
+    labels = assert_mlp_terms_sum_to_the_stream(vlm, cache, batch)
     assert labels == ["embed"] + [f"{layer}_{part}_out" for layer in range(4) for part in ("attn", "mlp")]
-    for layer in range(vlm.cfg.n_layers):
-        assert torch.equal(
-            components[labels.index(f"{layer}_mlp_out")], cache[f"blocks.{layer}.hook_mlp_out"]
-        )
-    real = batch.attention_mask.bool()
-    final = cache[f"blocks.{vlm.cfg.n_layers - 1}.hook_resid_post"]
-    assert (components.sum(0) - final)[real].abs().max() <= TOL
 
 
 @SIDES
 @pytest.mark.parametrize(("layer", "expert"), [(1, 0), (2, 3)])
 def test_zeroing_an_expert_through_its_hook_equals_the_edit_inside_hf(llama4, padding_side, layer, expert):
-    vlm = llama4.vlm
-    batch = vlm.prepare(family_images(), PROMPTS, padding_side=padding_side)
-    real = batch.attention_mask.bool()
-    zero = [(f"blocks.{layer}.mlp.experts.{expert}.hook_out", lambda x, hook: torch.zeros_like(x))]
-    ours = vlm.run_with_hooks(batch, fwd_hooks=zero)
-    with zero_expert_in_hf(llama4, layer, expert):
-        theirs = hf_logits(llama4, batch)
-    assert (ours - theirs)[real].abs().max() <= TOL
-    assert (ours - vlm(batch))[real].abs().max() > 1e-3, "the ablation must change something"
+    batch = llama4.vlm.prepare(family_images(), PROMPTS, padding_side=padding_side)
+    name = f"blocks.{layer}.mlp.experts.{expert}.hook_out"
+    edit = zero_expert_in_hf(llama4, layer, expert)
+    assert_zeroed_hook_equals_hf_edit(llama4, batch, name, edit, hf_logits)
 
 
 def test_generate_with_an_expert_zeroed_equals_hf_generate_with_the_edit(llama4):
     """The hook fires at every decoding step too: tokens and every step's logits."""
-    vlm, n = llama4.vlm, 5
-    batch = vlm.prepare(family_images(), PROMPTS, padding_side="left")
-    zero = [("blocks.2.mlp.experts.1.hook_out", lambda x, hook: torch.zeros_like(x))]
-    with vlm.hooks(fwd_hooks=zero):
-        ours, our_logits = generate_with_step_logits(vlm, batch, n)
-    with zero_expert_in_hf(llama4, 2, 1):
-        theirs = llama4.reference.generate(
-            **batch.inputs,
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=NEVER,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-    assert torch.equal(ours, theirs.sequences[:, batch.input_ids.shape[1] :])
-    assert (our_logits - torch.stack(theirs.logits, dim=1)).abs().max() <= TOL
-    _, clean_logits = generate_with_step_logits(vlm, batch, n)
-    assert (our_logits - clean_logits).abs().max() > 1e-3, "the ablation must change the logits"
+    batch = llama4.vlm.prepare(family_images(), PROMPTS, padding_side="left")
+    assert_generate_with_zeroed_hook_equals_hf_edit(
+        llama4, batch, "blocks.2.mlp.experts.1.hook_out", zero_expert_in_hf(llama4, 2, 1)
+    )
 
 
 # ---------------------------------------------------------------- temperature tuning
@@ -378,18 +338,7 @@ def test_routing_by_modality_equals_a_hand_count_from_hfs_router(llama4, padding
     batch = vlm.prepare(family_images(), PROMPTS, padding_side=padding_side)
     routing = expert_routing(vlm, batch)
     assert routing.layers == MOE_LAYERS and routing.counts.shape == (len(MOE_LAYERS), 2, E)
-    scores = {}
-    handles = [
-        hf_blocks(llama4)[layer].feed_forward.router.register_forward_hook(
-            lambda module, args, output, layer=layer: scores.__setitem__(layer, output[0])
-        )
-        for layer in MOE_LAYERS
-    ]
-    try:
-        hf_logits(llama4, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    scores = {layer: out[0] for layer, out in hf_routers(llama4, batch).items()}
     width = batch.input_ids.shape[1]
     for i, layer in enumerate(MOE_LAYERS):
         for m, modality in enumerate(routing.modalities):

@@ -18,13 +18,23 @@ from hooked_vllm.tiny_models.qwen3_vl_moe import (
     QWEN3_VL_MOE_TOP_K,
 )
 from tests.conftest import Family, family_images
-from tests.test_families import generate_with_step_logits
-from tests.test_family_qwen3_5_moe import routed_rows, zero_expert_in_hf
+from tests.moe_checks import (
+    TOL,
+    ZERO,
+    assert_expert_hook_points,
+    assert_generate_with_zeroed_hook_equals_hf_edit,
+    assert_mlp_terms_sum_to_the_stream,
+    assert_router_hooks_equal_hf,
+    assert_routing_equals_a_hand_count,
+    assert_zeroed_hook_equals_hf_edit,
+    hf_module_outputs,
+    routed_expert_outputs,
+    summed_in_order,
+    zeroed_in_hf,
+)
 
 PROMPTS = ["Describe the image.", "What colour is the square in the picture?", "cat"]
 SIDES = pytest.mark.parametrize("padding_side", ["left", "right"])
-NEVER = -1
-TOL = 1e-5
 E, K = QWEN3_VL_MOE_EXPERTS, QWEN3_VL_MOE_TOP_K
 MOE_LAYERS = (0, 2)
 
@@ -42,6 +52,11 @@ def hf_logits(family, batch):
     return family.reference(**dict(batch.inputs)).logits
 
 
+def zero_expert_in_hf(family, layer, expert):
+    """HF's own edit: expert ``expert``'s down projection at ``layer`` set to zero, undone on exit."""
+    return zeroed_in_hf(hf_blocks(family)[layer].mlp.experts.down_proj, expert)
+
+
 def test_the_moe_layers_have_the_router_and_per_expert_hook_points(moe):
     vlm = moe.vlm
     names = vlm.hook_dict
@@ -53,9 +68,7 @@ def test_the_moe_layers_have_the_router_and_per_expert_hook_points(moe):
         assert f"blocks.{layer}.hook_mlp_out" in names
         for suffix in ("mlp.gate.hook_out", "mlp.hook_expert_weights", "mlp.hook_expert_indices"):
             assert (f"blocks.{layer}.{suffix}" in names) == moe_layer, (layer, suffix)
-        for expert in range(E):
-            assert (f"blocks.{layer}.mlp.experts.{expert}.hook_out" in names) == moe_layer
-        assert f"blocks.{layer}.mlp.experts.{E}.hook_out" not in names
+        assert_expert_hook_points(names, layer, E, present=moe_layer)
         assert not any(name.startswith(f"blocks.{layer}.mlp.shared_expert") for name in names)
     assert "blocks.1.mlp.dense_out.hook_out" in names  # the dense layer's down projection
     assert vlm.hf_model.config.get_text_config()._experts_implementation == "eager"
@@ -66,30 +79,10 @@ def test_router_hooks_equal_hfs_router(moe, padding_side):
     """Router logits and the chosen experts, against the outputs of HF's own router modules."""
     vlm = moe.vlm
     batch = vlm.prepare(family_images(), PROMPTS, padding_side=padding_side)
-    real = batch.attention_mask.bool().reshape(-1)
-    routers = {}
-
-    def record(layer):
-        def hook(module, args, output):
-            routers[layer] = output  # (logits, top-k weights, top-k indices)
-
-        return hook
-
-    handles = [hf_blocks(moe)[layer].mlp.gate.register_forward_hook(record(layer)) for layer in MOE_LAYERS]
-    try:
-        hf_logits(moe, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    _, cache = vlm.run_with_cache(batch, names_filter=lambda n: ".mlp.gate." in n or "hook_expert" in n)
+    gates = {layer: hf_blocks(moe)[layer].mlp.gate for layer in MOE_LAYERS}
+    routers = hf_module_outputs(gates, lambda: hf_logits(moe, batch))
     assert tuple(routers) == MOE_LAYERS
-    for layer, (logits, weights, indices) in routers.items():
-        ours = cache[f"blocks.{layer}.mlp.gate.hook_out"]
-        assert ours.shape == (real.numel(), E)
-        assert (ours - logits)[real].abs().max() <= TOL
-        assert torch.equal(cache[f"blocks.{layer}.mlp.hook_expert_indices"][real], indices[real])
-        scattered = cache[f"blocks.{layer}.mlp.hook_expert_weights"]  # [tokens, n_experts]
-        assert (scattered.gather(-1, indices) - weights)[real].abs().max() <= TOL
+    assert_router_hooks_equal_hf(vlm, batch, routers, E)
 
 
 @SIDES
@@ -103,15 +96,9 @@ def test_expert_outputs_sum_to_the_mlp_term(moe, padding_side):
     shape = (*batch.input_ids.shape, vlm.cfg.d_model)
     for layer in MOE_LAYERS:
         indices = cache[f"blocks.{layer}.mlp.hook_expert_indices"]
-        total = torch.zeros(shape[0] * shape[1], shape[2])
-        for expert in range(E):
-            out = cache[f"blocks.{layer}.mlp.experts.{expert}.hook_out"]
-            assert out.shape == total.shape
-            routed = routed_rows(indices, expert)
-            assert not out[~routed].any() and (out[routed].abs().amax(-1) > 0).all()
-            total = total + out
+        total = summed_in_order(routed_expert_outputs(vlm, cache, batch, layer, E, indices))
         assert torch.equal(total.reshape(shape), cache[f"blocks.{layer}.hook_mlp_out"])
-    components, labels = cache.decompose_resid(return_labels=True)
+    labels = assert_mlp_terms_sum_to_the_stream(vlm, cache, batch)
     assert labels == [
         "embed",
         "0_attn_out",
@@ -123,27 +110,14 @@ def test_expert_outputs_sum_to_the_mlp_term(moe, padding_side):
         "2_attn_out",
         "2_mlp_out",
     ]
-    for layer in range(vlm.cfg.n_layers):
-        assert torch.equal(
-            components[labels.index(f"{layer}_mlp_out")], cache[f"blocks.{layer}.hook_mlp_out"]
-        )
-    real = batch.attention_mask.bool()
-    final = cache[f"blocks.{vlm.cfg.n_layers - 1}.hook_resid_post"]
-    assert (components.sum(0) - final)[real].abs().max() <= TOL
 
 
 @SIDES
 @pytest.mark.parametrize(("layer", "expert"), [(0, 1), (2, 0), (2, 3)])
 def test_zeroing_an_expert_through_its_hook_equals_the_edit_inside_hf(moe, padding_side, layer, expert):
-    vlm = moe.vlm
-    batch = vlm.prepare(family_images(), PROMPTS, padding_side=padding_side)
-    real = batch.attention_mask.bool()
-    zero = [(f"blocks.{layer}.mlp.experts.{expert}.hook_out", lambda x, hook: torch.zeros_like(x))]
-    ours = vlm.run_with_hooks(batch, fwd_hooks=zero)
-    with zero_expert_in_hf(moe, layer, expert):
-        theirs = hf_logits(moe, batch)
-    assert (ours - theirs)[real].abs().max() <= TOL
-    assert (ours - vlm(batch))[real].abs().max() > 1e-3, "the ablation must change something"
+    batch = moe.vlm.prepare(family_images(), PROMPTS, padding_side=padding_side)
+    name = f"blocks.{layer}.mlp.experts.{expert}.hook_out"
+    assert_zeroed_hook_equals_hf_edit(moe, batch, name, zero_expert_in_hf(moe, layer, expert), hf_logits)
 
 
 def test_an_expert_and_a_deepstack_injection_zeroed_together_equal_hf(moe, monkeypatch):
@@ -153,10 +127,7 @@ def test_an_expert_and_a_deepstack_injection_zeroed_together_equal_hf(moe, monke
     vlm, reference = moe.vlm, moe.reference
     batch = vlm.prepare(family_images(), PROMPTS, padding_side="right")
     real = batch.attention_mask.bool()
-    zero = [
-        (name, lambda x, hook: torch.zeros_like(x))
-        for name in ("blocks.2.mlp.experts.2.hook_out", "blocks.1.hook_deepstack")
-    ]
+    zero = [(name, ZERO) for name in ("blocks.2.mlp.experts.2.hook_out", "blocks.1.hook_deepstack")]
     ours = vlm.run_with_hooks(batch, fwd_hooks=zero)
     original = reference.model.get_image_features
 
@@ -175,42 +146,13 @@ def test_an_expert_and_a_deepstack_injection_zeroed_together_equal_hf(moe, monke
 
 def test_generate_with_an_expert_zeroed_equals_hf_generate_with_the_edit(moe):
     """The hook fires at every decoding step too (HF's cache path): tokens and every step's logits."""
-    vlm, n = moe.vlm, 5
-    batch = vlm.prepare(family_images(), PROMPTS, padding_side="left")
-    zero = [("blocks.2.mlp.experts.1.hook_out", lambda x, hook: torch.zeros_like(x))]
-    with vlm.hooks(fwd_hooks=zero):
-        ours, our_logits = generate_with_step_logits(vlm, batch, n)
-    with zero_expert_in_hf(moe, 2, 1):
-        theirs = moe.reference.generate(
-            **batch.inputs,
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=NEVER,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-    assert torch.equal(ours, theirs.sequences[:, batch.input_ids.shape[1] :])
-    assert (our_logits - torch.stack(theirs.logits, dim=1)).abs().max() <= TOL
-    _, clean_logits = generate_with_step_logits(vlm, batch, n)
-    assert (our_logits - clean_logits).abs().max() > 1e-3, "the ablation must change the logits"
+    batch = moe.vlm.prepare(family_images(), PROMPTS, padding_side="left")
+    assert_generate_with_zeroed_hook_equals_hf_edit(
+        moe, batch, "blocks.2.mlp.experts.1.hook_out", zero_expert_in_hf(moe, 2, 1)
+    )
 
 
 # ---------------------------------------------------------------- routing by modality
-def hand_count(cache, batch, layer, modality):
-    """Per expert, how many of the modality's tokens chose it: top-k of the softmax of the router's
-    logits, counted position by position."""
-    logits = cache[f"blocks.{layer}.mlp.gate.hook_out"]
-    mask = getattr(batch, f"{modality}_mask")
-    width = mask.shape[1]
-    counts = [0] * E
-    for item in range(mask.shape[0]):
-        for pos in range(width):
-            if mask[item, pos]:
-                for expert in torch.softmax(logits[item * width + pos], -1).topk(K).indices.tolist():
-                    counts[expert] += 1
-    return counts
-
-
 @SIDES
 def test_routing_by_modality_equals_a_hand_count_from_the_router_logits(moe, padding_side):
     vlm = moe.vlm
@@ -219,10 +161,4 @@ def test_routing_by_modality_equals_a_hand_count_from_the_router_logits(moe, pad
     assert routing.layers == MOE_LAYERS and routing.modalities == ("image", "text")
     assert routing.counts.shape == (len(MOE_LAYERS), 2, E)
     assert routing.tokens.tolist() == [int(batch.image_mask.sum()), int(batch.text_mask.sum())]
-    _, cache = vlm.run_with_cache(batch, names_filter=lambda n: n.endswith("mlp.gate.hook_out"))
-    for i, layer in enumerate(MOE_LAYERS):
-        for m, modality in enumerate(routing.modalities):
-            assert routing.counts[i, m].tolist() == hand_count(cache, batch, layer, modality)
-    assert torch.equal(routing.counts.sum(-1), K * routing.tokens.expand(len(MOE_LAYERS), 2))
-    halves = expert_routing(vlm, batch.select([0])) + expert_routing(vlm, batch.select([1, 2]))
-    assert torch.equal(halves.counts, routing.counts) and torch.equal(halves.tokens, routing.tokens)
+    assert_routing_equals_a_hand_count(vlm, batch, routing, MOE_LAYERS, E, K)
