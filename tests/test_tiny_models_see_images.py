@@ -2,7 +2,7 @@
 last-position logits.
 
 At HF's initial scales some vision stacks squash the image signal (InstructBLIP's and BLIP-2's ViT
-and Q-Former: two images gave visual prefixes 3e-8 apart). On such a model every test comparing an
+and Q-Former: two images gave visual prefixes 4e-8 to 6e-8 apart). On such a model every test comparing an
 image-dependent quantity with HF passes whatever the image path does, so each builder must keep
 the image visible (``tiny_models/<family>.py`` re-draws the weights that squash it).
 
