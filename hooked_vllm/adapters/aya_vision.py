@@ -32,8 +32,14 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformers import PreTrainedModel
 
-from hooked_vllm.adapters.base import ImageSlots, VLMAdapter, causal_lm_view
-from hooked_vllm.adapters.tokens import token_ids_with_spans
+from hooked_vllm.adapters.base import (
+    ImageSlots,
+    VLMAdapter,
+    causal_lm_view,
+    pixel_shuffled_grid,
+    thumbnail_last_layouts,
+)
+from hooked_vllm.adapters.tokens import expansion_mask, marker_blocks, real_token_rows, token_ids_with_spans
 from hooked_vllm.errors import ImageCountError
 
 
@@ -90,24 +96,11 @@ class AyaVisionAdapter(VLMAdapter):
     def image_text_mask(self, input_ids: Int[torch.Tensor, "batch pos"]) -> Bool[torch.Tensor, "batch pos"]:
         """What the processor writes for each image, ``<|START_OF_IMG|>`` to ``<|END_OF_IMG|>``: the
         slots, the ``TILE_*`` text and the two markers."""
-        ids = input_ids if input_ids.dim() == 2 else input_ids[None]
-        mask = self.placeholder_mask(ids)
-        for row, tokens in enumerate(ids.tolist()):
-            for first, last in self._blocks(tokens):
-                mask[row, first:last] = True
-        return mask if input_ids.dim() == 2 else mask[0]
+        return expansion_mask(input_ids, self.placeholder_mask, self._blocks)
 
     def _blocks(self, tokens: list[int]) -> list[tuple[int, int]]:
         """``[start, end)`` of each image's expansion in one row of token ids."""
-        start, end = self._markers()
-        blocks, opened = [], None
-        for pos, token in enumerate(tokens):
-            if token == start:
-                opened = pos
-            elif token == end and opened is not None:
-                blocks.append((opened, pos + 1))
-                opened = None
-        return blocks
+        return marker_blocks(tokens, *self._markers())
 
     # -- the vision side
     def visual_prefix(self, inputs: Mapping[str, torch.Tensor]) -> Float[torch.Tensor, "n_slots d_model"]:
@@ -127,13 +120,8 @@ class AyaVisionAdapter(VLMAdapter):
     def tiles_per_image(self, inputs: Mapping[str, torch.Tensor]) -> list[int]:
         """Per image, in prompt order, its tiles (rows of ``pixel_values``): the runs of slots in its
         expansion, each run one tile's, as the processor writes them."""
-        ids = inputs["input_ids"]
-        ids = ids if ids.dim() == 2 else ids[None]
-        mask = inputs.get("attention_mask")
-        real = mask.reshape(ids.shape).bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         tiles = []
-        for tokens, keep in zip(ids.tolist(), real.tolist()):
-            tokens = [t if k else -1 for t, k in zip(tokens, keep)]
+        for tokens in real_token_rows(inputs):
             for first, last in self._blocks(tokens):
                 block = tokens[first:last]
                 runs = [b for a, b in zip([None, *block], block) if b == self.image_token_id and a != b]
@@ -157,22 +145,15 @@ class AyaVisionAdapter(VLMAdapter):
         patches' own coordinates (a slot's row and col: its first patch's, divided by the factor)."""
         config = self.hf_model.config
         side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
-        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-        coords = torch.stack([rows, cols], dim=-1).reshape(1, side * side, 2).to(torch.float64)
-        shuffled = self.hf_model.model.multi_modal_projector.pixel_shuffle(coords)
-        merged = shuffled.reshape(-1, shuffled.shape[-1] // 2, 2)  # [slots, patches per slot, (row, col)]
-        return merged.amin(dim=1).long() // int(config.downsample_factor)
+        shuffle = self.hf_model.model.multi_modal_projector.pixel_shuffle
+        return pixel_shuffled_grid(
+            side, lambda coords: shuffle(coords.reshape(1, side * side, 2)), int(config.downsample_factor)
+        )
 
     def image_layouts(self, inputs: Mapping[str, torch.Tensor]) -> list[ImageSlots]:
         """Per image: (tile, row, col) of each slot; **tile 0 is the thumbnail**, last in the sequence,
         tiles 1.. the crops in the processor's order. An image of one tile is tile 0 alone."""
-        grid = self._tile_grid()
-        layouts = []
-        for tiles in self.tiles_per_image(inputs):
-            labels = [0] if tiles == 1 else [*range(1, tiles), 0]
-            cells = [torch.cat([torch.full((len(grid), 1), t), grid], dim=-1) for t in labels]
-            layouts.append(ImageSlots(torch.cat(cells)))
-        return layouts
+        return thumbnail_last_layouts(self.tiles_per_image(inputs), self._tile_grid())
 
     def image_input_rows(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
         return {"pixel_values": self.tiles_per_image(inputs)}

@@ -135,6 +135,33 @@ def _grid(tile: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.full_like(rows, tile), rows, cols], dim=-1)
 
 
+def pixel_shuffled_grid(
+    side: int, shuffle: Callable[[torch.Tensor], torch.Tensor], factor: int
+) -> Int[torch.Tensor, "slots 2"]:
+    """(row, col) of each slot of a tile of ``side`` x ``side`` patches, in the order of the model's own
+    pixel shuffle: ``shuffle`` run on the patches' coordinates (``[side, side, 2]``, float64), each
+    slot's row and col those of the first patch it merges, divided by the merge ``factor``."""
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    shuffled = shuffle(torch.stack([rows, cols], dim=-1).to(torch.float64))
+    merged = shuffled.reshape(-1, shuffled.shape[-1] // 2, 2)  # [slots, patches per slot, (row, col)]
+    return merged.amin(dim=1).long() // factor
+
+
+def thumbnail_last_layouts(
+    tiles_per_image: list[int], grid: Int[torch.Tensor, "slots 2"]
+) -> list[ImageSlots]:
+    """Per image of ``tiles`` tiles, each of ``grid``'s slots: (tile, row, col) of each slot. **Tile 0 is
+    the thumbnail** (the whole image on one tile), which comes *last* in the sequence; the crops come
+    first, tiles 1, 2, ... in the processor's order. An image of one tile is tile 0 alone (InternVL,
+    Aya Vision, Llama 4)."""
+    layouts = []
+    for tiles in tiles_per_image:
+        labels = [0] if tiles == 1 else [*range(1, tiles), 0]
+        cells = [torch.cat([torch.full((len(grid), 1), t), grid], dim=-1) for t in labels]
+        layouts.append(ImageSlots(torch.cat(cells)))
+    return layouts
+
+
 class VLMAdapter(ABC):
     """One VLM family: see the module docstring for the contract."""
 

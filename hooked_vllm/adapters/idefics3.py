@@ -52,6 +52,7 @@ from jaxtyping import Bool, Float, Int
 from transformers.models.smolvlm import processing_smolvlm
 
 from hooked_vllm.adapters.base import ImageSlots, VLMAdapter
+from hooked_vllm.adapters.tokens import expansion_mask, real_token_rows
 
 
 def _num2words_missing(number: int, *args: Any, **kwargs: Any) -> str:
@@ -98,12 +99,8 @@ class Idefics3Adapter(VLMAdapter):
     def image_text_mask(self, input_ids: Int[torch.Tensor, "batch pos"]) -> Bool[torch.Tensor, "batch pos"]:
         """The text the processor writes for each image, from its first ``<fake_token_around_image>``
         to the one closing its global image: the slots and the structure tokens around them."""
-        ids = input_ids if input_ids.dim() == 2 else input_ids[None]
-        mask = self.placeholder_mask(ids)  # a prompt's own <image> too, before the processor expands it
-        for row, tokens in enumerate(ids.tolist()):
-            for start, end in self._blocks(tokens):
-                mask[row, start:end] = True
-        return mask if input_ids.dim() == 2 else mask[0]
+        # placeholder_mask: a prompt's own <image> too, before the processor expands it
+        return expansion_mask(input_ids, self.placeholder_mask, self._blocks)
 
     def _blocks(self, tokens: list[int]) -> list[tuple[int, int]]:
         """``[start, end)`` of each image's expansion in one row of token ids."""
@@ -121,15 +118,9 @@ class Idefics3Adapter(VLMAdapter):
 
     def _expansions_of(self, inputs: Mapping[str, torch.Tensor]) -> list[list[list[int]]]:
         """Per item, the token ids of each of its images' expansions (real tokens only)."""
-        ids = inputs["input_ids"]
-        ids = ids if ids.dim() == 2 else ids[None]
-        mask = inputs.get("attention_mask")
-        real = mask.reshape(ids.shape).bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-        out = []
-        for tokens, keep in zip(ids.tolist(), real.tolist()):
-            tokens = [t if k else -1 for t, k in zip(tokens, keep)]
-            out.append([tokens[start:end] for start, end in self._blocks(tokens)])
-        return out
+        return [
+            [tokens[start:end] for start, end in self._blocks(tokens)] for tokens in real_token_rows(inputs)
+        ]
 
     def normalize_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``pixel_values`` and ``pixel_attention_mask`` one image per row (the processor's are one item

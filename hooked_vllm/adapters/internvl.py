@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import torch
 from jaxtyping import Float, Int
 
-from hooked_vllm.adapters.base import ImageSlots, VLMAdapter
+from hooked_vllm.adapters.base import ImageSlots, VLMAdapter, pixel_shuffled_grid, thumbnail_last_layouts
 from hooked_vllm.adapters.tokens import token_ids_with_spans
 from hooked_vllm.errors import ImageCountError
 
@@ -126,28 +126,19 @@ class InternVLAdapter(VLMAdapter):
         config = self.hf_model.config
         vision = config.vision_config
         side = int(vision.image_size[0]) // int(vision.patch_size[0])
-        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-        coords = torch.stack([rows, cols], dim=-1).to(torch.float64)[None]  # [1, side, side, 2]
-        shuffled = self.hf_model.model.pixel_shuffle(coords, scale_factor=config.downsample_ratio)
-        merged = shuffled.reshape(-1, shuffled.shape[-1] // 2, 2)  # [slots, patches per slot, (row, col)]
-        factor = round(1 / config.downsample_ratio)
-        return merged.amin(dim=1).long() // factor
+        shuffle = self.hf_model.model.pixel_shuffle
+        return pixel_shuffled_grid(
+            side,
+            lambda coords: shuffle(coords[None], scale_factor=config.downsample_ratio),
+            round(1 / config.downsample_ratio),
+        )
 
     def image_layouts(self, inputs: Mapping[str, torch.Tensor]) -> list[ImageSlots]:
         """Per image: (tile, row, col) of each slot, row and col on the tile's slot grid (square,
         row-major). **Tile 0 is the thumbnail** (the whole image resized to one tile), which comes
         *last* in the sequence; the crops come first, tiles 1, 2, ... in HF's order (row-major on
         the canvas). An image of one tile has no thumbnail: its only tile, the whole image, is tile 0."""
-        grid = self._tile_grid()
-        layouts = []
-        for tiles in self.tiles_per_image(inputs):
-            labels = [0] if tiles == 1 else [*range(1, tiles), 0]
-            layouts.append(
-                ImageSlots(
-                    torch.cat([torch.cat([torch.full((len(grid), 1), t), grid], dim=-1) for t in labels])
-                )
-            )
-        return layouts
+        return thumbnail_last_layouts(self.tiles_per_image(inputs), self._tile_grid())
 
     def image_input_rows(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
         return {"pixel_values": self.tiles_per_image(inputs)}

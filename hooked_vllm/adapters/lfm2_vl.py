@@ -36,6 +36,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from hooked_vllm.adapters.base import ImageSlots, VLMAdapter
+from hooked_vllm.adapters.tokens import expansion_mask, marker_blocks, real_token_rows
 from hooked_vllm.errors import BatchFormatError
 
 _ROW_COL = re.compile(r"<\|img_row_(\d+)_col_(\d+)\|>")
@@ -68,24 +69,12 @@ class Lfm2VlAdapter(VLMAdapter):
 
     def image_text_mask(self, input_ids: Int[torch.Tensor, "batch pos"]) -> Bool[torch.Tensor, "batch pos"]:
         """Each image's expansion, ``<|image_start|>`` to ``<|image_end|>``: slots and markers."""
-        ids = input_ids if input_ids.dim() == 2 else input_ids[None]
-        mask = self.placeholder_mask(ids)  # a prompt's own <image> too, before the processor expands it
-        for row, tokens in enumerate(ids.tolist()):
-            for start, end in self._blocks(tokens):
-                mask[row, start:end] = True
-        return mask if input_ids.dim() == 2 else mask[0]
+        # placeholder_mask: a prompt's own <image> too, before the processor expands it
+        return expansion_mask(input_ids, self.placeholder_mask, self._blocks)
 
     def _blocks(self, tokens: list[int]) -> list[tuple[int, int]]:
         """``[start, end)`` of each image's expansion in one row of token ids."""
-        start_id, end_id = self.image_start_id, self.image_end_id
-        blocks, start = [], None
-        for pos, token in enumerate(tokens):
-            if token == start_id:
-                start = pos
-            elif token == end_id and start is not None:
-                blocks.append((start, pos + 1))
-                start = None
-        return blocks
+        return marker_blocks(tokens, self.image_start_id, self.image_end_id)
 
     def _expansions(self, inputs: Mapping[str, torch.Tensor]) -> list[list[int]]:
         """The token ids of every image's expansion, in batch order (real tokens only)."""
@@ -93,8 +82,7 @@ class Lfm2VlAdapter(VLMAdapter):
         ids = ids if ids.dim() == 2 else ids[None]
         real = inputs.get("attention_mask", torch.ones_like(ids)).reshape(ids.shape).bool()
         expansions = []
-        for tokens, keep in zip(ids.tolist(), real.tolist()):
-            tokens = [t if k else -1 for t, k in zip(tokens, keep)]
+        for tokens in real_token_rows(inputs):
             expansions += [tokens[start:end] for start, end in self._blocks(tokens)]
         if not expansions and bool((self.placeholder_mask(ids) & real).any()):
             raise BatchFormatError(

@@ -50,7 +50,15 @@ from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask
 from transformers.models.llama4.modeling_llama4 import apply_rotary_emb, pixel_shuffle, repeat_kv
 
-from hooked_vllm.adapters.base import ImageSlots, VLMAdapter, causal_lm_view, no_kv_cache
+from hooked_vllm.adapters.base import (
+    ImageSlots,
+    VLMAdapter,
+    causal_lm_view,
+    no_kv_cache,
+    pixel_shuffled_grid,
+    thumbnail_last_layouts,
+)
+from hooked_vllm.adapters.tokens import expansion_mask, marker_blocks, real_token_rows
 from hooked_vllm.errors import ImageCountError
 
 
@@ -103,25 +111,19 @@ class Llama4Adapter(VLMAdapter):
     def image_text_mask(self, input_ids: Int[torch.Tensor, "batch pos"]) -> Bool[torch.Tensor, "batch pos"]:
         """Each image's expansion, ``<|image_start|>`` to ``<|image_end|>``, and any ``<|image|>`` or
         ``<|patch|>`` outside one (a prompt's own placeholder)."""
-        ids = input_ids if input_ids.dim() == 2 else input_ids[None]
         start, image, *_, end = self.structure_token_ids
-        mask = self.placeholder_mask(ids) | (ids == image)
-        for row, tokens in enumerate(ids.tolist()):
-            for first, last in _blocks(tokens, start, end):
-                mask[row, first:last] = True
-        return mask if input_ids.dim() == 2 else mask[0]
+        return expansion_mask(
+            input_ids,
+            lambda ids: self.placeholder_mask(ids) | (ids == image),
+            lambda row: marker_blocks(row, start, end),
+        )
 
     def _expansions_of(self, inputs: Mapping[str, torch.Tensor]) -> list[list[int]]:
         """Each image's expansion (token ids, real positions only), items in turn."""
-        ids = inputs["input_ids"]
-        ids = ids if ids.dim() == 2 else ids[None]
-        mask = inputs.get("attention_mask")
-        real = mask.reshape(ids.shape).bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         start, *_, end = self.structure_token_ids
         out = []
-        for tokens, keep in zip(ids.tolist(), real.tolist(), strict=True):
-            tokens = [t if k else -1 for t, k in zip(tokens, keep, strict=True)]
-            out += [tokens[first:last] for first, last in _blocks(tokens, start, end)]
+        for tokens in real_token_rows(inputs):
+            out += [tokens[first:last] for first, last in marker_blocks(tokens, start, end)]
         return out
 
     # -- processing
@@ -160,11 +162,10 @@ class Llama4Adapter(VLMAdapter):
         patch it merges, divided by the merge factor)."""
         vision = self.hf_model.config.vision_config
         side = int(vision.image_size) // int(vision.patch_size)
-        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-        coords = torch.stack([rows, cols], dim=-1).reshape(1, side * side, 2).to(torch.float64)
-        shuffled = pixel_shuffle(coords, vision.pixel_shuffle_ratio)[0]
-        merged = shuffled.reshape(shuffled.shape[0], -1, 2)  # [slots, patches per slot, (row, col)]
-        return merged.amin(dim=1).long() // round(1 / vision.pixel_shuffle_ratio)
+        ratio = vision.pixel_shuffle_ratio
+        return pixel_shuffled_grid(
+            side, lambda coords: pixel_shuffle(coords.reshape(1, side * side, 2), ratio), round(1 / ratio)
+        )
 
     def _crop_grid(self, block: list[int]) -> tuple[int, int]:
         """``(rows, cols)`` of an image's crops, read from its expansion (``(0, 0)``: one tile, no
@@ -197,13 +198,7 @@ class Llama4Adapter(VLMAdapter):
         """Per image: (tile, row, col) of each slot, row and col on the tile's slot grid. **Tile 0 is
         the global view** (the whole image on one tile), which comes *last* in the sequence; the crops
         come first, tiles 1, 2, ... row-major on the canvas. An image of one tile is tile 0 alone."""
-        grid = self._tile_grid()
-        layouts = []
-        for tiles in self.tiles_per_image(inputs):
-            labels = [0] if tiles == 1 else [*range(1, tiles), 0]
-            cells = [torch.cat([torch.full((len(grid), 1), t), grid], dim=-1) for t in labels]
-            layouts.append(ImageSlots(torch.cat(cells)))
-        return layouts
+        return thumbnail_last_layouts(self.tiles_per_image(inputs), self._tile_grid())
 
     def image_input_rows(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
         return {"pixel_values": self.tiles_per_image(inputs)}
@@ -227,18 +222,6 @@ class Llama4Adapter(VLMAdapter):
             "full_attention": create_causal_mask(**kwargs, **no_kv_cache(create_causal_mask)),
             "chunked_attention": chunked,
         }
-
-
-def _blocks(tokens: list[int], start: int, end: int) -> list[tuple[int, int]]:
-    """``[first, last)`` of each ``start ... end`` run in one row of token ids."""
-    blocks, first = [], None
-    for pos, token in enumerate(tokens):
-        if token == start:
-            first = pos
-        elif token == end and first is not None:
-            blocks.append((first, pos + 1))
-            first = None
-    return blocks
 
 
 def llama4_attention_forward(

@@ -1,8 +1,13 @@
-"""Token ids with character spans, shared by the adapters."""
+"""Token ids with character spans, and the image expansions a processor writes between two markers,
+shared by the adapters."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import torch
+from jaxtyping import Bool, Int
 
 
 def token_ids_with_spans(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -18,3 +23,41 @@ def token_ids_with_spans(tokenizer: Any, text: str) -> tuple[list[int], list[tup
         )
     encoding = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
     return list(encoding["input_ids"]), [tuple(span) for span in encoding["offset_mapping"]]
+
+
+def marker_blocks(tokens: list[int], start: int, end: int) -> list[tuple[int, int]]:
+    """``[first, last)`` of each ``start ... end`` run (both markers included) in one row of token ids."""
+    blocks, first = [], None
+    for pos, token in enumerate(tokens):
+        if token == start:
+            first = pos
+        elif token == end and first is not None:
+            blocks.append((first, pos + 1))
+            first = None
+    return blocks
+
+
+def real_token_rows(inputs: Mapping[str, torch.Tensor]) -> list[list[int]]:
+    """Each item's ``input_ids`` as a list, padding (``attention_mask`` 0) written as -1."""
+    ids = inputs["input_ids"]
+    ids = ids if ids.dim() == 2 else ids[None]
+    mask = inputs.get("attention_mask")
+    real = mask.reshape(ids.shape).bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    return [
+        [t if k else -1 for t, k in zip(tokens, keep)] for tokens, keep in zip(ids.tolist(), real.tolist())
+    ]
+
+
+def expansion_mask(
+    input_ids: Int[torch.Tensor, "*batch pos"],
+    base: Callable[[torch.Tensor], torch.Tensor],
+    blocks: Callable[[list[int]], list[tuple[int, int]]],
+) -> Bool[torch.Tensor, "*batch pos"]:
+    """``base(ids)`` (``[batch, pos]``) with every ``[first, last)`` of ``blocks(row)`` set in each row:
+    what the processor wrote for each image. ``input_ids`` with or without its batch dimension."""
+    ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    mask = base(ids)
+    for row, tokens in enumerate(ids.tolist()):
+        for first, last in blocks(tokens):
+            mask[row, first:last] = True
+    return mask if input_ids.dim() == 2 else mask[0]
