@@ -147,6 +147,19 @@ def pixel_shuffled_grid(
     return merged.amin(dim=1).long() // factor
 
 
+def selected_image_features(hf_model: PreTrainedModel, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+    """HF's ``model.get_image_features(...).pooler_output`` with the config's ``vision_feature_layer``
+    and ``vision_feature_select_strategy`` (LLaVA, InternVL, Aya Vision): ``[images or tiles, slots,
+    d_model]`` or one tensor per image. ``kwargs`` go to ``get_image_features`` as they are."""
+    config = hf_model.config
+    return hf_model.model.get_image_features(
+        pixel_values=pixel_values,
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        **kwargs,
+    ).pooler_output
+
+
 def thumbnail_last_layouts(
     tiles_per_image: list[int], grid: Int[torch.Tensor, "slots 2"]
 ) -> list[ImageSlots]:

@@ -26,7 +26,13 @@ from collections.abc import Mapping
 import torch
 from jaxtyping import Float, Int
 
-from hooked_vllm.adapters.base import ImageSlots, VLMAdapter, pixel_shuffled_grid, thumbnail_last_layouts
+from hooked_vllm.adapters.base import (
+    ImageSlots,
+    VLMAdapter,
+    pixel_shuffled_grid,
+    selected_image_features,
+    thumbnail_last_layouts,
+)
 from hooked_vllm.adapters.tokens import token_ids_with_spans
 from hooked_vllm.errors import ImageCountError
 
@@ -62,12 +68,7 @@ class InternVLAdapter(VLMAdapter):
 
     # -- the vision side
     def visual_prefix(self, inputs: Mapping[str, torch.Tensor]) -> Float[torch.Tensor, "n_slots d_model"]:
-        config = self.hf_model.config
-        features = self.hf_model.model.get_image_features(
-            pixel_values=inputs["pixel_values"],
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-        ).pooler_output
+        features = selected_image_features(self.hf_model, inputs["pixel_values"])
         return features.flatten(0, 1)  # [tiles, slots per tile, d] -> tiles in order
 
     def vision_hook_sites(self) -> dict[str, torch.nn.Module]:

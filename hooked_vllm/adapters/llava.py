@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 from jaxtyping import Float
 
-from hooked_vllm.adapters.base import VLMAdapter
+from hooked_vllm.adapters.base import VLMAdapter, selected_image_features
 
 
 class LlavaAdapter(VLMAdapter):
@@ -49,12 +49,7 @@ class LlavaAdapter(VLMAdapter):
         return (left, top, left + crop_w, top + crop_h)
 
     def visual_prefix(self, inputs: Mapping[str, torch.Tensor]) -> Float[torch.Tensor, "n_slots d_model"]:
-        config = self.hf_model.config
-        features = self.hf_model.model.get_image_features(
-            pixel_values=inputs["pixel_values"],
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-        ).pooler_output
+        features = selected_image_features(self.hf_model, inputs["pixel_values"])
         if isinstance(features, (list, tuple)):
             return torch.cat(list(features))
         return features.flatten(0, 1)
