@@ -11,7 +11,6 @@ from transformers import (
     AyaVisionForConditionalGeneration,
     AyaVisionProcessor,
     Cohere2Config,
-    GotOcr2ImageProcessor,
     SiglipVisionConfig,
 )
 
@@ -20,6 +19,7 @@ from hooked_vllm.tiny_models.common import (
     TinyTextConfig,
     default_dir,
     finish_init,
+    tile_image_processor,
     train_tokenizer,
 )
 
@@ -97,12 +97,7 @@ def tiny_aya_vision(
     config._attn_implementation = "eager"
     model = finish_init(AyaVisionForConditionalGeneration(config), seed, redraw_zeros=True)
     processor = AyaVisionProcessor(
-        image_processor=GotOcr2ImageProcessor(
-            size={"height": tile_size, "width": tile_size},
-            crop_to_patches=True,
-            min_patches=1,
-            max_patches=max_patches,
-        ),
+        image_processor=tile_image_processor(tile_size, max_patches),
         tokenizer=tokenizer,
         patch_size=patch_size,
         img_size=tile_size,

@@ -10,6 +10,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoTokenizer,
+    GotOcr2ImageProcessor,
     LlamaConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -141,6 +142,18 @@ class TinyTextConfig:
 
 #: The vision tower of every tiny model with a CLIP/SigLIP-style config (hidden size, MLP, depth, heads).
 TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+def tile_image_processor(tile_size: int, max_patches: int) -> GotOcr2ImageProcessor:
+    """GotOCR2's tiler (InternVL's, Aya Vision's): each image cropped to the canvas of 1 to
+    ``max_patches`` square tiles of ``tile_size`` pixels closest to its aspect, plus a thumbnail when
+    that is more than one tile."""
+    return GotOcr2ImageProcessor(
+        size={"height": tile_size, "width": tile_size},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=max_patches,
+    )
 
 
 def default_dir(kind: str) -> Path:

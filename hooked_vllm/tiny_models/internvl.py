@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    GotOcr2ImageProcessor,
     InternVLConfig,
     InternVLForConditionalGeneration,
     InternVLProcessor,
@@ -20,6 +19,7 @@ from hooked_vllm.tiny_models.common import (
     TinyTextConfig,
     default_dir,
     finish_init,
+    tile_image_processor,
     train_tokenizer,
 )
 
@@ -93,12 +93,7 @@ def tiny_internvl(
     config._attn_implementation = "eager"
     model = finish_init(InternVLForConditionalGeneration(config), seed, redraw_zeros=True)
     processor = InternVLProcessor(
-        image_processor=GotOcr2ImageProcessor(
-            size={"height": tile_size, "width": tile_size},
-            crop_to_patches=True,
-            min_patches=1,
-            max_patches=max_patches,
-        ),
+        image_processor=tile_image_processor(tile_size, max_patches),
         tokenizer=tokenizer,
         video_processor=InternVLVideoProcessor(size={"height": tile_size, "width": tile_size}),
         image_seq_length=per_tile,
