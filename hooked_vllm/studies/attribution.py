@@ -77,7 +77,10 @@ def gradient_run(
                     f"{name} does not depend on {ROOT} in this model: attribution patching cannot "
                     "take its gradient. Choose another hook kind."
                 )
-            else:
+            else:  # a new tensor object, so that a hook point that writes back only a changed
+                # value (transformer-lens's AltUp block, Gemma 3n: an identity check) puts this one
+                # in the graph; a bare view of its stack would get no gradient
+                act = act.view_as(act)
                 act.retain_grad()
             acts[name] = act
             return act
@@ -98,6 +101,12 @@ def gradient_run(
                     "block's hook of the kind asked for. Choose another hook kind."
                 )
             metric(logits).sum().backward()
+            ungraded = [name for name in names if acts[name].grad is None]
+            if ungraded:
+                raise HookedVLMError(
+                    f"{ungraded[0]} got no gradient: the value its hook sees is not the one this model "
+                    "carries on, so attribution patching cannot estimate there. Choose another hook kind."
+                )
     finally:
         for parameter in parameters:
             parameter.requires_grad_(True)

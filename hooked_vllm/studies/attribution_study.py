@@ -195,8 +195,9 @@ class AttributionStudy(Study):
                 image = other if other.size == image.size else other.resize(image.size, Image.BICUBIC)
             images.append(image)
             partners.append(partner)
-        real = clean.attention_mask.bool()
-        side = "left" if (~real[:, 0]).any() else "right"
+        # left padding puts every item's last real token at the end (a family may put its pad
+        # elsewhere than position 0: InstructBLIP's queries come before it)
+        side = "left" if bool((clean.last_positions == clean.input_ids.shape[1] - 1).all()) else "right"
         corrupt = vlm.prepare(images, [item.instruction for item in items], padding_side=side)
         for key in ("input_ids", "attention_mask"):
             if not torch.equal(corrupt.inputs[key].cpu(), clean.inputs[key].cpu()):
