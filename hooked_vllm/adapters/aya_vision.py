@@ -40,7 +40,13 @@ from hooked_vllm.adapters.base import (
     selected_image_features,
     thumbnail_last_layouts,
 )
-from hooked_vllm.adapters.tokens import expansion_mask, marker_blocks, real_token_rows, token_ids_with_spans
+from hooked_vllm.adapters.tokens import (
+    expansion_mask,
+    marked_runs,
+    marker_blocks,
+    real_token_rows,
+    token_ids_with_spans,
+)
 from hooked_vllm.errors import ImageCountError
 
 
@@ -119,9 +125,7 @@ class AyaVisionAdapter(VLMAdapter):
         tiles = []
         for tokens in real_token_rows(inputs):
             for first, last in self._blocks(tokens):
-                block = tokens[first:last]
-                runs = [b for a, b in zip([None, *block], block) if b == self.image_token_id and a != b]
-                tiles.append(len(runs))
+                tiles.append(len(marked_runs(tokens[first:last], self.image_token_id)))
         pixels = inputs.get("pixel_values")
         if pixels is not None and sum(tiles) != pixels.shape[0]:
             raise ImageCountError(

@@ -52,7 +52,7 @@ from jaxtyping import Bool, Float, Int
 from transformers.models.smolvlm import processing_smolvlm
 
 from hooked_vllm.adapters.base import ImageSlots, VLMAdapter
-from hooked_vllm.adapters.tokens import expansion_mask, real_token_rows
+from hooked_vllm.adapters.tokens import expansion_mask, marked_runs, real_token_rows
 
 
 def _num2words_missing(number: int, *args: Any, **kwargs: Any) -> str:
@@ -175,14 +175,8 @@ class Idefics3Adapter(VLMAdapter):
     def _layout_of(self, block: list[int]) -> ImageSlots:
         """One image's slots from its expansion: each run of ``<image>`` is a tile, named by the
         token before it (``<row_i_col_j>`` or ``<global-img>``)."""
-        image, glob = self.image_token_id, self.global_image_token_id
-        runs: list[tuple[int, int]] = []  # (marker token, slots) per tile, in sequence order
-        for previous, token in zip([None, *block], block):
-            if token == image:
-                if previous == image:
-                    runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-                else:
-                    runs.append((previous, 1))
+        glob = self.global_image_token_id
+        runs = marked_runs(block, self.image_token_id)  # (marker token, slots) per tile, in sequence order
         markers = self.tokenizer.convert_ids_to_tokens([m for m, _ in runs if m != glob])
         cells = [_ROW_COL.fullmatch(marker or "") for marker in markers]
         if all(cells):

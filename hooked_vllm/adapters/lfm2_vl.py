@@ -36,7 +36,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from hooked_vllm.adapters.base import ImageSlots, VLMAdapter
-from hooked_vllm.adapters.tokens import expansion_mask, marker_blocks, real_token_rows
+from hooked_vllm.adapters.tokens import expansion_mask, marked_runs, marker_blocks, real_token_rows
 from hooked_vllm.errors import BatchFormatError
 
 _ROW_COL = re.compile(r"<\|img_row_(\d+)_col_(\d+)\|>")
@@ -95,15 +95,7 @@ class Lfm2VlAdapter(VLMAdapter):
     def _runs(self, block: list[int]) -> list[tuple[int, int]]:
         """``(marker token, slots)`` of each tile of one image's expansion, in sequence order: each
         run of ``<image>`` is a tile, named by the token before it."""
-        image = self.image_token_id
-        runs: list[tuple[int, int]] = []
-        for previous, token in zip([None, *block], block):
-            if token == image:
-                if previous == image:
-                    runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-                else:
-                    runs.append((previous, 1))
-        return runs
+        return marked_runs(block, self.image_token_id)
 
     # -- the vision side
     def n_images(self, inputs: Mapping[str, torch.Tensor]) -> int:

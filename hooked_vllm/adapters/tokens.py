@@ -37,6 +37,19 @@ def marker_blocks(tokens: list[int], start: int, end: int) -> list[tuple[int, in
     return blocks
 
 
+def marked_runs(block: list[int], slot: int) -> list[tuple[int | None, int]]:
+    """``(marker, length)`` of each run of ``slot`` tokens in ``block``, in order: the token before the
+    run (``None`` at the start) and how many slots it holds (a tile each in LFM2-VL, IDEFICS3, Aya Vision)."""
+    runs: list[tuple[int | None, int]] = []
+    for previous, token in zip([None, *block], block):
+        if token == slot:
+            if previous == slot:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((previous, 1))
+    return runs
+
+
 def real_token_rows(inputs: Mapping[str, torch.Tensor]) -> list[list[int]]:
     """Each item's ``input_ids`` as a list, padding (``attention_mask`` 0) written as -1."""
     ids = inputs["input_ids"]
