@@ -4,7 +4,8 @@ runs, on a batch its own batching prepares) on every tiny family, with invariant
 - the clean probability equals the untouched HF model's at the last real position (1e-5);
 - knockout: an edge no query can read anyway (``last->image``: the image precedes the last position)
   changes nothing on a causal family (1e-5), and changes the answer on a prefix-LM family (its image
-  reads the prompt); a real knockout (``question->last`` at the first block with attention) changes it;
+  reads the prompt); a real knockout (``question->last`` at the first block with attention) changes it,
+  one in a hybrid's block without attention changes nothing;
 - pruning: a ratio that keeps every image token equals the unpruned run (1e-5) at exactly the dense
   FLOPs; a real ratio counts fewer FLOPs and changes the answer;
 - object ablation: an object whose box covers no grid cell ablates zero tokens and equals the clean run
@@ -100,6 +101,9 @@ def knockout_check(fam, tmp_path):
         assert noop <= TOL, (fam.name, noop)
     changed = max(relative(row["p:question->last"][first], row["p_clean"]) for row in rows)
     assert changed > 1e-4, (fam.name, first, changed)
+    assert rows[0]["window_starts"] == list(range(vlm.cfg.n_layers))
+    for block in set(range(vlm.cfg.n_layers)) - set(vlm.adapter.attention_layers):  # hybrids: no edge
+        assert all(row["p:question->last"][block] == row["p_clean"] for row in rows), (fam.name, block)
 
 
 # ---------------------------------------------------------------- pruning
