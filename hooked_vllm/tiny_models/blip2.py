@@ -31,6 +31,10 @@ WIDEN = (
     "crossattention.attention.value.weight",
     "crossattention.output.dense.weight",
 )
+#: the ViT blocks' matrices, which HF's BLIP init leaves at std 1e-10 (every block then adds only its
+#: biases and attention is exactly uniform, so no test of ``vision.blocks.*`` could tell one block
+#: from another); std 0.2 gives peaked but not one-hot attention (top weights 0.6-0.8)
+VIT_BLOCKS = {r"vision_model\.encoder\.layers\.\d+\.(self_attn\.(qkv|projection)|mlp\.fc[12])\.weight$": 0.2}
 
 
 def tiny_blip2(
@@ -89,7 +93,9 @@ def tiny_blip2(
     )
     config.architectures = ["Blip2ForConditionalGeneration"]
     config._attn_implementation = "eager"
-    model = finish_init(Blip2ForConditionalGeneration(config), seed, redraw_zeros=True, widen=WIDEN)
+    model = finish_init(
+        Blip2ForConditionalGeneration(config), seed, redraw_zeros=True, widen=WIDEN, redraw=VIT_BLOCKS
+    )
     torch.nn.init.normal_(model.query_tokens, std=0.5)
     image_processor = BlipImageProcessor(
         size={"height": image_size, "width": image_size},

@@ -1,6 +1,7 @@
 """What every tiny builder shares: the tokenizer trained in-process, the text and vision sizes, and
 the re-drawing of parameters after HF's init."""
 
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -166,13 +167,15 @@ def finish_init(
     *,
     embed_std: float = 0.5,
     widen: tuple[str, ...] = (),
+    redraw: dict[str, float] | None = None,
     redraw_zeros: bool = False,
 ) -> torch.nn.Module:
     """Re-draw some parameters after HF's init, then switch to eval mode.
 
     Random init gives near-zero logits spread; the token embedding and the LM head are re-drawn with
     ``embed_std`` so greedy decoding is not tie-bound (Gemma 3 wants less: its embedding is scaled by
-    sqrt(d_model)). Parameters whose names end with one of ``widen`` are re-drawn with std 0.5. With
+    sqrt(d_model)). Parameters whose names end with one of ``widen`` are re-drawn with std 0.5, those
+    matching a regular expression of ``redraw`` (``re.search``) with its std. With
     ``redraw_zeros``, every parameter that is all zero (biases, ``(1 + w)`` norms, Gemma 3's
     ``mm_input_projection_weight``) is re-drawn too: zeros hide bugs, e.g. a zero projection makes every
     image feature 0 and image parity pass trivially. The defaults re-draw only the embedding and the head
@@ -184,6 +187,8 @@ def finish_init(
             torch.nn.init.normal_(param, std=embed_std)
         elif widen and name.endswith(widen):
             torch.nn.init.normal_(param, std=0.5)
+        elif redraw and (std := next((v for k, v in redraw.items() if re.search(k, name)), None)):
+            torch.nn.init.normal_(param, std=std)
         elif redraw_zeros and not param.detach().any():
             torch.nn.init.normal_(param, std=0.1 if param.dim() == 1 else 0.05)
     return model.eval()

@@ -12,6 +12,7 @@ from transformers import (
     InstructBlipVisionConfig,
 )
 
+from hooked_vllm.tiny_models.blip2 import VIT_BLOCKS, WIDEN
 from hooked_vllm.tiny_models.common import (
     IMAGE_TOKEN,
     TINY_VISION,
@@ -21,15 +22,9 @@ from hooked_vllm.tiny_models.common import (
     train_tokenizer,
 )
 
-#: re-drawn with std 0.5 (as BLIP-2's ``WIDEN``): at HF's init the ViT's weights have std 1e-10 and the
-#: Q-Former's cross-attention std 0.02, so every image gave the same visual prefix (measured: two
-#: images 4e-8 apart, last-position logits 2e-6 apart) and image tests passed trivially
-WIDEN = (
-    "patch_embedding.weight",
-    "crossattention.attention.key.weight",
-    "crossattention.attention.value.weight",
-    "crossattention.output.dense.weight",
-)
+# WIDEN, VIT_BLOCKS: BLIP-2's (the same ViT and Q-Former; HF's init left the ViT at std 1e-10 and
+# the cross-attention at 0.02, so two images gave visual prefixes 4e-8 apart and image tests passed
+# trivially)
 
 
 def tiny_instructblip(
@@ -81,7 +76,7 @@ def tiny_instructblip(
     )
     config.architectures = ["InstructBlipForConditionalGeneration"]
     config._attn_implementation = "eager"
-    model = finish_init(InstructBlipForConditionalGeneration(config), seed, widen=WIDEN)
+    model = finish_init(InstructBlipForConditionalGeneration(config), seed, widen=WIDEN, redraw=VIT_BLOCKS)
     torch.nn.init.normal_(model.query_tokens, std=0.5)
     image_processor = BlipImageProcessor(
         size={"height": image_size, "width": image_size},
