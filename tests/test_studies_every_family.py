@@ -9,8 +9,9 @@ runs, on a batch its own batching prepares) on every tiny family, with invariant
 - pruning: a ratio that keeps every image token equals the unpruned run (1e-5) at exactly the dense
   FLOPs; a real ratio counts fewer FLOPs and changes the answer;
 - object ablation: an object whose box covers no grid cell ablates zero tokens and equals the clean run
-  (1e-5); one covering the whole image ablates every whole-view patch token and changes the answer;
-  families whose image tokens have no grid refuse in one line;
+  (1e-5); one covering the whole image ablates every whole-view patch token, equals the HF model with
+  those embeddings zeroed at its text decoder's input (1e-5) and changes the answer; families whose
+  image tokens have no grid (:data:`NO_GRID`) refuse in one line;
 - attribution: clean == corrupt (no partner) gives an estimate and real patching of exactly 0; under
   pixel noise, every block x group estimate equals (clean - corrupt) . d metric / d resid_pre taken by
   hand with ``torch.autograd.grad`` (a leaf per block; 1e-5), block 0's is exactly 0 where the inputs
@@ -28,7 +29,7 @@ from hooked_vllm.runs.datasets import DatasetItem, DatasetSample
 from hooked_vllm.studies import AttributionStudy, KnockoutStudy, ObjectAblationStudy, PruningStudy
 from hooked_vllm.studies.base import _prepared_batches
 from hooked_vllm.studies.object_ablation import ObjectAblationError
-from tests.conftest import family_images, hf_forward_inputs
+from tests.conftest import family_images, hf_forward_inputs, hf_text_parts
 
 pytestmark = pytest.mark.slow
 
@@ -138,18 +139,40 @@ def objects_meta(box) -> dict:
     return {"objects": [{"name": "picture", "box": box}], "asked": [0]}
 
 
-def whole_view_patches(batch, b: int) -> int:
-    (image,) = batch.image_slots[b]
-    grid = image.grid[image.is_patch]
-    return int((grid[:, 0] == 0).sum())
+#: families whose image tokens have no grid (Q-Former queries): the study refuses them in one line
+NO_GRID = {"instructblip", "blip2"}
+
+
+def whole_view(batch) -> torch.Tensor:
+    """``[batch, pos]`` each item's image positions on its whole view (tile 0), from its layout."""
+    where = torch.zeros(batch.attention_mask.shape, dtype=torch.bool)
+    for b, (image,) in enumerate(batch.image_slots):
+        positions = batch.image_mask[b].nonzero().flatten().cpu()
+        where[b, positions[image.grid[image.is_patch][:, 0] == 0]] = True
+    return where
+
+
+def hf_zeroed_probabilities(fam, batch, where) -> torch.Tensor:
+    """The untouched HF model's probabilities at the last real position with the embeddings its
+    language model receives zeroed at ``where`` (a forward pre-hook on its text decoder)."""
+    decoder, _ = hf_text_parts(fam.reference)
+
+    def zero(module, args, kwargs):
+        kwargs["inputs_embeds"] = kwargs["inputs_embeds"].masked_fill(where[..., None], 0.0)
+        return args, kwargs
+
+    handle = decoder.register_forward_pre_hook(zero, with_kwargs=True)
+    try:
+        return hf_last_probabilities(fam, batch)
+    finally:
+        handle.remove()
 
 
 def object_ablation_check(fam, tmp_path):
     vlm = fam.vlm
     study = ObjectAblationStudy(ablation="zero", answer="prediction")
     items, batch = prepared(vlm, sample_of(tmp_path, objects_meta(NOWHERE)))
-    spatial = all(len(images) == 1 and images[0].spatial for images in batch.image_slots)
-    if not spatial:
+    if fam.name in NO_GRID:
         with pytest.raises(ObjectAblationError) as refused:
             study.item_rows(vlm, items, batch)
         assert "\n" not in str(refused.value) and "no grid" in str(refused.value)
@@ -161,9 +184,12 @@ def object_ablation_check(fam, tmp_path):
         assert abs(row["p:object"] - row["p_clean"]) <= TOL and abs(row["p:random"] - row["p_clean"]) <= TOL
     items, batch = prepared(vlm, sample_of(tmp_path, objects_meta(EVERYWHERE)))
     rows = study.item_rows(vlm, items, batch)
+    where = whole_view(batch)
+    expected = hf_zeroed_probabilities(fam, batch, where)
     changed = 0.0
     for b, row in enumerate(rows):
-        assert row["n_ablated"] == row["n_random"] == whole_view_patches(batch, b) > 0
+        assert row["n_ablated"] == row["n_random"] == int(where[b].sum()) > 0
+        assert abs(row["p:object"] - float(expected[b, row["answer_token"]])) <= TOL, fam.name
         changed = max(changed, relative(row["p:object"], row["p_clean"]))
     assert changed > 1e-4, (fam.name, changed)
 

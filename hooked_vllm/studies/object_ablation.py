@@ -16,7 +16,9 @@ block's ``hook_resid_post``) at the object's own tokens: per layer, how often th
 among the top-k tokens, against the same rate at the background's image tokens (those of no object).
 
 Only the image's whole view (grid tile 0) is mapped to the box: the high-resolution crops of tiled
-families are not ablated.
+families are not ablated. On DeepStack families (Qwen3-VL, Qwen3-VL-MoE) the vision tower's
+intermediate features are added again at the image positions inside the first blocks; the ablation at
+the language model's input leaves those in.
 
 Cost: one prepared pass of the vision side over the run's items (the mean, ``mean`` ablation only),
 then per batch one forward (the lens read on the way) and two ablated forwards.
