@@ -205,6 +205,11 @@ class VLMAdapter(ABC):
     #: images (Molmo 2's ``image_token_pooling`` into the ``pixel_values`` patches). Selecting
     #: items re-bases them onto the selected images. Default: none.
     image_index_inputs: ClassVar[dict[str, str]] = {}
+    #: ``{per-image input: dimension}`` for per-image inputs whose images lie along another dimension
+    #: than 0 (MiniCPM-V 4.6's NaViT-packed ``pixel_values``, ``[1, channels, patch, columns]``: each
+    #: image's columns along dim -1). :meth:`image_input_rows` counts along it, and selecting items
+    #: slices along it. Default: none (every per-image input along dim 0).
+    image_input_dims: ClassVar[dict[str, int]] = {}
 
     def __init__(self, hf_model: PreTrainedModel, processor: Any) -> None:
         self.check_config(hf_model.config)
@@ -396,8 +401,9 @@ class VLMAdapter(ABC):
         return (0.0, 0.0, float(width), float(height))
 
     def image_input_rows(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
-        """For each per-image input, how many rows along dim 0 each image has (default: one row
-        per image in :attr:`image_input_names`); selecting items slices these by image."""
+        """For each per-image input, how many rows along dim 0 (or its :attr:`image_input_dims`
+        dimension) each image has (default: one row per image in :attr:`image_input_names`); selecting
+        items slices these by image."""
         n_images = self.n_images(inputs)
         return {name: [1] * n_images for name in self.image_input_names if name in inputs}
 

@@ -70,6 +70,8 @@ class VLMBatch:
     image_rows: dict[str, list[int]] = field(default_factory=dict)
     #: per-image inputs holding indices into another's units (the adapter's ``image_index_inputs``)
     image_indices: dict[str, str] = field(default_factory=dict)
+    #: per-image inputs whose images lie along another dimension than 0 (the adapter's ``image_input_dims``)
+    image_dims: dict[str, int] = field(default_factory=dict)
 
     @property
     def input_ids(self) -> Int[torch.Tensor, "batch pos"]:
@@ -164,7 +166,8 @@ class VLMBatch:
         for name, value in self.inputs.items():
             if name in self.image_rows:
                 if images:  # a selection without images is a text-only batch: no empty pixel tensors
-                    inputs[name] = _rows_of_images(value, self.image_rows[name], images)
+                    dim = self.image_dims.get(name, 0)
+                    inputs[name] = _rows_of_images(value, self.image_rows[name], images, dim)
                     if name in self.image_indices:
                         indexed = self.image_indices[name]
                         units = self.image_rows[indexed]
@@ -210,11 +213,14 @@ class VLMBatch:
         )
 
 
-def _rows_of_images(tensor: torch.Tensor, rows_per_image: list[int], images: list[int]) -> torch.Tensor:
-    """The dim-0 rows of ``images`` in a per-image tensor whose image i has ``rows_per_image[i]`` rows."""
+def _rows_of_images(
+    tensor: torch.Tensor, rows_per_image: list[int], images: list[int], dim: int = 0
+) -> torch.Tensor:
+    """The rows along ``dim`` of ``images`` in a per-image tensor whose image i has
+    ``rows_per_image[i]`` rows there."""
     starts = [sum(rows_per_image[:i]) for i in range(len(rows_per_image))]
     index = [r for i in images for r in range(starts[i], starts[i] + rows_per_image[i])]
-    return tensor[torch.tensor(index, dtype=torch.long, device=tensor.device)]
+    return tensor.index_select(dim, torch.tensor(index, dtype=torch.long, device=tensor.device))
 
 
 def _rebased(
@@ -289,6 +295,7 @@ def build_batch(
         token_inputs=tuple(name for name in adapter.token_input_names if name in tensors),
         image_rows=adapter.image_input_rows(tensors) if image_slots else {},
         image_indices={k: v for k, v in adapter.image_index_inputs.items() if k in tensors and image_slots},
+        image_dims={k: v for k, v in adapter.image_input_dims.items() if k in tensors and image_slots},
     )
 
 
