@@ -222,11 +222,10 @@ def group_masks(batch) -> torch.Tensor:
 
 
 def hand_estimates(vlm, clean, corrupt, rows) -> torch.Tensor:
-    """``[batch, layer, group]``: (clean - corrupt) . d metric / d blocks.{l}.hook_resid_pre summed
-    over each group's positions, one ``torch.autograd.grad`` per block (a leaf put in at its hook) of
-    the logit difference at the last real position."""
-    masks = group_masks(corrupt).float()
-    last = masks[-1].argmax(1)
+    """``[batch, layer, pos]``: (clean - corrupt) . d metric / d blocks.{l}.hook_resid_pre, one
+    ``torch.autograd.grad`` per block (a leaf put in at its hook) of the logit difference at the last
+    real position."""
+    last = group_masks(corrupt)[-1].float().argmax(1)
     answer = torch.tensor([row["answer_token"] for row in rows])
     other = torch.tensor([row["other_token"] for row in rows])
     per_layer = []
@@ -248,7 +247,7 @@ def hand_estimates(vlm, clean, corrupt, rows) -> torch.Tensor:
                 (final[rows_of, answer] - final[rows_of, other]).sum(), kept["x"]
             )
         product = ((cache[name] - kept["x"].detach()) * gradient).sum(-1).cpu().float()
-        per_layer.append(torch.einsum("bp,gbp->bg", product, masks))
+        per_layer.append(product)
     return torch.stack(per_layer, 1)
 
 
@@ -268,10 +267,19 @@ def attribution_check(fam, tmp_path):
         noise.plan(vlm, sample)
         rows = noise.item_rows(vlm, items, batch)
         corrupt, _ = noise.corrupt_batch(vlm, items, batch)
-        hand = hand_estimates(vlm, batch, corrupt, rows)
+        per_position = hand_estimates(vlm, batch, corrupt, rows)
+    hand = torch.einsum("blp,gbp->blg", per_position, group_masks(corrupt).float())
     for b, row in enumerate(rows):
         est = torch.tensor(row["est:resid_pre"]).reshape(hand.shape[1:])  # [layer, group]
         assert (est - hand[b]).abs().max() <= TOL * max(1.0, float(hand[b].abs().max())), fam.name
+        cells = per_position[b, row["cell_layer:resid_pre"], row["cell_pos:resid_pre"]]
+        assert len(cells) >= 3  # a cell per group with positions (special may have none)
+        assert (torch.tensor(row["cell_est:resid_pre"]) - cells).abs().max() <= TOL, fam.name
+        for layer, group, real in zip(
+            row["cell_layer:resid_pre"], row["cell_group:resid_pre"], row["cell_real:resid_pre"]
+        ):
+            if layer == 0 and GROUPS[group] != "image":  # the same input there: patching does nothing
+                assert real == 0.0, fam.name
         block0 = dict(zip(GROUPS, est[0].tolist()))
         real = dict(zip(GROUPS, row["real:resid_pre"][: len(GROUPS)]))
         for group in ("text", "special", "last"):  # the same inputs there: nothing to patch
