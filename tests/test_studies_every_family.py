@@ -7,7 +7,8 @@ runs, on a batch its own batching prepares) on every tiny family, with invariant
   reads the prompt); a real knockout (``question->last`` at the first block with attention) changes it,
   one in a hybrid's block without attention changes nothing;
 - pruning: a ratio that keeps every image token equals the unpruned run (1e-5) at exactly the dense
-  FLOPs; a real ratio counts fewer FLOPs and changes the answer;
+  FLOPs; a real ratio counts fewer FLOPs and changes the answer, and equals the HF model with those
+  tokens dropped (1e-5, FLOPs 1e-12) on the attention-only families that reference can drive;
 - object ablation: an object whose box covers no grid cell ablates zero tokens and equals the clean run
   (1e-5); one covering the whole image ablates every whole-view patch token, equals the HF model with
   those embeddings zeroed at its text decoder's input (1e-5) and changes the answer; families whose
@@ -22,6 +23,8 @@ runs, on a batch its own batching prepares) on every tiny family, with invariant
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -30,6 +33,8 @@ from hooked_vllm.studies import AttributionStudy, KnockoutStudy, ObjectAblationS
 from hooked_vllm.studies.base import _prepared_batches
 from hooked_vllm.studies.object_ablation import ObjectAblationError
 from tests.conftest import family_images, hf_forward_inputs, hf_text_parts
+from tests.test_study_pruning import PROMPTS as THREE
+from tests.test_study_pruning import dropped_run
 
 pytestmark = pytest.mark.slow
 
@@ -128,6 +133,43 @@ def pruning_check(fam, tmp_path):
             assert abs(row[f"p:{criterion}"][0] - row["p_clean"]) <= TOL, (fam.name, criterion)
             changed = max(changed, relative(row[f"p:{criterion}"][1], row["p_clean"]))
     assert changed > 1e-4, (fam.name, changed)
+
+
+#: attention-only families the token-dropping reference of tests/test_study_pruning.py can drive
+#: (gemma3, llava and paligemma are tested there, on both padding sides)
+DROPPABLE = {
+    "aya_vision", "gemma4_moe", "glm46v", "glm4v", "internvl", "llava_next", "llava_onevision",
+    "mistral3", "molmo2", "paligemma2", "qwen2_5_vl", "qwen2_vl",
+}  # fmt: skip
+
+
+def test_pruning_equals_hf_with_the_tokens_dropped(new_family):
+    """The pruned probability equals the untouched HF model's with the pruned tokens physically
+    dropped from block K on (1e-5), on :data:`DROPPABLE`; three images of one size (the reference
+    drops as many tokens from every item)."""
+    if new_family.name not in DROPPABLE:
+        pytest.skip("the token-dropping reference cannot drive this family's decoder (see DROPPABLE)")
+    vlm = new_family.vlm
+    batch = vlm.to_batch(vlm.prepare([family_images(seed)[2] for seed in range(3)], THREE))
+    mask = batch.attention_mask.cpu()
+    last = (mask * torch.arange(mask.shape[1])).argmax(1)
+    items = [SimpleNamespace(item_id=f"item{b}", meta={}) for b in range(len(THREE))]
+    k = min(vlm.adapter.attention_layers) + 1
+    study = PruningStudy(layers=(k,), ratios=(0.5,), baseline="stride", answer="prediction")
+    rows = study.item_rows(vlm, items, batch)
+    image = batch.image_mask.cpu()
+    keep = torch.zeros_like(image)
+    for b in range(len(image)):  # stride: floor(i * n / count) of the image positions in order
+        positions = image[b].nonzero().flatten()
+        count = round(len(positions) * 0.5)
+        keep[b, positions[torch.arange(count) * len(positions) // count]] = True
+    answer = torch.tensor([row["answer_token"] for row in rows])
+    expected, flops = dropped_run(new_family, batch, image & ~keep, k, last, answer)
+    ours = torch.tensor([row["p:stride"][0] for row in rows])
+    assert (ours - expected).abs().max() <= TOL, new_family.name
+    assert torch.allclose(
+        torch.tensor([row["flops"][0] for row in rows], dtype=flops.dtype), flops, rtol=1e-12
+    )
 
 
 # ---------------------------------------------------------------- object ablation
