@@ -59,8 +59,6 @@ def register_stepped_opt() -> None:
         _OptBlockBridge,
     )
 
-    from hooked_vllm.model.tl import boot  # noqa: F401  (transformer-lens, imported the package's way)
-
     if STEPPED_OPT in factory.SUPPORTED_ARCHITECTURES:
         return
 

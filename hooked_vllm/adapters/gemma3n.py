@@ -72,8 +72,6 @@ def register_gemma3n_text() -> None:
     from transformer_lens.factories import architecture_adapter_factory as factory
     from transformer_lens.model_bridge.supported_architectures.gemma3n import Gemma3nArchitectureAdapter
 
-    from hooked_vllm.model.tl import boot  # noqa: F401  (transformer-lens, imported the package's way)
-
     if GEMMA3N_TEXT in factory.SUPPORTED_ARCHITECTURES:
         return
 
