@@ -118,3 +118,28 @@ def test_report_names_the_layers_without_attention():
             {**aggregates, "weight_attention": aggregates["norm_attention"]}
         ).layout.title.text
     )
+
+
+def test_pruning_through_layers_without_attention_says_it_approximates_a_drop(qwen3_5, llava):
+    """Zeroing pruned tokens before linear attention is close to dropping them, not equal (the state
+    still decays at their steps): a warning says so where such layers follow ``from_layer``, and only
+    there (none on LLaVA, none when nothing is pruned)."""
+    import warnings
+
+    from hooked_vllm.interventions import prune
+    from hooked_vllm.interventions.pruning import PruningApproximationWarning
+
+    vlm = qwen3_5.vlm
+    batch = vlm.prepare(family_images(), PROMPTS)
+    keep = select_image_tokens(vlm, batch, 4, "first")
+    with pytest.warns(PruningApproximationWarning, match="linear_attn: blocks 2\\).*not equal"):
+        with prune(vlm, batch, keep, from_layer=1):
+            vlm(batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PruningApproximationWarning)
+        with prune(vlm, batch, batch.image_mask, from_layer=1):  # nothing pruned
+            vlm(batch)
+        other = llava.vlm
+        llava_batch = other.prepare(family_images(), PROMPTS)
+        with prune(other, llava_batch, select_image_tokens(other, llava_batch, 4, "first"), from_layer=1):
+            other(llava_batch)
