@@ -198,20 +198,21 @@ def test_folder_names_dangling_symlinks_and_fifos(tmp_path):
 
 
 def _markers_are_read_as_images_and_refused(vlm, tmp_path):
-    """Every family: each marker is text the processor really reads as an image or video (the
-    prompt then fails or has other image positions than without it), and an item holding it is
-    refused, naming the item and the marker."""
+    """Every family: each marker is text the processor really reads as an image, a video or image
+    structure (the prompt then fails, or has other image or structure positions than without it),
+    and an item holding it is refused, naming the item and the marker."""
     picture = tmp_path / "picture.png"
     _asymmetric(40, 30).save(picture)
     markers = vlm.adapter.prompt_markers
     named = [getattr(vlm.adapter.processor, name, None) for name in ("image_token", "video_token")]
     assert {vlm.adapter.image_placeholder, *(str(token) for token in named if token)} <= set(markers)
 
-    def layout(instruction: str) -> tuple[int, int]:
-        """(image positions, instruction positions before the first of them)."""
+    def layout(instruction: str) -> tuple[int, int, int]:
+        """(image positions, instruction positions before the first of them, structure positions)."""
         batch = vlm.prepare([picture], [instruction])
         first = int(batch.image_mask[0].nonzero()[0, 0])
-        return int(batch.image_mask.sum()), int(batch.text_mask[0, :first].sum())
+        special = batch.special_mask & batch.attention_mask.bool()
+        return int(batch.image_mask.sum()), int(batch.text_mask[0, :first].sum()), int(special.sum())
 
     plain = layout("a cat")
     for marker in markers:
