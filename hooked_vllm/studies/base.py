@@ -67,6 +67,21 @@ class Study:
         """Called once with the whole sample before any item runs, on every rank and resume (a study
         whose items need other items, e.g. attribution's pairs, finds them here). Default: nothing."""
 
+    def answers(self, vlm, items: Sequence, clean: torch.Tensor) -> tuple[list[int], list[str]]:
+        """Each item's answer token and where it came from: the dataset's label (``meta["answer"]``)
+        where the study's ``answer`` parameter is ``"label"`` and the item has one, else the clean
+        run's top token (``"prediction"``); ``clean`` is the last position's logits ``[batch, vocab]``."""
+        tokens, sources = [], []
+        for b, item in enumerate(items):
+            label = (getattr(item, "meta", None) or {}).get("answer")
+            if getattr(self.params, "answer", "prediction") == "label" and label:
+                tokens.append(answer_token(vlm.tokenizer, str(label)))
+                sources.append("label")
+            else:
+                tokens.append(int(clean[b].argmax()))
+                sources.append("prediction")
+        return tokens, sources
+
     def item_rows(self, vlm, items: Sequence, batch) -> list[dict]:
         """One row of plain values (numbers, strings, lists of numbers) per item of ``batch``."""
         raise NotImplementedError

@@ -30,7 +30,7 @@ import torch
 from hooked_vllm.errors import LayerError
 from hooked_vllm.interventions.knockout import knockout
 from hooked_vllm.interventions.metrics import last_logits
-from hooked_vllm.studies.base import Study, answer_token, stats
+from hooked_vllm.studies.base import Study, stats
 from hooked_vllm.studies.params import PAPER_WINDOW, KnockoutParams
 from hooked_vllm.studies.report import figure, paragraph, save_png, section, table, write_page
 
@@ -90,19 +90,6 @@ class KnockoutStudy(Study):
         "Zhang, Yadav, Han, Shutova (2024), Cross-modal information flow in multimodal large language "
         "models, arXiv 2411.18620"
     )
-
-    def answers(self, vlm, items, clean: torch.Tensor) -> tuple[list[int], list[str]]:
-        """Each item's answer token and where it came from (``label`` or ``prediction``)."""
-        tokens, sources = [], []
-        for b, item in enumerate(items):
-            label = (getattr(item, "meta", None) or {}).get("answer")
-            if self.params.answer == "label" and label:
-                tokens.append(answer_token(vlm.tokenizer, str(label)))
-                sources.append("label")
-            else:
-                tokens.append(int(clean[b].argmax()))
-                sources.append("prediction")
-        return tokens, sources
 
     def item_rows(self, vlm, items, batch) -> list[dict]:
         batch = vlm.to_batch(batch)

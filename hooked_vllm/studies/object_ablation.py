@@ -191,18 +191,6 @@ class ObjectAblationStudy(Study):
         """Set the mean image token the ``mean`` ablation puts in (what :meth:`plan` computes)."""
         self.mean, self.mean_count = mean, count
 
-    def answers(self, vlm, items, clean: torch.Tensor) -> tuple[list[int], list[str]]:
-        tokens, sources = [], []
-        for b, item in enumerate(items):
-            label = (getattr(item, "meta", None) or {}).get("answer")
-            if self.params.answer == "label" and label:
-                tokens.append(answer_token(vlm.tokenizer, str(label)))
-                sources.append("label")
-            else:
-                tokens.append(int(clean[b].argmax()))
-                sources.append("prediction")
-        return tokens, sources
-
     def lens_forward(self, vlm, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The clean logits at the last position, and per layer (embeddings, then every block's
         output) the logit lens's top-k tokens at every image position ``[n_image_positions, k]``."""

@@ -40,7 +40,7 @@ from jaxtyping import Bool, Float
 from hooked_vllm.errors import LayerError
 from hooked_vllm.interventions.metrics import last_logits
 from hooked_vllm.interventions.pruning import prune
-from hooked_vllm.studies.base import Study, answer_token
+from hooked_vllm.studies.base import Study
 from hooked_vllm.studies.params import FASTV_LAYER, FASTV_RATIO, PruningParams
 from hooked_vllm.studies.report import figure, paragraph, save_png, section, table, write_page
 
@@ -201,18 +201,6 @@ class PruningStudy(Study):
 
         hooks = [(f"blocks.{s}.attn.hook_pattern", capture(s)) for s in sources]
         return last_logits(vlm.run_with_hooks(batch, fwd_hooks=hooks), batch), received
-
-    def answers(self, vlm, items, clean: torch.Tensor) -> tuple[list[int], list[str]]:
-        tokens, sources = [], []
-        for b, item in enumerate(items):
-            label = (getattr(item, "meta", None) or {}).get("answer")
-            if self.params.answer == "label" and label:
-                tokens.append(answer_token(vlm.tokenizer, str(label)))
-                sources.append("label")
-            else:
-                tokens.append(int(clean[b].argmax()))
-                sources.append("prediction")
-        return tokens, sources
 
     def item_rows(self, vlm, items, batch) -> list[dict]:
         batch = vlm.to_batch(batch)
