@@ -52,7 +52,15 @@ from hooked_vllm.studies.attribution import (
 )
 from hooked_vllm.studies.base import Study, answer_token
 from hooked_vllm.studies.params import AttributionParams
-from hooked_vllm.studies.report import figure, paragraph, save_png, section, table, write_page
+from hooked_vllm.studies.report import (
+    figure,
+    paragraph,
+    parameters_table,
+    save_png,
+    section,
+    table,
+    write_page,
+)
 
 #: what the literature reports about the estimate's agreement with real patching, in words: shown
 #: beside ours, never a pass/fail
@@ -488,11 +496,7 @@ class AttributionStudy(Study):
                     "real activation patching puts the clean activation into the corrupted run, one "
                     "forward per (block, position group) and per drawn cell."
                 ),
-                table(
-                    ["parameter", "value"],
-                    [[k, ", ".join(v) if isinstance(v, list) else str(v)] for k, v in params.items()]
-                    + [["model blocks", aggregates["n_layers"]]],
-                ),
+                parameters_table(params, aggregates["n_layers"]),
                 paragraph(
                     f"{aggregates['n_items']} of {aggregates['n_paired']} pairs counted "
                     f"({aggregates['counts']['n_items'].removeprefix('pairs ')}); "

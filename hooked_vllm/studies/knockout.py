@@ -32,7 +32,15 @@ from hooked_vllm.interventions.knockout import knockout
 from hooked_vllm.interventions.metrics import last_logits
 from hooked_vllm.studies.base import Study, stats
 from hooked_vllm.studies.params import PAPER_WINDOW, KnockoutParams
-from hooked_vllm.studies.report import figure, paragraph, save_png, section, table, write_page
+from hooked_vllm.studies.report import (
+    figure,
+    paragraph,
+    parameters_table,
+    save_png,
+    section,
+    table,
+    write_page,
+)
 
 #: the package's group of each edge group name (Zhang et al.'s "question" is the instruction: ``text``)
 GROUPS = {"image": "image", "question": "text", "special": "special", "last": "last"}
@@ -197,14 +205,7 @@ class KnockoutStudy(Study):
                     "start, the mean relative change of the answer's probability at the last position, "
                     "100 (p_knocked - p_clean) / p_clean, with its 95% interval."
                 ),
-                table(
-                    ["parameter", "value"],
-                    [
-                        [key, ", ".join(value) if isinstance(value, list) else str(value)]
-                        for key, value in aggregates["params"].items()
-                    ]
-                    + [["model blocks", aggregates["n_layers"]]],
-                ),
+                parameters_table(aggregates["params"], aggregates["n_layers"]),
                 paragraph(
                     f"{aggregates['n_items']} of {aggregates['n_items_run']} items counted "
                     f"({aggregates['counts']['n_items'].removeprefix('items ')}); "

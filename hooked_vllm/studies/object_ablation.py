@@ -44,7 +44,15 @@ from hooked_vllm.runs.datasets import DatasetSample
 from hooked_vllm.studies.base import Study, _prepared_batches, answer_token
 from hooked_vllm.studies.params import ObjectAblationParams
 from hooked_vllm.studies.pruning import item_seed
-from hooked_vllm.studies.report import figure, paragraph, save_png, section, table, write_page
+from hooked_vllm.studies.report import (
+    figure,
+    paragraph,
+    parameters_table,
+    save_png,
+    section,
+    table,
+    write_page,
+)
 
 #: what Neo et al. report (LLaVA-1.5-7B on COCO objects), in words: beside ours, never a pass/fail
 THEIRS = {
@@ -411,14 +419,7 @@ class ObjectAblationStudy(Study):
                     "the clean model gets right that each ablation turns wrong. The logit lens reads "
                     "the object's own tokens at every layer."
                 ),
-                table(
-                    ["parameter", "value"],
-                    [
-                        [key, ", ".join(map(str, value)) if isinstance(value, list) else str(value)]
-                        for key, value in params.items()
-                    ]
-                    + [["model blocks", aggregates["n_layers"]]],
-                ),
+                parameters_table(params, aggregates["n_layers"]),
                 paragraph(
                     f"{aggregates['n_items']} items, {every['n_correct']} answered right "
                     f"({every['accuracy_clean']:.1%}); {aggregates['mean_ablated_tokens']:.2f} of "

@@ -42,7 +42,15 @@ from hooked_vllm.interventions.metrics import last_logits
 from hooked_vllm.interventions.pruning import prune
 from hooked_vllm.studies.base import Study
 from hooked_vllm.studies.params import FASTV_LAYER, FASTV_RATIO, PruningParams
-from hooked_vllm.studies.report import figure, paragraph, save_png, section, table, write_page
+from hooked_vllm.studies.report import (
+    figure,
+    paragraph,
+    parameters_table,
+    save_png,
+    section,
+    table,
+    write_page,
+)
 
 #: what the papers report, in words (their models and data): shown beside ours, never a pass/fail
 THEIRS = {
@@ -401,14 +409,7 @@ class PruningStudy(Study):
                     "pruned ones from block K on): the cost a drop would have; the masked run itself "
                     "costs as much as an unpruned one."
                 ),
-                table(
-                    ["parameter", "value"],
-                    [
-                        [key, ", ".join(map(str, value)) if isinstance(value, list) else str(value)]
-                        for key, value in params.items()
-                    ]
-                    + [["model blocks", aggregates["n_layers"]]],
-                ),
+                parameters_table(params, aggregates["n_layers"]),
                 paragraph(
                     f"{aggregates['n_items']} items; {aggregates['mean_tokens']:.1f} real tokens of which "
                     f"{aggregates['mean_image_tokens']:.1f} image tokens on average; unpruned accuracy "

@@ -59,6 +59,15 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]], css: str | N
     return f"{opening}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def parameters_table(params: dict, n_layers: int) -> str:
+    """The study's parameters as a two-column table (lists joined by commas), then the model's blocks."""
+    rows = [
+        [key, ", ".join(map(str, value)) if isinstance(value, list) else str(value)]
+        for key, value in params.items()
+    ]
+    return table(["parameter", "value"], [*rows, ["model blocks", n_layers]])
+
+
 def figure(fig, caption: str, name: str) -> str:
     """A matplotlib figure as inline SVG (its ``id`` is ``name``) with a caption."""
     buffer = io.StringIO()
