@@ -56,12 +56,17 @@ class Gemma3Adapter(VLMAdapter):
         ids, spans = token_ids_with_spans(self.tokenizer, expanded)
         return ids, [_span_in_prompt(span, moved) for span in spans]
 
+    def image_bound_ids(self) -> tuple[int, int]:
+        """The ids of ``<start_of_image>`` and ``<end_of_image>`` (``*_token_index`` in the config)."""
+        config = self.hf_model.config
+        return config.boi_token_index, config.eoi_token_index
+
     def image_text_mask(self, input_ids: Int[torch.Tensor, "batch pos"]) -> Bool[torch.Tensor, "batch pos"]:
         """The processor's whole expansion of an image: the soft tokens, ``<start_of_image>``,
         ``<end_of_image>`` and the blank lines it writes around them (never instruction text)."""
-        config = self.hf_model.config
+        begin_id, end_id = self.image_bound_ids()
         mask = self.placeholder_mask(input_ids)
-        begin, end = input_ids == config.boi_token_index, input_ids == config.eoi_token_index
+        begin, end = input_ids == begin_id, input_ids == end_id
         mask = mask | begin | end
         blank = self.tokenizer("\n\n", add_special_tokens=False).input_ids
         k = len(blank)

@@ -148,28 +148,12 @@ class Gemma3nAdapter(Gemma3Adapter):
         """What a prompt writes for an image: ``<image_soft_token>``."""
         return self.processor.image_token
 
-    def image_text_mask(self, input_ids):
-        """The processor's whole expansion of an image: the soft tokens, ``<start_of_image>``,
-        ``<end_of_image>`` and the blank lines around them."""
+    def image_bound_ids(self) -> tuple[int, int]:
+        """The ids of ``<start_of_image>`` and ``<end_of_image>`` (``*_token_id`` in Gemma 3n's config)."""
         config = self.hf_model.config
-        mask = self.placeholder_mask(input_ids)
-        begin, end = input_ids == config.boi_token_id, input_ids == config.eoi_token_id
-        mask = mask | begin | end
-        blank = self.tokenizer("\n\n", add_special_tokens=False).input_ids
-        k = len(blank)
-        for row, at in begin.nonzero().tolist():
-            if at >= k and input_ids[row, at - k : at].tolist() == blank:
-                mask[row, at - k : at] = True
-        for row, at in end.nonzero().tolist():
-            if input_ids[row, at + 1 : at + 1 + k].tolist() == blank:
-                mask[row, at + 1 : at + 1 + k] = True
-        return mask
+        return config.boi_token_id, config.eoi_token_id
 
     # -- the vision side
-    def visual_prefix(self, inputs: Mapping[str, torch.Tensor]) -> Float[torch.Tensor, "n_slots d_model"]:
-        features = self.hf_model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-        return features.flatten(0, 1)
-
     def vision_hook_sites(self) -> dict[str, torch.nn.Module]:
         """``vision.blocks.{s}.hook_resid_post``: each MobileNetV5 stage's output (``[images, channels,
         height, width]``), and ``vision.hook_msfa``: the fused grid before the embedder."""
