@@ -553,6 +553,20 @@ class VLMAdapter(ABC):
 NO_PATTERN_LAYER_TYPES = ("linear_attention", "conv", "mamba", "recurrent")
 
 
+def kv_shared_value_hooks(text_config: PretrainedConfig) -> dict[int, str]:
+    """``{layer: hook}`` of the values each layer weighs where later layers reuse an earlier layer's
+    keys and values (Gemma 3n, Gemma 4: ``kv_sharing_modes``): ``v_norm``'s output of the last earlier
+    layer of the same type that computes its own."""
+    source: dict[str, int] = {}
+    hooks = {}
+    modes = zip(text_config.layer_types, text_config.kv_sharing_modes, strict=True)
+    for layer, (kind, mode) in enumerate(modes):
+        if mode != "reuse":
+            source[kind] = layer
+        hooks[layer] = f"blocks.{source[kind]}.attn.v_norm.hook_out"
+    return hooks
+
+
 def installed_transformers() -> str:
     """The installed transformers release (its distribution's metadata)."""
     return importlib.metadata.version("transformers")

@@ -48,7 +48,7 @@ from jaxtyping import Float
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.gemma3n.modeling_gemma3n import apply_rotary_pos_emb, repeat_kv
 
-from hooked_vllm.adapters.base import causal_lm_view
+from hooked_vllm.adapters.base import causal_lm_view, kv_shared_value_hooks
 from hooked_vllm.adapters.gemma3 import Gemma3Adapter
 from hooked_vllm.errors import UnsupportedModelError
 
@@ -197,15 +197,7 @@ class Gemma3nAdapter(Gemma3Adapter):
     def value_hooks(self) -> dict[int, str]:
         """The values each layer weighs: ``v_norm``'s output, that of the layer it shares them with
         for the KV-shared layers."""
-        kinds = self.text_config.layer_types
-        modes = self.text_config.kv_sharing_modes
-        source: dict[str, int] = {}
-        hooks = {}
-        for layer, (kind, mode) in enumerate(zip(kinds, modes, strict=True)):
-            if mode != "reuse":
-                source[kind] = layer
-            hooks[layer] = f"blocks.{source[kind]}.attn.v_norm.hook_out"
-        return hooks
+        return kv_shared_value_hooks(self.text_config)
 
 
 def altup_readout(

@@ -41,7 +41,7 @@ from transformers.models.gemma4.modeling_gemma4 import (
     get_block_sequence_ids_for_mask,
 )
 
-from hooked_vllm.adapters.base import ImageSlots, VLMAdapter, no_kv_cache
+from hooked_vllm.adapters.base import ImageSlots, VLMAdapter, kv_shared_value_hooks, no_kv_cache
 from hooked_vllm.errors import UnsupportedModelError
 
 
@@ -177,15 +177,7 @@ class Gemma4Adapter(VLMAdapter):
         """The values each layer weighs: ``v_norm``'s output (HF RMS-normalises them after
         ``v_proj``, or after ``k_proj`` where keys are values), that of the layer it shares them with
         for the KV-shared layers."""
-        kinds = self.text_config.layer_types
-        modes = self.text_config.kv_sharing_modes
-        source: dict[str, int] = {}
-        hooks = {}
-        for layer, (kind, mode) in enumerate(zip(kinds, modes, strict=True)):
-            if mode != "reuse":
-                source[kind] = layer
-            hooks[layer] = f"blocks.{source[kind]}.attn.v_norm.hook_out"
-        return hooks
+        return kv_shared_value_hooks(self.text_config)
 
     def routed_experts(self) -> dict[int, torch.nn.Module]:
         if not self.text_config.enable_moe_block:
